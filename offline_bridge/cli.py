@@ -1,0 +1,65 @@
+"""The `offline-bridge` command line: click options onto `convert`, errors onto one line and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .convert import convert
+from .errors import BridgeError
+from .families import FAMILIES
+
+__all__ = ["main"]
+
+
+@click.group()
+@click.version_option(package_name="offline-bridge")
+def main() -> None:
+    """Convert Megatron-Core checkpoints to Hugging Face checkpoints, offline."""
+
+
+@main.command("convert")
+@click.argument("ckpt_dir", type=click.Path(path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option(
+    "--hf-config",
+    type=click.Path(path_type=str),
+    help="config.json or HF model directory (tokenizer and generation_config are copied too). "
+    "Default: derived from the checkpoint's Megatron args.",
+)
+@click.option("--model-type", type=click.Choice(sorted(FAMILIES)), help="Model family; inferred when omitted.")
+@click.option("--iteration", help="Iteration to convert (a number or 'release'); default: the latest.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype; auto keeps the stored one.",
+)
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest safetensors file, decimal units like transformers (5GB = 5·10⁹ bytes).",
+)
+@click.option("--vocab-size", type=int, help="True vocabulary size, to trim Megatron's padding when args lack it.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
+def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:
+    """Convert the Megatron checkpoint CKPT_DIR into a Hugging Face checkpoint in OUT_DIR.
+
+    CKPT_DIR is a save root (with latest_checkpointed_iteration.txt) or an iter_XXXXXXX / release
+    directory. OUT_DIR receives config.json and model*.safetensors (+ model.safetensors.index.json).
+    Exit codes: 0 done, 2 bad input or options, 1 internal error.
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        convert(ckpt_dir, out_dir, progress=not quiet, **options)  # type: ignore[arg-type]
+    except BridgeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,96 @@
+"""`convert`: reader → plan → transform → writer, the whole pipeline behind `offline-bridge convert`."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from .discovery import find_iteration_dir
+from .dtypes import DType, by_option
+from .families import family_by_name, family_for_args, family_for_config
+from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
+from .plan import Plan, build_plan, parse_size
+from .readers import CheckpointReader, open_reader
+from .readers.base import is_model_key
+from .writer import staged_output, write_json, write_weights
+
+__all__ = ["convert"]
+
+log = logging.getLogger(__name__)
+
+
+def _auto_dtype(reader: CheckpointReader) -> DType:
+    """The dtype most model parameters are stored in (by element count)."""
+    counts: Counter = Counter()
+    for info in reader.tensors.values():
+        if is_model_key(info.key) and info.dtype.torch_name.startswith(("float", "bfloat")):
+            numel = 1
+            for n in info.shape:
+                numel *= n
+            counts[info.dtype] += numel
+    return counts.most_common(1)[0][0] if counts else by_option("fp32")
+
+
+def convert(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    hf_config: str | Path | None = None,
+    model_type: str | None = None,
+    iteration: int | str | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a Megatron-Core checkpoint into a Hugging Face model directory.
+
+    Args:
+        ckpt_dir: a Megatron save root (with `latest_checkpointed_iteration.txt`) or an iteration directory.
+        out_dir: where the HF checkpoint goes; must be empty or absent unless ``overwrite``.
+        hf_config: a `config.json` or an HF model directory (its tokenizer files are copied too);
+            without it the config is derived from the checkpoint's Megatron args.
+        model_type: family name (llama, mistral, qwen2, qwen3); inferred when omitted.
+        iteration: which saved iteration (an int or "release"); default the latest.
+        dtype: "auto" (as stored), "bf16", "fp16" or "fp32".
+        max_shard_size: largest safetensors file, decimal units as transformers ("5GB").
+        vocab_size: the true vocabulary size, to trim Megatron's padding when args lack it.
+        overwrite: replace a non-empty ``out_dir``.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The output directory.
+
+    Example:
+        >>> convert("examples/tiny-llama", "/tmp/tiny-llama-hf")  # doctest: +SKIP
+    """
+    shard_limit = parse_size(max_shard_size)
+    target_dtype = None if dtype == "auto" else by_option(dtype)
+    iteration_dir = find_iteration_dir(ckpt_dir, iteration)
+    log.info("reading %s", iteration_dir)
+    with open_reader(iteration_dir) as reader:
+        model_dir = None
+        if hf_config is not None:
+            config, model_dir = load_config(hf_config)
+            family = family_by_name(model_type) if model_type else family_for_config(config)
+        else:
+            family = family_by_name(model_type) if model_type else family_for_args(reader.args)
+            config = derive_config(reader.args, family, vocab_size=vocab_size)
+        target_dtype = target_dtype or _auto_dtype(reader)
+        config = finalize_config(config, target_dtype, vocab_size=vocab_size)
+        plan: Plan = build_plan(family, reader, dims_of(config), target_dtype, shard_limit)
+        log.info(
+            "%s: %d tensors, %d files, %d bytes",
+            family.name,
+            len(list(plan.targets())),
+            len(plan.files),
+            plan.total_size,
+        )
+        with staged_output(out_dir, overwrite=overwrite) as staging:
+            write_weights(plan, reader, staging, progress=progress)
+            write_json(staging / "config.json", config)
+            if model_dir is not None:
+                copy_side_files(model_dir, staging)
+    return Path(out_dir)

@@ -1,0 +1,26 @@
+"""What a model family is: its HF names, its mapping table and the config fields only it has."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..rules import Rule
+
+__all__ = ["Family"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF architecture. Tables list rules in HF state-dict order; `layer` rules hold ``{i}``."""
+
+    name: str  # the --model-type value
+    architecture: str  # HF class in config.json "architectures"
+    model_type: str  # HF config "model_type"
+    head: tuple[Rule, ...]  # before the layers (embeddings)
+    layer: tuple[Rule, ...]  # once per decoder layer
+    tail: tuple[Rule, ...]  # after the layers (final norm, output layer)
+    detect: Callable[[argparse.Namespace], bool]  # do Megatron args describe this family?
+    config: Mapping[str, Any] = field(default_factory=dict)  # HF config fields only this family has

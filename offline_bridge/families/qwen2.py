@@ -1,0 +1,29 @@
+"""Qwen2 (`Qwen2ForCausalLM`): Llama plus biases on q, k and v (Megatron `add_qkv_bias`)."""
+
+from __future__ import annotations
+
+from ..rules import QKV
+from . import llama
+from .base import Family
+
+M, H = llama.M, llama.H
+
+QKV_BIAS = (
+    QKV.of(
+        M + "self_attention.linear_qkv.bias",
+        H + "self_attn.q_proj.bias",
+        H + "self_attn.k_proj.bias",
+        H + "self_attn.v_proj.bias",
+    ),
+)
+
+FAMILY = Family(
+    name="qwen2",
+    architecture="Qwen2ForCausalLM",
+    model_type="qwen2",
+    head=llama.EMBEDDING,
+    layer=llama.ATTENTION + QKV_BIAS + llama.MLP + llama.NORMS,
+    tail=llama.FINAL,
+    detect=lambda args: bool(getattr(args, "add_qkv_bias", False)) and not getattr(args, "qk_layernorm", False),
+    config={"use_sliding_window": False},
+)

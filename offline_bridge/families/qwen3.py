@@ -1,0 +1,25 @@
+"""Qwen3 (`Qwen3ForCausalLM`): Llama plus per-head RMSNorms on q and k (Megatron `qk_layernorm`)."""
+
+from __future__ import annotations
+
+from ..rules import Copy
+from . import llama
+from .base import Family
+
+M, H = llama.M, llama.H
+
+QK_NORMS = (
+    Copy.of(M + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
+    Copy.of(M + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight"),
+)
+
+FAMILY = Family(
+    name="qwen3",
+    architecture="Qwen3ForCausalLM",
+    model_type="qwen3",
+    head=llama.EMBEDDING,
+    layer=llama.ATTENTION + QK_NORMS + llama.MLP + llama.NORMS,
+    tail=llama.FINAL,
+    detect=lambda args: bool(getattr(args, "qk_layernorm", False)) and not getattr(args, "add_qkv_bias", False),
+    config={"attention_bias": False, "use_sliding_window": False},
+)

@@ -1,0 +1,144 @@
+"""The HF `config.json`: derived from Megatron's training args, or taken from the user (--hf-config)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .dtypes import DType
+from .errors import CheckpointError, OptionError
+from .families import Family
+from .rules import Dims
+
+__all__ = ["HF_SIDE_FILES", "copy_side_files", "derive_config", "dims_of", "finalize_config", "load_config"]
+
+log = logging.getLogger(__name__)
+
+# Files of an HF model directory that travel with the weights.
+HF_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _arg(args: argparse.Namespace, name: str) -> Any:
+    value = getattr(args, name, None)
+    if value is None:
+        raise CheckpointError(f"the checkpoint's args have no {name!r}; pass --hf-config to describe the model")
+    return value
+
+
+def _check_supported(args: argparse.Namespace) -> None:
+    """Refuse args whose model the dense families cannot express, instead of writing a wrong one."""
+    problems = []
+    if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
+        problems.append(f"normalization={args.normalization} (need RMSNorm)")
+    if not getattr(args, "swiglu", True):
+        problems.append("swiglu=False (need a gated SiLU MLP)")
+    if getattr(args, "add_bias_linear", False):
+        problems.append("add_bias_linear=True (linear biases)")
+    if getattr(args, "position_embedding_type", "rope") != "rope":
+        problems.append(f"position_embedding_type={args.position_embedding_type} (need rope)")
+    if problems:
+        raise CheckpointError("the checkpoint's model is not supported: " + "; ".join(problems))
+
+
+def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size: int | None) -> dict[str, Any]:
+    """config.json fields from Megatron-LM's args (what `save_pretrained` would write for the same model)."""
+    if args is None:
+        raise CheckpointError("the checkpoint has no Megatron args (common.pt); pass --hf-config")
+    _check_supported(args)
+    heads = _arg(args, "num_attention_heads")
+    hidden = _arg(args, "hidden_size")
+    if vocab_size is None:
+        vocab_size = getattr(args, "vocab_size", None)
+    if vocab_size is None:
+        vocab_size = _arg(args, "padded_vocab_size")
+        log.warning("args carry no true vocab size; keeping the padded %d rows (pass --vocab-size to trim)", vocab_size)
+    rope_theta = float(getattr(args, "rotary_base", 10000))
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": hidden,
+        "intermediate_size": _arg(args, "ffn_hidden_size"),
+        "num_hidden_layers": _arg(args, "num_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _arg(args, "num_query_groups")
+        if getattr(args, "group_query_attention", False)
+        else heads,
+        "head_dim": getattr(args, "kv_channels", None) or hidden // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)),
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "max_position_embeddings": getattr(args, "max_position_embeddings", None) or _arg(args, "seq_length"),
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),
+        "attention_dropout": 0.0,
+        "initializer_range": float(getattr(args, "init_method_std", 0.02)),
+        "use_cache": True,
+    }
+    config.update(family.config)
+    return config
+
+
+def load_config(path: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """Read `--hf-config`: a config.json, or an HF model directory (returned for its side files)."""
+    path = Path(path)
+    model_dir = path if path.is_dir() else None
+    file = path / "config.json" if model_dir else path
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"--hf-config {file}: cannot read a JSON config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise OptionError(f"--hf-config {file}: not a JSON object")
+    return config, model_dir
+
+
+def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | None) -> dict[str, Any]:
+    """The config as written: dtype of the weights, and an explicit --vocab-size if one was given."""
+    config = dict(config)
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
+    config["torch_dtype"] = config["dtype"] = dtype.torch_name
+    return config
+
+
+def dims_of(config: dict[str, Any]) -> Dims:
+    try:
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return Dims(
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=hidden,
+            num_heads=heads,
+            num_query_groups=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)),  # the dense families default to untied
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise OptionError(f"HF config lacks a usable field ({exc}); it must describe a decoder-only LM") from exc
+
+
+def copy_side_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer files and generation_config.json from an HF model directory."""
+    copied = []
+    for name in HF_SIDE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out_dir / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,27 @@
+"""Checkpoint readers, one per on-disk format, chosen from what the iteration directory holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .base import CheckpointReader, TensorInfo
+from .torch_dist import TorchDistReader
+
+__all__ = ["CheckpointReader", "TensorInfo", "TorchDistReader", "open_reader"]
+
+
+def open_reader(iteration_dir: Path) -> CheckpointReader:
+    """The reader for ``iteration_dir``, by `metadata.json`'s backend or the files present."""
+    backend = None
+    marker = iteration_dir / "metadata.json"
+    if marker.is_file():
+        try:
+            backend = json.loads(marker.read_text()).get("sharded_backend")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
+    if backend in (None, "torch_dist") and (iteration_dir / ".metadata").is_file():
+        return TorchDistReader(iteration_dir)
+    found = backend or ", ".join(sorted(p.name for p in iteration_dir.iterdir())[:8]) or "an empty directory"
+    raise CheckpointError(f"{iteration_dir}: unsupported checkpoint format ({found}); offline-bridge reads torch_dist")

@@ -1,0 +1,72 @@
+"""The reader contract: lazy global tensors by key, whatever the on-disk format.
+
+Call order:
+1. construct with an iteration directory (reads metadata only, never tensor bytes);
+2. `args` and `tensors` describe the checkpoint;
+3. `read(key, box)` assembles one global tensor, or a box of it, when the plan needs it;
+4. `close()` (or use the reader as a context manager).
+"""
+
+from __future__ import annotations
+
+import argparse
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from ..dtypes import DType
+
+__all__ = ["Box", "CheckpointReader", "TensorInfo", "full_box", "is_model_key"]
+
+Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
+
+_NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "common_state", "rerun_state_machine")
+
+
+def is_model_key(key: str) -> bool:
+    """Model weights, as opposed to optimizer state, rng state and `_extra_state` bytes (never read)."""
+    return not key.startswith(_NON_MODEL_PREFIXES) and "_extra_state" not in key and not key.startswith("chained_")
+
+
+def full_box(shape: tuple[int, ...]) -> Box:
+    return tuple((0, n) for n in shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: DType
+
+
+class CheckpointReader(ABC):
+    """Base class of the format readers; subclasses override `tensors`, `args` and `read`."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every tensor the checkpoint holds, by key, with its global shape and stored dtype."""
+
+    @property
+    @abstractmethod
+    def args(self) -> argparse.Namespace | None:
+        """Megatron-LM's training arguments, if the checkpoint saved them."""
+
+    @abstractmethod
+    def read(self, key: str, box: Box | None = None) -> np.ndarray:
+        """The global tensor ``key`` (or the part inside ``box``), assembled from its chunks."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open files."""
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()

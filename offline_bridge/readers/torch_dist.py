@@ -1,0 +1,161 @@
+"""Megatron's torch_dist format (PyTorch DCP + Megatron's common state), read without torch.distributed.
+
+`.metadata` gives every tensor's global shape and chunks, and where each chunk's `torch.save` record sits
+in a `.distcp` file. Chunks are memory-mapped and copied once, into the assembled tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import DType
+from ..errors import CheckpointError
+from ..safe_pickle import TensorRef, safe_loads
+from ..torch_save import TorchArchive, load_torch_file
+from .base import Box, CheckpointReader, TensorInfo, full_box
+from .coverage import check_tiling
+
+__all__ = ["TorchDistReader"]
+
+
+class TorchDistReader(CheckpointReader):
+    """Reader of a torch_dist iteration directory (`.metadata`, `__*_*.distcp`, `common.pt`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._metadata_file = self.path / ".metadata"
+        if not self._metadata_file.is_file():
+            raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
+        metadata = _load_metadata(self._metadata_file)
+        self._chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self._tensors: dict[str, TensorInfo] = {}
+        self._objects: list[str] = []
+        for key, entry in _field(metadata, "state_dict_metadata", self._metadata_file).items():
+            chunks = getattr(entry, "chunks", None)
+            if chunks is None:
+                self._objects.append(key)
+                continue
+            dtype = entry.properties.dtype
+            if not isinstance(dtype, DType):
+                raise CheckpointError(f"{self._metadata_file}: tensor {key} has unsupported dtype {dtype!r}")
+            self._tensors[key] = TensorInfo(key, tuple(int(n) for n in entry.size), dtype)
+            self._chunks[key] = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes))) for c in chunks]
+        self._storage: dict[tuple[str, tuple[int, ...] | None], Any] = {
+            (index.fqn, None if index.offset is None else tuple(map(int, index.offset))): info
+            for index, info in _field(metadata, "storage_data", self._metadata_file).items()
+        }
+        self._maps: dict[str, mmap.mmap] = {}
+        self._checked: set[str] = set()
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @cached_property
+    def common_state(self) -> dict[str, Any]:
+        """Megatron's non-sharded state: `common.pt` (core <= 0.18) or the `common_state` object (0.19)."""
+        common_file = self.path / "common.pt"
+        if common_file.is_file():
+            state = load_torch_file(str(common_file))
+        else:
+            keys = [key for key in self._objects if key.startswith("common_state")]
+            if not keys:
+                return {}
+            state = self._load_object(keys[0])
+            if isinstance(state, list) and len(state) == 1:
+                state = state[0]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: common state is a {type(state).__name__}, expected a dict")
+        return state
+
+    @property
+    def args(self) -> argparse.Namespace | None:
+        args = self.common_state.get("args")
+        return args if isinstance(args, argparse.Namespace) else None
+
+    def read(self, key: str, box: Box | None = None) -> np.ndarray:
+        info = self._tensors.get(key)
+        if info is None:
+            raise CheckpointError(f"{self._metadata_file}: no tensor {key!r} in the checkpoint")
+        if key not in self._checked:
+            check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
+            self._checked.add(key)
+        box = box or full_box(info.shape)
+        out = np.empty([stop - start for start, stop in box], dtype=info.dtype.np)
+        for offsets, sizes in self._chunks[key]:
+            overlap = [(max(o, b0), min(o + s, b1)) for o, s, (b0, b1) in zip(offsets, sizes, box)]
+            if any(lo >= hi for lo, hi in overlap):
+                continue
+            chunk = self._chunk(key, info, offsets, sizes)
+            src = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(overlap, offsets))
+            dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(overlap, box))
+            out[dst] = chunk[src]
+        return out
+
+    def _chunk(self, key: str, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
+        archive = self._archive(key, offsets)
+        ref = archive.load()
+        if not isinstance(ref, TensorRef):
+            raise CheckpointError(f"{archive.source}: record holds a {type(ref).__name__}, not a tensor")
+        if ref.storage.dtype != info.dtype:
+            raise CheckpointError(
+                f"{archive.source}: chunk dtype {ref.storage.dtype} differs from metadata {info.dtype}"
+            )
+        if np.prod(ref.shape) != np.prod(sizes):
+            raise CheckpointError(f"{archive.source}: chunk shape {ref.shape} does not match metadata {sizes}")
+        return archive.array(ref).reshape(sizes)
+
+    def _archive(self, key: str, offsets: tuple[int, ...] | None) -> TorchArchive:
+        where = f"{key} chunk at {offsets}" if offsets is not None else key
+        storage = self._storage.get((key, offsets))
+        if storage is None:
+            raise CheckpointError(f"{self._metadata_file}: no storage entry for {where}; the metadata is incomplete")
+        if getattr(storage, "transform_descriptors", None):
+            raise CheckpointError(
+                f"{storage.relative_path}: {where} is stored with transforms {storage.transform_descriptors}, which are not supported"
+            )
+        buf = self._map(storage.relative_path)
+        return TorchArchive(
+            buf, int(storage.offset), int(storage.length), f"{self.path / storage.relative_path} [{where}]"
+        )
+
+    def _load_object(self, key: str) -> Any:
+        """A ShardedObject's bytes are a `torch.save` archive of the object."""
+        return self._archive(key, None).load()
+
+    def _map(self, relative_path: str) -> mmap.mmap:
+        if relative_path not in self._maps:
+            file = self.path / relative_path
+            try:
+                with open(file, "rb") as handle:
+                    self._maps[relative_path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{file}: cannot open shard file ({exc})") from exc
+        return self._maps[relative_path]
+
+    def close(self) -> None:
+        for buf in self._maps.values():
+            buf.close()
+        self._maps.clear()
+
+
+def _load_metadata(file: Path) -> Any:
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc})") from exc
+    return safe_loads(data, str(file))
+
+
+def _field(obj: Any, name: str, file: Path) -> Any:
+    value = getattr(obj, name, None)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file}: DCP metadata has no {name}; not a torch_dist checkpoint")
+    return value

@@ -1,0 +1,125 @@
+"""The transforms a mapping table can name: copy, vocab trim, QKV split, gated-MLP split.
+
+A rule reads one Megatron tensor (global, TP-invariant layout) and produces one or more HF tensors. Rules
+work on numpy arrays of any dtype (bf16 moves as uint16): they only slice and reshape, never compute.
+Patterns may hold ``{i}``, the global layer index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CheckpointError
+
+__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "untied"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Model dimensions the rules need, taken from the HF config (derived or given)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    tied: bool
+
+
+def untied(dims: Dims) -> bool:
+    return not dims.tied
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base rule: ``sources`` (alternative Megatron names of one tensor) → ``targets`` (HF names)."""
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    when: Callable[[Dims], bool] | None = None  # the rule applies only if this holds
+
+    @classmethod
+    def of(cls, source: str | tuple[str, ...], *targets: str, when: Callable[[Dims], bool] | None = None) -> Rule:
+        """Table shorthand: ``QKV.of(src, q, k, v)``; ``source`` may be a tuple of aliases."""
+        return cls(source if isinstance(source, tuple) else (source,), targets, when)
+
+    def rows(self, shape: Shape, dims: Dims) -> int:
+        """How many leading rows of the source to read (all, unless the rule trims)."""
+        return shape[0]
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        """Output shapes for a source of ``shape``; raises if the shape contradicts ``dims``."""
+        return [shape]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [array]
+
+
+@dataclass(frozen=True)
+class Copy(Rule):
+    """One tensor, renamed."""
+
+
+@dataclass(frozen=True)
+class VocabRows(Rule):
+    """Embedding / output layer: drop the rows Megatron padded the vocab with."""
+
+    def rows(self, shape: Shape, dims: Dims) -> int:
+        return dims.vocab_size
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        if shape[0] < dims.vocab_size:
+            raise CheckpointError(
+                f"{key} has {shape[0]} rows, fewer than vocab_size={dims.vocab_size}; check --vocab-size / --hf-config"
+            )
+        return [(dims.vocab_size, *shape[1:])]
+
+
+@dataclass(frozen=True)
+class QKV(Rule):
+    """Fused QKV (weight or bias) → q, k, v. Megatron groups rows per query group: [q heads; k; v]."""
+
+    def _grouped(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int]:
+        groups, head_dim = dims.num_query_groups, dims.head_dim
+        per_group = dims.num_heads // groups
+        if shape[0] != groups * (per_group + 2) * head_dim:
+            raise CheckpointError(
+                f"{key} has {shape[0]} rows; num_attention_heads={dims.num_heads}, num_key_value_heads={groups}, "
+                f"head_dim={head_dim} need {groups * (per_group + 2) * head_dim} — the config does not match the checkpoint"
+            )
+        return groups, per_group, head_dim
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        groups, per_group, head_dim = self._grouped(shape, dims, key)
+        rest = shape[1:]
+        return [(groups * per_group * head_dim, *rest), (groups * head_dim, *rest), (groups * head_dim, *rest)]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        groups, per_group, head_dim = self._grouped(array.shape, dims, self.sources[0])
+        rest = array.shape[1:]
+        grouped = array.reshape(groups, per_group + 2, head_dim, *rest)
+        q = grouped[:, :per_group].reshape(-1, *rest)
+        k = grouped[:, per_group].reshape(-1, *rest)
+        v = grouped[:, per_group + 1].reshape(-1, *rest)
+        return [q, k, v]
+
+
+@dataclass(frozen=True)
+class GatedMLP(Rule):
+    """Gated fc1 `[gate; up]` → gate_proj, up_proj."""
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        if shape[0] % 2:
+            raise CheckpointError(f"{key} has an odd number of rows ({shape[0]}); it is not a gated (swiglu) fc1")
+        half = (shape[0] // 2, *shape[1:])
+        return [half, half]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        half = array.shape[0] // 2
+        return [array[:half], array[half:]]

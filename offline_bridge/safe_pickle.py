@@ -1,0 +1,166 @@
+"""Allow-list unpickling for the pickles inside a checkpoint (`.metadata`, `common.pt`, chunk records).
+
+Nothing a pickle names is imported or called unless it is on the allow-list below. torch and DCP classes
+are replaced by inert records (so reading metadata needs no torch import); Megatron classes are stubbed
+as records that only store what the pickle hands them; anything else raises `UnsafePickleError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import pathlib
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+from .dtypes import DType, by_storage_class, by_torch_name
+from .errors import CheckpointError, UnsafePickleError
+
+__all__ = ["Record", "StorageRef", "TensorRef", "TorchSize", "safe_loads"]
+
+
+class Record:
+    """An inert stand-in for a pickled class: keeps constructor args and state, runs nothing."""
+
+    _qualname = "Record"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if k != "args")
+        return f"{self._qualname}({fields})"
+
+
+class TensorProperties(Record):
+    """DCP's TensorProperties pickles its fields as a tuple."""
+
+    _qualname = "TensorProperties"
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):
+            self.dtype = state[0]
+        else:
+            super().__setstate__(state)
+
+
+class TorchSize(tuple):
+    """Stand-in for ``torch.Size``."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage named by a torch.save pickle; its bytes live in the archive member ``data/<key>``."""
+
+    dtype: DType
+    key: str
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """What ``torch._utils._rebuild_tensor_v2`` would have built, as plain numbers."""
+
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage: StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
+    return TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _layout(name: str) -> str:
+    return name
+
+
+def _record_class(module: str, name: str) -> type[Record]:
+    base = TensorProperties if name == "TensorProperties" else Record
+    return type(name, (base,), {"_qualname": f"{module}.{name}"})
+
+
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed._shard.sharded_tensor.metadata",
+    "torch.distributed._shard.metadata",
+)
+_REAL = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PurePosixPath,
+    ("pathlib", "Path"): pathlib.Path,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("torch", "Size"): TorchSize,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch.serialization", "_get_layout"): _layout,
+}
+_STUB_PREFIXES = ("megatron.", "nemo.", "transformer_engine.", "modelopt.")
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
+        super().__init__(file)
+        self._source = source
+        self._classes: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _REAL:
+            return _REAL[(module, name)]
+        if module == "torch":
+            dtype = by_torch_name(name) or by_storage_class(name)
+            if dtype is not None:
+                return dtype
+        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in (
+            "dtype",
+            "scalar",
+            "_reconstruct",
+            "ndarray",
+        ):
+            import numpy  # numpy's own data-only reconstructors
+
+            core = getattr(numpy, "_core", None) or numpy.core
+            return getattr(numpy, name, None) or getattr(core.multiarray, name)
+        if module in _DCP_MODULES or module.startswith(_STUB_PREFIXES):
+            return self._classes.setdefault((module, name), _record_class(module, name))
+        raise UnsafePickleError(
+            f"{self._source}: refusing to unpickle {module}.{name} (not on the allow-list); "
+            "the checkpoint may be corrupt or malicious and nothing in it was executed"
+        )
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise UnsafePickleError(f"{self._source}: unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, DType):
+            raise UnsafePickleError(f"{self._source}: unknown storage type {storage_type!r}")
+        return StorageRef(storage_type, str(key), int(numel))
+
+
+def safe_loads(data: bytes | memoryview, source: str) -> Any:
+    """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
+    try:
+        return _Unpickler(io.BytesIO(data), source).load()
+    except UnsafePickleError:
+        raise
+    except Exception as exc:  # a truncated or garbled pickle
+        raise CheckpointError(f"{source}: cannot unpickle ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,117 @@
+"""Read `torch.save` zip archives without torch: the pickle through the allow-list, storages as numpy views.
+
+A `.distcp` chunk is such an archive embedded at (offset, length) of a memory-mapped file; `common.pt`
+is one on its own. Members are stored uncompressed, so a storage's bytes are a slice of the map.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import struct
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+from .safe_pickle import TensorRef, safe_loads
+
+__all__ = ["TorchArchive", "load_torch_file"]
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes, PK\x03\x04
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only file over ``buf[start:start+length]`` for zipfile, without copying the range."""
+
+    def __init__(self, buf: mmap.mmap | memoryview, start: int, length: int) -> None:
+        self._buf, self._start, self._length, self._pos = buf, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        return self._pos
+
+    def readinto(self, out: Any) -> int:
+        n = max(0, min(len(out), self._length - self._pos))
+        begin = self._start + self._pos
+        out[:n] = self._buf[begin : begin + n]
+        self._pos += n
+        return n
+
+
+class TorchArchive:
+    """One `torch.save` archive in ``buf[start:start+length]``; ``source`` names it in errors."""
+
+    def __init__(self, buf: mmap.mmap | memoryview, start: int, length: int, source: str) -> None:
+        self._buf, self._start, self.source = buf, start, source
+        if start + length > len(buf):
+            raise CheckpointError(
+                f"{source}: record at [{start}, {start + length}) runs past the end of the file (truncated?)"
+            )
+        try:
+            with zipfile.ZipFile(_RangeFile(buf, start, length)) as archive:
+                self._members = {info.filename: info for info in archive.infolist()}
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            raise CheckpointError(f"{source}: not a torch.save archive ({exc})") from exc
+        pickles = [name for name in self._members if name.endswith("/data.pkl") or name == "data.pkl"]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{source}: expected one data.pkl in the archive, found {len(pickles)}")
+        self._root = pickles[0][: -len("data.pkl")]
+
+    def _member(self, name: str) -> memoryview:
+        info = self._members.get(self._root + name)
+        if info is None:
+            raise CheckpointError(f"{self.source}: archive member {self._root + name} is missing")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{self.source}: member {info.filename} is compressed; torch.save never does that")
+        at = self._start + info.header_offset
+        header = _LOCAL_HEADER.unpack_from(self._buf, at)
+        if header[0] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.source}: bad local header for {info.filename}")
+        begin = at + _LOCAL_HEADER.size + header[9] + header[10]
+        if begin + info.file_size > len(self._buf):
+            raise CheckpointError(f"{self.source}: member {info.filename} runs past the end of the file (truncated?)")
+        return memoryview(self._buf)[begin : begin + info.file_size]
+
+    def load(self) -> Any:
+        """The unpickled object; tensors in it come back as `TensorRef`s (no bytes read)."""
+        return safe_loads(self._member("data.pkl"), self.source)
+
+    def array(self, ref: TensorRef) -> np.ndarray:
+        """A read-only numpy view of a tensor's bytes (bf16 as uint16); no copy."""
+        storage = ref.storage
+        dtype = storage.dtype.np
+        raw = self._member(f"data/{storage.key}")
+        if len(raw) < storage.numel * dtype.itemsize or not _fits(ref):
+            raise CheckpointError(
+                f"{self.source}: tensor {ref.shape} does not fit its storage of {len(raw)} bytes (truncated?)"
+            )
+        flat = np.frombuffer(raw, dtype=dtype, count=storage.numel)
+        strides = [s * dtype.itemsize for s in ref.stride]
+        return np.lib.stride_tricks.as_strided(flat[ref.storage_offset :], ref.shape, strides, writeable=False)
+
+
+def _fits(ref: TensorRef) -> bool:
+    if any(s < 0 for s in ref.stride) or ref.storage_offset < 0:
+        return False
+    last = ref.storage_offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride) if n > 0)
+    return not ref.shape or 0 in ref.shape or last < ref.storage.numel
+
+
+def load_torch_file(path: str) -> Any:
+    """Unpickle a whole `torch.save` file (e.g. `common.pt`) through the allow-list."""
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return TorchArchive(buf, 0, len(buf), str(path)).load()
+    except (OSError, ValueError) as exc:  # unreadable or empty file
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc

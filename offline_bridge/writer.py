@@ -1,0 +1,95 @@
+"""Carry out a plan: headers first, then each tensor's bytes streamed into its place; index and config.
+
+Output goes to a hidden temporary directory beside OUT_DIR, renamed into place only when complete, so
+an interrupted or failed run never leaves something that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .casting import cast
+from .errors import BridgeError, OptionError
+from .plan import Plan
+from .readers.base import CheckpointReader
+
+__all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out_dir`` if the block succeeds, else vanishes."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def write_weights(plan: Plan, reader: CheckpointReader, out_dir: Path, *, progress: bool = True) -> None:
+    """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded)."""
+    fds = {}
+    try:
+        for file in plan.files:
+            fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds[file.name] = fd
+            os.pwrite(fd, file.header, 0)
+            os.ftruncate(fd, file.size)
+        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+            for step in plan.steps:
+                array = reader.read(step.source.key, step.source.box).reshape(step.source.shape)
+                for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
+                    if out.shape != target.shape:
+                        raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+                    _pwrite(fds[target.file], cast(out, step.source.dtype, target.dtype), target.offset)
+                    bar.update(target.nbytes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if len(plan.files) > 1:
+        targets = list(plan.targets())
+        write_json(
+            out_dir / INDEX_FILE,
+            {
+                "metadata": {"total_parameters": sum(t.numel for t in targets), "total_size": plan.total_size},
+                "weight_map": {t.name: t.file for t in targets},
+            },
+        )
+
+
+def write_json(path: Path, data: Any) -> None:
+    """JSON as transformers writes it: sorted keys, two-space indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
