@@ -47,10 +47,10 @@ class TorchDistReader(CheckpointReader):
                 raise CheckpointError(f"{self._metadata_file}: tensor {key} has unsupported dtype {dtype!r}")
             self._tensors[key] = TensorInfo(key, tuple(int(n) for n in entry.size), dtype)
             self._chunks[key] = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes))) for c in chunks]
-        self._storage: dict[tuple[str, tuple[int, ...] | None], Any] = {
-            (index.fqn, None if index.offset is None else tuple(map(int, index.offset))): info
-            for index, info in _field(metadata, "storage_data", self._metadata_file).items()
-        }
+        self._storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+        for index, info in _field(metadata, "storage_data", self._metadata_file).items():
+            offset = getattr(index, "offset", None)  # DCP omits fields left at their default
+            self._storage[(index.fqn, None if offset is None else tuple(map(int, offset)))] = info
         self._maps: dict[str, mmap.mmap] = {}
         self._checked: set[str] = set()
 

@@ -1,0 +1,44 @@
+"""Session fixtures: real megatron-core checkpoints (written once per session) and helpers to judge them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.megatron_fixtures import FixtureSpec, build_fixtures  # noqa: E402
+
+LAYOUTS = [(1, 1, 1), (2, 2, 1), (1, 2, 2)]
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+PARITY_SPECS = [
+    *(FixtureSpec(family, tp=tp, pp=pp, vpp=vpp) for family in FAMILIES for tp, pp, vpp in LAYOUTS),
+    FixtureSpec("qwen3", tp=2, pp=2, tied=True),
+    FixtureSpec("llama", tp=2, pp=1, vocab_size=250),
+    *(FixtureSpec(family, tp=2, pp=2, dtype="bf16") for family in FAMILIES),
+]
+BASE_SPEC = FixtureSpec("llama")  # also resharded for the invariance test
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--megatron-cache",
+        default=None,
+        help="directory to keep megatron-core fixtures between runs (default: a fresh session tmp dir)",
+    )
+
+
+@pytest.fixture(scope="session")
+def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    chosen = request.config.getoption("--megatron-cache")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("megatron")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
+    """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
+    return build_fixtures([*PARITY_SPECS, BASE_SPEC], megatron_cache)

@@ -1,0 +1,30 @@
+"""The outside world's verdict on a converted directory: transformers loads it and runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from tools.megatron_fixtures import FixtureSpec, reference_logits
+
+
+def load_clean(out_dir: Path) -> torch.nn.Module:
+    """Load with transformers in fp32 and insist on a clean loading report."""
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not problems, f"transformers loading report for {out_dir}: {problems}"
+    return model.eval()
+
+
+def assert_matches_megatron(out_dir: Path, spec: FixtureSpec, checkpoint: Path, atol: float = 1e-5) -> None:
+    """HF logits of the converted model equal Megatron's forward of the same checkpoint."""
+    model = load_clean(out_dir)
+    input_ids, expected = reference_logits(checkpoint)
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    expected = expected[..., : spec.vocab_size]
+    assert logits.shape == expected.shape
+    err = (logits - expected).abs().max().item()
+    assert err <= atol, f"{out_dir}: max |logits - megatron| = {err:.3g} > {atol}"
