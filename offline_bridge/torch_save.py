@@ -10,6 +10,7 @@ import io
 import mmap
 import struct
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,9 +110,9 @@ def _fits(ref: TensorRef) -> bool:
 
 
 def load_torch_file(path: str) -> Any:
-    """Unpickle a whole `torch.save` file (e.g. `common.pt`) through the allow-list."""
+    """Unpickle a whole `torch.save` file (e.g. `common.pt`, small) through the allow-list."""
     try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return TorchArchive(buf, 0, len(buf), str(path)).load()
-    except (OSError, ValueError) as exc:  # unreadable or empty file
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    return TorchArchive(memoryview(data), 0, len(data), str(path)).load()

@@ -26,8 +26,6 @@ def check_tiling(
             )
     if 0 in shape:
         return
-    if not chunks:
-        raise CheckpointError(f"{source}: tensor {key} has no chunks")
     borders = [
         sorted({0, n, *(o[a] for o, _ in chunks), *(o[a] + s[a] for o, s in chunks)}) for a, n in enumerate(shape)
     ]

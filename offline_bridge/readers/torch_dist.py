@@ -142,7 +142,10 @@ class TorchDistReader(CheckpointReader):
 
     def close(self) -> None:
         for buf in self._maps.values():
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:  # a view is still referenced (say, by a traceback); collected later
+                pass
         self._maps.clear()
 
 
