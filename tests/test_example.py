@@ -33,14 +33,23 @@ def test_moving_bytes_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_cli_errors_are_one_line_with_exit_code(tmp_path: Path) -> None:
-    done = subprocess.run(["offline-bridge", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["offline-bridge", "convert", str(tmp_path / "missing"), str(tmp_path / "out")], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: checkpoint directory does not exist"]
 
 
 def test_help_lists_every_option() -> None:
     done = subprocess.run(["offline-bridge", "convert", "--help"], capture_output=True, text=True)
-    for option in ("--hf-config", "--model-type", "--iteration", "--dtype", "--max-shard-size", "--vocab-size",
-                   "--overwrite", "--quiet"):
+    for option in (
+        "--hf-config",
+        "--model-type",
+        "--iteration",
+        "--dtype",
+        "--max-shard-size",
+        "--vocab-size",
+        "--overwrite",
+        "--quiet",
+    ):
         assert option in done.stdout

@@ -56,3 +56,14 @@ def test_hf_config_file_and_dtype_cast(checkpoints: dict, tmp_path: Path) -> Non
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not (out / "tokenizer.json").exists()
     assert_matches_megatron(out, spec, checkpoints[spec], atol=0.1)  # bf16 rounding of fp32 weights
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_both_key_layouts_are_exercised(per_layer: bool, checkpoints: dict) -> None:
+    """Megatron wrote stacked `decoder.layers.<sub>` keys for one fixture and per-layer keys for another."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    spec = next(s for s in PARITY_SPECS if s.per_layer_keys == per_layer)
+    keys = load_tensors_metadata(str(checkpoints[spec] / "iter_0000010")).keys()
+    assert ("decoder.layers.3.self_attention.linear_qkv.weight" in keys) == per_layer
+    assert ("decoder.layers.self_attention.linear_qkv.weight" in keys) != per_layer

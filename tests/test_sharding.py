@@ -20,7 +20,9 @@ def test_small_shards_with_index(checkpoints: dict, tmp_path: Path) -> None:
     out = convert(checkpoints[SPEC], tmp_path / "hf", max_shard_size="60KB", progress=False)
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 2
-    assert [p.name for p in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert [p.name for p in shards] == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
     text = (out / "model.safetensors.index.json").read_text()
     index = json.loads(text)
     assert text == json.dumps(index, indent=2, sort_keys=True) + "\n"

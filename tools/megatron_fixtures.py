@@ -55,6 +55,7 @@ _NAME_TAGS = {
     "num_query_groups": "g",
     "seed": "s",
     "iteration": "it",
+    "per_layer_keys": "perlayer",
 }
 
 
@@ -76,6 +77,7 @@ class FixtureSpec:
     num_query_groups: int = 2
     seed: int = 1234
     iteration: int = 10
+    per_layer_keys: bool = False  # decoder.layers.<i>.<sub> keys instead of one stacked [L, ...] key
 
     def __post_init__(self) -> None:
         # Fail in the parent, not deep inside a spawned rank.
@@ -507,20 +509,27 @@ def _rng_state():
     )
 
 
-_SD_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+def _sd_metadata(spec: FixtureSpec) -> dict[str, Any]:
+    """Sharded-state-dict metadata; ``non_homogeneous_layers`` switches Megatron to per-layer keys."""
+    return {
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+        "non_homogeneous_layers": spec.per_layer_keys,
+    }
 
 
-def _model_state(chunks: list) -> dict[str, Any]:
+def _model_state(chunks: list, spec: FixtureSpec) -> dict[str, Any]:
+    metadata = _sd_metadata(spec)
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=dict(_SD_METADATA))}
-    return {f"model{i}": c.sharded_state_dict(metadata=dict(_SD_METADATA)) for i, c in enumerate(chunks)}
+        return {"model": chunks[0].sharded_state_dict(metadata=dict(metadata))}
+    return {f"model{i}": c.sharded_state_dict(metadata=dict(metadata)) for i, c in enumerate(chunks)}
 
 
-def _load_into(chunks: list, iter_dir: str) -> dict[str, Any]:
+def _load_into(chunks: list, iter_dir: str, spec: FixtureSpec) -> dict[str, Any]:
     """Megatron-LM's load path: dist_checkpointing.load then load_state_dict per chunk."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_model_state(chunks), iter_dir)
+    state = dist_checkpointing.load(_model_state(chunks, spec), iter_dir)
     for i, chunk in enumerate(chunks):
         loaded = state["model"] if len(chunks) == 1 else state[f"model{i}"]
         missing, unexpected = chunk.load_state_dict(loaded, strict=False)
@@ -548,21 +557,21 @@ def _save_job(spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, 
     args = _make_args(spec, tp, pp, vpp, save)
     if load is not None:
         iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
-        _load_into(chunks, str(Path(load) / f"iter_{iteration:07d}"))
+        _load_into(chunks, str(Path(load) / f"iter_{iteration:07d}"), spec)
         args.iteration = iteration
     iter_dir = Path(save) / f"iter_{iteration:07d}"
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     state = {
-        **_model_state(chunks),
+        **_model_state(chunks, spec),
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": iteration,
         "num_floating_point_operations_so_far": 0,
         "rng_state": _rng_state(),
     }
-    dist_checkpointing.save(state, str(iter_dir), content_metadata=dict(_SD_METADATA))
+    dist_checkpointing.save(state, str(iter_dir), content_metadata=_sd_metadata(spec))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
@@ -578,7 +587,7 @@ def _reference_job(spec: FixtureSpec, root: str) -> None:
     # Load in the checkpoint's dtype (no cast inside the loader), then widen: bf16 -> fp32
     # is exact, so the fp32 model holds precisely the stored values.
     (model,) = _build_chunks(spec, 1, 1, 1, randomize=False)
-    _load_into([model], str(Path(root) / f"iter_{iteration:07d}"))
+    _load_into([model], str(Path(root) / f"iter_{iteration:07d}"), spec)
     model = model.float().eval()
     gen = torch.Generator().manual_seed(spec.seed)
     ids = torch.randint(0, spec.vocab_size, (REFERENCE_BATCH, REFERENCE_SEQ), generator=gen)
