@@ -102,7 +102,7 @@ _REAL = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
-    ("pathlib", "WindowsPath"): pathlib.PurePosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
     ("pathlib", "Path"): pathlib.Path,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
