@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from conftest import PARITY_SPECS
 from hf_reference import write_hf_model_dir
 from judge import assert_matches_megatron
+from safetensors import safe_open
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from offline_bridge.cli import main
@@ -67,3 +68,22 @@ def test_both_key_layouts_are_exercised(per_layer: bool, checkpoints: dict) -> N
     keys = load_tensors_metadata(str(checkpoints[spec] / "iter_0000010")).keys()
     assert ("decoder.layers.3.self_attention.linear_qkv.weight" in keys) == per_layer
     assert ("decoder.layers.self_attention.linear_qkv.weight" in keys) != per_layer
+
+
+def test_mistral_is_llama_under_another_name(checkpoints: dict, tmp_path: Path) -> None:
+    """--model-type mistral writes MistralForCausalLM, which reproduces the same Megatron logits."""
+    spec = PARITY_SPECS[1]  # llama, TP2 PP2
+    out = tmp_path / "hf"
+    run_convert(str(checkpoints[spec]), str(out), "--model-type", "mistral")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    assert_matches_megatron(out, spec, checkpoints[spec])
+
+
+def test_vocab_size_option_trims_further(checkpoints: dict, tmp_path: Path) -> None:
+    spec = next(s for s in PARITY_SPECS if s.vocab_size == 250)
+    out = tmp_path / "hf"
+    run_convert(str(checkpoints[spec]), str(out), "--vocab-size", "200")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 200
+    with safe_open(out / "model.safetensors", "np") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape() == [200, spec.hidden_size]
+        assert f.get_slice("lm_head.weight").get_shape() == [200, spec.hidden_size]
