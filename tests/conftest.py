@@ -19,6 +19,7 @@ PARITY_SPECS = [
     *(FixtureSpec(family, tp=tp, pp=pp, vpp=vpp) for family in FAMILIES for tp, pp, vpp in LAYOUTS),
     FixtureSpec("qwen3", tp=2, pp=2, tied=True),
     FixtureSpec("qwen3", tp=2, pp=2, per_layer_keys=True),
+    FixtureSpec("qwen2", tp=2, pp=2, common_in_dcp=True),
     FixtureSpec("llama", tp=2, pp=1, vocab_size=250),
     *(FixtureSpec(family, tp=2, pp=2, dtype="bf16") for family in FAMILIES),
 ]

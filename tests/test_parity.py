@@ -87,3 +87,11 @@ def test_vocab_size_option_trims_further(checkpoints: dict, tmp_path: Path) -> N
     with safe_open(out / "model.safetensors", "np") as f:
         assert f.get_slice("model.embed_tokens.weight").get_shape() == [200, spec.hidden_size]
         assert f.get_slice("lm_head.weight").get_shape() == [200, spec.hidden_size]
+
+
+def test_core_019_common_state_inside_dcp(checkpoints: dict) -> None:
+    """Megatron-core 0.19 keeps the args in the `common_state` object, with no common.pt."""
+    spec = next(s for s in PARITY_SPECS if s.common_in_dcp)
+    iteration_dir = checkpoints[spec] / "iter_0000010"
+    assert not (iteration_dir / "common.pt").exists()
+    assert "common_state/shard_0_1" in (iteration_dir / ".metadata").read_bytes().decode("latin1")

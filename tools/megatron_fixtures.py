@@ -56,6 +56,7 @@ _NAME_TAGS = {
     "seed": "s",
     "iteration": "it",
     "per_layer_keys": "perlayer",
+    "common_in_dcp": "commondcp",
 }
 
 
@@ -78,6 +79,7 @@ class FixtureSpec:
     seed: int = 1234
     iteration: int = 10
     per_layer_keys: bool = False  # decoder.layers.<i>.<sub> keys instead of one stacked [L, ...] key
+    common_in_dcp: bool = False  # core 0.19 layout: common state inside the DCP files, no common.pt
 
     def __post_init__(self) -> None:
         # Fail in the parent, not deep inside a spawned rank.
@@ -177,6 +179,9 @@ def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[Fixtur
             _spawn(tp * pp, "save", jobs)
         _spawn(1, "reference", [{"spec": s, "root": str(result[s])} for s in todo])
         for s in todo:
+            if s.common_in_dcp:
+                _drop_common_pt(result[s] / f"iter_{s.iteration:07d}")
+        for s in todo:
             (cache_dir / s.name / MARKER).write_text(json.dumps(dataclasses.asdict(s)) + "\n")
     return result
 
@@ -192,6 +197,12 @@ def write_checkpoint(spec: FixtureSpec, root: Path) -> Path:
     job = {"spec": spec, "load": None, "save": str(root), "tp": spec.tp, "pp": spec.pp, "vpp": spec.vpp}
     _spawn(spec.tp * spec.pp, "save", [job])
     return root
+
+
+def _drop_common_pt(iter_dir: Path) -> None:
+    """Finish the core-0.19 layout once the reference pass (megatron 0.16 needs common.pt) is done."""
+    (iter_dir / "common.pt").unlink()
+    (iter_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
 
 
 def reshard(src_root: Path, spec: FixtureSpec, dst_root: Path, *, tp: int, pp: int, vpp: int = 1) -> Path:
@@ -563,14 +574,18 @@ def _save_job(spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, 
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = {
-        **_model_state(chunks, spec),
+    common = {
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": iteration,
         "num_floating_point_operations_so_far": 0,
-        "rng_state": _rng_state(),
     }
+    if spec.common_in_dcp:  # core 0.19: the common dict is the ShardedObject common_state/shard_0_1
+        from megatron.core.dist_checkpointing import ShardedObject
+
+        rank = torch.distributed.get_rank()
+        common = {"common_state": ShardedObject("common_state", common, (1,), (0,), replica_id=rank)}
+    state = {**_model_state(chunks, spec), **common, "rng_state": _rng_state()}
     dist_checkpointing.save(state, str(iter_dir), content_metadata=_sd_metadata(spec))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
