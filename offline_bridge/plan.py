@@ -3,6 +3,7 @@ tensor (or part of it) it comes from — all decided from metadata before any te
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -96,48 +97,66 @@ def parse_size(text: str | int) -> int:
         raise OptionError(f"invalid size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
 
 
-def _resolve(reader: CheckpointReader, rule: Rule, layer: int | None, dims: Dims) -> Source:
-    """Find the rule's tensor: a per-layer key, or layer ``layer`` of the stacked ``decoder.layers.<sub>``."""
+# A placeholder is either spelled out in the key or an axis of a stacked tensor: (in-key form, stacked form).
+_STACKED = {"i": (".{i}.", "."), "e": (".experts.{e}.", ".experts.experts.")}
+
+
+def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
+    present = [p for p in _STACKED if "{" + p + "}" in pattern]
+    for stacked in itertools.product((False, True), repeat=len(present)):
+        key, axes = pattern, []
+        for name, is_axis in zip(present, stacked):
+            if is_axis:
+                key = key.replace(*_STACKED[name])
+                axes.append(name)
+        yield key.format(**index), tuple(axes)
+
+
+def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
+    """Find the rule's tensor: spelled out per layer / expert, or a slice of a stacked tensor."""
+    sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
     tried = []
     for pattern in rule.sources:
-        if layer is None:
-            candidates = [(pattern, None)]
-        else:
-            candidates = [(pattern.format(i=layer), None), (pattern.replace(".{i}.", "."), layer)]
-        for key, index in candidates:
+        for key, axes in _candidates(pattern, index):
             tried.append(key)
             info = reader.tensors.get(key)
             if info is None:
                 continue
-            if index is None:
-                return Source(key, tuple((0, n) for n in info.shape), info.shape, info.dtype)
-            if info.shape[0] != dims.num_layers:
-                raise CheckpointError(
-                    f"{key} stacks {info.shape[0]} layers but the config has num_hidden_layers={dims.num_layers}"
-                )
-            return Source(key, ((index, index + 1), *((0, n) for n in info.shape[1:])), info.shape[1:], info.dtype)
-    where = f" for layer {layer}" if layer is not None else ""
+            for axis, name in enumerate(axes):
+                field, expected = sizes[name]
+                if info.shape[axis] != expected:
+                    raise CheckpointError(
+                        f"{key} has {info.shape[axis]} along axis {axis} but the config has {field}={expected}"
+                    )
+            lead = tuple((index[name], index[name] + 1) for name in axes)
+            rest = info.shape[len(axes) :]
+            return Source(key, (*lead, *((0, n) for n in rest)), rest, info.dtype)
+    where = "".join(f" for {'layer' if k == 'i' else 'expert'} {v}" for k, v in index.items())
     raise CheckpointError(
         f"{reader.path}: no tensor{where} matching {' or '.join(tried)}; wrong --model-type or config?"
     )
 
 
 def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -> list[Step]:
-    work = [(rule, None) for rule in family.head]
-    work += [(rule, i) for i in range(dims.num_layers) for rule in family.layer]
-    work += [(rule, None) for rule in family.tail]
+    work: list[tuple[Rule, dict[str, int]]] = [(rule, {}) for rule in family.head]
+    for layer in range(dims.num_layers):
+        for rule in family.layer:
+            experts = range(dims.num_experts) if any("{e}" in t for t in rule.targets) else [None]
+            work += [(rule, {"i": layer} if e is None else {"i": layer, "e": e}) for e in experts]
+    work += [(rule, {}) for rule in family.tail]
     steps = []
-    for rule, layer in work:
-        if rule.when is not None and not rule.when(dims):
+    for rule, index in work:
+        if rule.when is not None and not rule.when(dims, index.get("i")):
             continue
-        source = _resolve(reader, rule, layer, dims)
+        source = _resolve(reader, rule, index, dims)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
         if rows != source.shape[0]:  # read only what is kept (vocab trim)
             axis = len(source.box) - len(source.shape)
             box = (*source.box[:axis], (0, rows), *source.box[axis + 1 :])
             source = replace(source, box=box, shape=(rows, *source.shape[1:]))
-        names = [t.format(i=layer) if layer is not None else t for t in rule.targets]
+        names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
     return steps
 

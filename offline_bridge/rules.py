@@ -2,7 +2,7 @@
 
 A rule reads one Megatron tensor (global, TP-invariant layout) and produces one or more HF tensors. Rules
 work on numpy arrays of any dtype (bf16 moves as uint16): they only slice and reshape, never compute.
-Patterns may hold ``{i}``, the global layer index.
+Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global expert index.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "untied"]
+__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "dense_layer", "moe_layer", "untied"]
 
 Shape = tuple[int, ...]
 
@@ -30,10 +30,23 @@ class Dims:
     head_dim: int
     vocab_size: int
     tied: bool
+    num_experts: int = 0
+    moe_layers: frozenset[int] = frozenset()  # layers whose MLP is a mixture of experts
 
 
-def untied(dims: Dims) -> bool:
+Condition = Callable[[Dims, "int | None"], bool]  # (dims, layer) → does the rule apply?
+
+
+def untied(dims: Dims, layer: int | None) -> bool:
     return not dims.tied
+
+
+def moe_layer(dims: Dims, layer: int | None) -> bool:
+    return layer in dims.moe_layers
+
+
+def dense_layer(dims: Dims, layer: int | None) -> bool:
+    return layer not in dims.moe_layers
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,10 @@ class Rule:
 
     sources: tuple[str, ...]
     targets: tuple[str, ...]
-    when: Callable[[Dims], bool] | None = None  # the rule applies only if this holds
+    when: Condition | None = None  # the rule applies only where this holds
 
     @classmethod
-    def of(cls, source: str | tuple[str, ...], *targets: str, when: Callable[[Dims], bool] | None = None) -> Rule:
+    def of(cls, source: str | tuple[str, ...], *targets: str, when: Condition | None = None) -> Rule:
         """Table shorthand: ``QKV.of(src, q, k, v)``; ``source`` may be a tuple of aliases."""
         return cls(source if isinstance(source, tuple) else (source,), targets, when)
 
