@@ -40,6 +40,11 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
     return value
 
 
+def _first(args: argparse.Namespace, *names: str, default: Any) -> Any:
+    """The first of ``names`` that args set (Megatron-LM renamed some arguments across versions)."""
+    return next((getattr(args, n) for n in names if getattr(args, n, None) is not None), default)
+
+
 def _check_supported(args: argparse.Namespace) -> None:
     """Refuse args whose model the dense families cannot express, instead of writing a wrong one."""
     problems = []
@@ -51,6 +56,12 @@ def _check_supported(args: argparse.Namespace) -> None:
         problems.append("add_bias_linear=True (linear biases)")
     if getattr(args, "position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={args.position_embedding_type} (need rope)")
+    if getattr(args, "rotary_percent", 1.0) != 1.0:
+        problems.append(f"rotary_percent={args.rotary_percent} (partial rotary)")
+    if getattr(args, "use_rope_scaling", False):
+        problems.append("use_rope_scaling=True (Llama-3 rope scaling is not mapped yet)")
+    if getattr(args, "apply_layernorm_1p", False) or getattr(args, "layernorm_zero_centered_gamma", False):
+        problems.append("zero-centred layernorm gamma (these families use plain RMSNorm)")
     if problems:
         raise CheckpointError("the checkpoint's model is not supported: " + "; ".join(problems))
 
@@ -80,7 +91,7 @@ def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size
         else heads,
         "head_dim": getattr(args, "kv_channels", None) or hidden // heads,
         "hidden_act": "silu",
-        "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)),
+        "rms_norm_eps": float(_first(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "max_position_embeddings": getattr(args, "max_position_embeddings", None) or _arg(args, "seq_length"),

@@ -8,13 +8,13 @@ Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global exper
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "dense_layer", "moe_layer", "untied"]
+__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "dense_layer", "moe_layer", "only", "untied"]
 
 Shape = tuple[int, ...]
 
@@ -136,3 +136,8 @@ class GatedMLP(Rule):
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         half = array.shape[0] // 2
         return [array[:half], array[half:]]
+
+
+def only(when: Condition, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """The same rules, applied only where ``when`` holds (e.g. dense MLP rules on dense layers)."""
+    return tuple(replace(rule, when=when) for rule in rules)

@@ -102,6 +102,7 @@ _REAL = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # pickled by Python >= 3.13
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
     ("pathlib", "Path"): pathlib.Path,
     ("builtins", "set"): set,

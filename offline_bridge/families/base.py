@@ -23,4 +23,12 @@ class Family:
     layer: tuple[Rule, ...]  # once per decoder layer
     tail: tuple[Rule, ...]  # after the layers (final norm, output layer)
     detect: Callable[[argparse.Namespace], bool]  # do Megatron args describe this family?
-    config: Mapping[str, Any] = field(default_factory=dict)  # HF config fields only this family has
+    config: Mapping[str, Any] = field(default_factory=dict)  # fixed HF config fields only this family has
+    from_args: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}  # derived ones
+    experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
+    """(number of experts, MoE layer indices) as the HF config describes them."""
+
+
+def flag(args: argparse.Namespace, name: str) -> bool:
+    """An arg that is set and truthy (absent in older Megatron-LM versions counts as unset)."""
+    return bool(getattr(args, name, None))

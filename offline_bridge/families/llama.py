@@ -7,7 +7,7 @@ Megatron names are the TE-fused ones the checkpoint holds; the separate-norm nam
 from __future__ import annotations
 
 from ..rules import QKV, Copy, GatedMLP, VocabRows, untied
-from .base import Family
+from .base import Family, flag
 
 M = "decoder.layers.{i}."  # Megatron layer prefix
 H = "model.layers.{i}."  # HF layer prefix
@@ -50,6 +50,8 @@ FAMILY = Family(
     head=EMBEDDING,
     layer=ATTENTION + MLP + NORMS,
     tail=FINAL,
-    detect=lambda args: not getattr(args, "qk_layernorm", False) and not getattr(args, "add_qkv_bias", False),
+    detect=lambda args: (
+        not flag(args, "qk_layernorm") and not flag(args, "add_qkv_bias") and not flag(args, "num_experts")
+    ),
     config={"attention_bias": False, "mlp_bias": False},
 )

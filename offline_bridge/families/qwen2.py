@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..rules import QKV
 from . import llama
-from .base import Family
+from .base import Family, flag
 
 M, H = llama.M, llama.H
 
@@ -24,6 +24,6 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=llama.ATTENTION + QKV_BIAS + llama.MLP + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: bool(getattr(args, "add_qkv_bias", False)) and not getattr(args, "qk_layernorm", False),
+    detect=lambda args: flag(args, "add_qkv_bias") and not flag(args, "qk_layernorm") and not flag(args, "num_experts"),
     config={"use_sliding_window": False},
 )

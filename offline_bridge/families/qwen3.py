@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..rules import Copy
 from . import llama
-from .base import Family
+from .base import Family, flag
 
 M, H = llama.M, llama.H
 
@@ -20,6 +20,6 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=llama.ATTENTION + QK_NORMS + llama.MLP + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: bool(getattr(args, "qk_layernorm", False)) and not getattr(args, "add_qkv_bias", False),
+    detect=lambda args: flag(args, "qk_layernorm") and not flag(args, "add_qkv_bias") and not flag(args, "num_experts"),
     config={"attention_bias": False, "use_sliding_window": False},
 )
