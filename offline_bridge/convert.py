@@ -80,7 +80,7 @@ def convert(
             config = derive_config(reader.args, family, vocab_size=vocab_size)
         target_dtype = target_dtype or _auto_dtype(reader)
         config = finalize_config(config, target_dtype, vocab_size=vocab_size)
-        plan: Plan = build_plan(family, reader, dims_of(config), target_dtype, shard_limit)
+        plan: Plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit)
         log.info(
             "%s: %d tensors, %d files, %d bytes",
             family.name,

@@ -102,6 +102,7 @@ def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size
         "use_cache": True,
     }
     config.update(family.config)
+    config.update(family.from_args(args))
     return config
 
 
@@ -128,10 +129,11 @@ def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | N
     return config
 
 
-def dims_of(config: dict[str, Any]) -> Dims:
+def dims_of(config: dict[str, Any], family: Family) -> Dims:
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
+        num_experts, moe_layers = family.experts(config)
         return Dims(
             num_layers=int(config["num_hidden_layers"]),
             hidden_size=hidden,
@@ -139,7 +141,9 @@ def dims_of(config: dict[str, Any]) -> Dims:
             num_query_groups=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             vocab_size=int(config["vocab_size"]),
-            tied=bool(config.get("tie_word_embeddings", False)),  # the dense families default to untied
+            tied=bool(config.get("tie_word_embeddings", False)),  # these families default to untied
+            num_experts=num_experts,
+            moe_layers=moe_layers,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise OptionError(f"HF config lacks a usable field ({exc}); it must describe a decoder-only LM") from exc

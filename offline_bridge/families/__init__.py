@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from . import llama, mistral, qwen2, qwen3
+from . import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from .base import Family
 
 __all__ = ["FAMILIES", "Family", "family_by_name", "family_for_args", "family_for_config"]
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, mixtral.FAMILY)
+}
 
 
 def family_by_name(name: str) -> Family:
