@@ -144,6 +144,8 @@ def dims_of(config: dict[str, Any], family: Family) -> Dims:
             tied=bool(config.get("tie_word_embeddings", False)),  # these families default to untied
             num_experts=num_experts,
             moe_layers=moe_layers,
+            num_mtp_layers=family.mtp_layers(config),
+            config=config,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise OptionError(f"HF config lacks a usable field ({exc}); it must describe a decoder-only LM") from exc

@@ -132,24 +132,33 @@ def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: 
             lead = tuple((index[name], index[name] + 1) for name in axes)
             rest = info.shape[len(axes) :]
             return Source(key, (*lead, *((0, n) for n in rest)), rest, info.dtype)
-    where = "".join(f" for {'layer' if k == 'i' else 'expert'} {v}" for k, v in index.items())
+    names = {"i": "layer", "e": "expert", "k": "MTP depth"}
+    where = "".join(f" for {names[k]} {v}" for k, v in index.items())
     raise CheckpointError(
         f"{reader.path}: no tensor{where} matching {' or '.join(tried)}; wrong --model-type or config?"
     )
 
 
 def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -> list[Step]:
-    work: list[tuple[Rule, dict[str, int]]] = [(rule, {}) for rule in family.head]
+    def per_expert(rules: tuple[Rule, ...], index: dict[str, int]) -> list[tuple[Rule, dict[str, int]]]:
+        return [
+            (rule, {**index, "e": e} if "{e}" in rule.targets[0] else index)
+            for rule in rules
+            for e in (range(dims.num_experts) if "{e}" in rule.targets[0] else [None])
+        ]
+
+    work = per_expert(family.head, {})
     for layer in range(dims.num_layers):
-        for rule in family.layer:
-            experts = range(dims.num_experts) if any("{e}" in t for t in rule.targets) else [None]
-            work += [(rule, {"i": layer} if e is None else {"i": layer, "e": e}) for e in experts]
-    work += [(rule, {}) for rule in family.tail]
+        work += per_expert(family.layer, {"i": layer})
+    for depth in range(dims.num_mtp_layers):  # MTP layer k is HF layer num_layers + k
+        work += per_expert(family.mtp, {"k": depth, "i": dims.num_layers + depth})
+    work += per_expert(family.tail, {})
     steps = []
     for rule, index in work:
         if rule.when is not None and not rule.when(dims, index.get("i")):
             continue
         source = _resolve(reader, rule, index, dims)
+        rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
         if rows != source.shape[0]:  # read only what is kept (vocab trim)

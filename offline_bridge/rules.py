@@ -7,8 +7,9 @@ Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global exper
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,9 @@ class Dims:
     vocab_size: int
     tied: bool
     num_experts: int = 0
-    moe_layers: frozenset[int] = frozenset()  # layers whose MLP is a mixture of experts
+    moe_layers: frozenset[int] = frozenset()  # layers whose MLP is a mixture of experts (MTP layers included)
+    num_mtp_layers: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the whole HF config
 
 
 Condition = Callable[[Dims, "int | None"], bool]  # (dims, layer) → does the rule apply?
@@ -56,11 +59,31 @@ class Rule:
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     when: Condition | None = None  # the rule applies only where this holds
+    expect: Callable[[Mapping[str, Any]], Shape] | None = None  # source shape the HF config implies
 
     @classmethod
-    def of(cls, source: str | tuple[str, ...], *targets: str, when: Condition | None = None) -> Rule:
+    def of(
+        cls,
+        source: str | tuple[str, ...],
+        *targets: str,
+        when: Condition | None = None,
+        expect: Callable[[Mapping[str, Any]], Shape] | None = None,
+    ) -> Rule:
         """Table shorthand: ``QKV.of(src, q, k, v)``; ``source`` may be a tuple of aliases."""
-        return cls(source if isinstance(source, tuple) else (source,), targets, when)
+        return cls(source if isinstance(source, tuple) else (source,), targets, when, expect)
+
+    def check(self, shape: Shape, dims: Dims, key: str) -> None:
+        """Raise, naming both values, if the checkpoint and the HF config disagree on this tensor's shape."""
+        if self.expect is None:
+            return
+        try:
+            expected = tuple(self.expect(dims.config))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"the HF config lacks {exc} needed to check {key}") from exc
+        if tuple(shape) != expected:
+            raise CheckpointError(
+                f"{key} has shape {tuple(shape)} in the checkpoint but the HF config implies {expected}"
+            )
 
     def rows(self, shape: Shape, dims: Dims) -> int:
         """How many leading rows of the source to read (all, unless the rule trims)."""

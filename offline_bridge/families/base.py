@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..rules import Rule
@@ -23,10 +23,23 @@ class Family:
     layer: tuple[Rule, ...]  # once per decoder layer
     tail: tuple[Rule, ...]  # after the layers (final norm, output layer)
     detect: Callable[[argparse.Namespace], bool]  # do Megatron args describe this family?
+    mtp: tuple[Rule, ...] = ()  # once per MTP depth ``{k}``, written as HF layer ``{i}`` = num_layers + k
     config: Mapping[str, Any] = field(default_factory=dict)  # fixed HF config fields only this family has
     from_args: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}  # derived ones
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
+    mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
+
+
+def as_mtp(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """Decoder-layer rules re-aimed at Megatron's MTP block: `mtp.layers.{k}.transformer_layer.<sub>`."""
+    return tuple(
+        replace(
+            rule,
+            sources=tuple(s.replace("decoder.layers.{i}.", "mtp.layers.{k}.transformer_layer.") for s in rule.sources),
+        )
+        for rule in rules
+    )
 
 
 def flag(args: argparse.Namespace, name: str) -> bool:
