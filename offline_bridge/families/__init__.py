@@ -7,13 +7,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from . import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
+from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from .base import Family
 
 __all__ = ["FAMILIES", "Family", "family_by_name", "family_for_args", "family_for_config"]
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY, mixtral.FAMILY)
+    f.name: f
+    for f in (
+        llama.FAMILY,
+        mistral.FAMILY,
+        qwen2.FAMILY,
+        qwen3.FAMILY,
+        qwen3_moe.FAMILY,
+        mixtral.FAMILY,
+        deepseek_v3.FAMILY,
+    )
 }
 
 

@@ -18,10 +18,17 @@ from .moe import check_softmax_router, moe_layer_pattern
 M, H = llama.M, llama.H
 MOE = H + "block_sparse_moe."
 
-ROUTER = (Copy.of(M + "mlp.router.weight", MOE + "gate.weight"),)
+ROUTER = (
+    Copy.of(M + "mlp.router.weight", MOE + "gate.weight", expect=lambda c: (c["num_local_experts"], c["hidden_size"])),
+)
 
 EXPERTS = (
-    GatedMLP.of(M + "mlp.experts.{e}.linear_fc1.weight", MOE + "experts.{e}.w1.weight", MOE + "experts.{e}.w3.weight"),
+    GatedMLP.of(
+        M + "mlp.experts.{e}.linear_fc1.weight",
+        MOE + "experts.{e}.w1.weight",
+        MOE + "experts.{e}.w3.weight",
+        expect=lambda c: (2 * c["intermediate_size"], c["hidden_size"]),
+    ),
     Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", MOE + "experts.{e}.w2.weight"),
 )
 

@@ -16,7 +16,14 @@ from .moe import check_softmax_router, moe_layer_pattern
 
 M, H = llama.M, llama.H
 
-ROUTER = (Copy.of(M + "mlp.router.weight", H + "mlp.gate.weight", when=moe_layer),)
+ROUTER = (
+    Copy.of(
+        M + "mlp.router.weight",
+        H + "mlp.gate.weight",
+        when=moe_layer,
+        expect=lambda c: (c["num_experts"], c["hidden_size"]),
+    ),
+)
 
 EXPERTS = (
     GatedMLP.of(
@@ -24,6 +31,7 @@ EXPERTS = (
         H + "mlp.experts.{e}.gate_proj.weight",
         H + "mlp.experts.{e}.up_proj.weight",
         when=moe_layer,
+        expect=lambda c: (2 * c["moe_intermediate_size"], c["hidden_size"]),
     ),
     Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", H + "mlp.experts.{e}.down_proj.weight", when=moe_layer),
 )

@@ -1,0 +1,187 @@
+"""DeepSeek-V3 (`DeepseekV3ForCausalLM`): multi-latent attention, sigmoid-routed experts with a score bias
+and shared experts, dense first layers, and MTP layers written as `model.layers.{num_layers + k}`.
+
+MLA tensors keep their layout (per head `[nope; rope]` rows), so they are plain renames.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import CheckpointError
+from ..rules import Copy, Dims, GatedMLP, dense_layer, moe_layer, only
+from . import llama
+from .base import Family, as_mtp, flag
+from .moe import moe_layer_pattern
+
+M, H = llama.M, llama.H
+A = M + "self_attention."
+
+
+def _q_lora(dims: Dims, layer: int | None) -> bool:
+    return dims.config.get("q_lora_rank") is not None
+
+
+def _no_q_lora(dims: Dims, layer: int | None) -> bool:
+    return not _q_lora(dims, layer)
+
+
+def _q_rows(c: Mapping[str, Any]) -> int:
+    return c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+
+
+MLA = (
+    Copy.of(
+        A + "linear_q_down_proj.weight",
+        H + "self_attn.q_a_proj.weight",
+        when=_q_lora,
+        expect=lambda c: (c["q_lora_rank"], c["hidden_size"]),
+    ),
+    Copy.of(
+        (A + "linear_q_up_proj.layer_norm_weight", A + "q_layernorm.weight"),
+        H + "self_attn.q_a_layernorm.weight",
+        when=_q_lora,
+    ),
+    Copy.of(
+        A + "linear_q_up_proj.weight",
+        H + "self_attn.q_b_proj.weight",
+        when=_q_lora,
+        expect=lambda c: (_q_rows(c), c["q_lora_rank"]),
+    ),
+    Copy.of(
+        A + "linear_q_proj.weight",
+        H + "self_attn.q_proj.weight",
+        when=_no_q_lora,
+        expect=lambda c: (_q_rows(c), c["hidden_size"]),
+    ),
+    Copy.of(
+        A + "linear_kv_down_proj.weight",
+        H + "self_attn.kv_a_proj_with_mqa.weight",
+        expect=lambda c: (c["kv_lora_rank"] + c["qk_rope_head_dim"], c["hidden_size"]),
+    ),
+    Copy.of(
+        (A + "linear_kv_up_proj.layer_norm_weight", A + "kv_layernorm.weight"), H + "self_attn.kv_a_layernorm.weight"
+    ),
+    Copy.of(
+        A + "linear_kv_up_proj.weight",
+        H + "self_attn.kv_b_proj.weight",
+        expect=lambda c: (c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+    ),
+    Copy.of(
+        A + "linear_proj.weight",
+        H + "self_attn.o_proj.weight",
+        expect=lambda c: (c["hidden_size"], c["num_attention_heads"] * c["v_head_dim"]),
+    ),
+)
+
+MOE = (
+    Copy.of(
+        M + "mlp.router.weight",
+        H + "mlp.gate.weight",
+        when=moe_layer,
+        expect=lambda c: (c["n_routed_experts"], c["hidden_size"]),
+    ),
+    Copy.of(M + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", when=moe_layer),
+    GatedMLP.of(
+        M + "mlp.experts.{e}.linear_fc1.weight",
+        H + "mlp.experts.{e}.gate_proj.weight",
+        H + "mlp.experts.{e}.up_proj.weight",
+        when=moe_layer,
+        expect=lambda c: (2 * c["moe_intermediate_size"], c["hidden_size"]),
+    ),
+    Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", H + "mlp.experts.{e}.down_proj.weight", when=moe_layer),
+    GatedMLP.of(
+        M + "mlp.shared_experts.linear_fc1.weight",
+        H + "mlp.shared_experts.gate_proj.weight",
+        H + "mlp.shared_experts.up_proj.weight",
+        when=moe_layer,
+        expect=lambda c: (2 * c["moe_intermediate_size"] * c["n_shared_experts"], c["hidden_size"]),
+    ),
+    Copy.of(M + "mlp.shared_experts.linear_fc2.weight", H + "mlp.shared_experts.down_proj.weight", when=moe_layer),
+)
+
+LAYER = MLA + MOE + only(dense_layer, llama.MLP) + llama.NORMS
+
+MTP = (
+    Copy.of("mtp.layers.{k}.enorm.weight", H + "enorm.weight"),
+    Copy.of("mtp.layers.{k}.hnorm.weight", H + "hnorm.weight"),
+    Copy.of(
+        "mtp.layers.{k}.eh_proj.weight", H + "eh_proj.weight", expect=lambda c: (c["hidden_size"], 2 * c["hidden_size"])
+    ),
+    *as_mtp(LAYER),
+    Copy.of("mtp.layers.{k}.final_layernorm.weight", H + "shared_head.norm.weight"),
+)
+
+
+def _first_k_dense(args: argparse.Namespace) -> int:
+    pattern = moe_layer_pattern(args)
+    k = pattern.index(True) if True in pattern else len(pattern)
+    if not all(pattern[k:]):
+        raise CheckpointError(f"DeepSeek-V3 has dense layers only first; args.moe_layer_freq gives {pattern}")
+    return k
+
+
+def _from_args(args: argparse.Namespace) -> dict[str, Any]:
+    problems = []
+    if getattr(args, "moe_router_score_function", None) != "sigmoid":
+        problems.append(f"moe_router_score_function={getattr(args, 'moe_router_score_function', None)} (need sigmoid)")
+    if getattr(args, "rope_type", "rope") not in (None, "rope"):
+        problems.append(f"rope_type={args.rope_type} (YaRN scaling is not mapped yet)")
+    if problems:
+        raise CheckpointError("DeepSeek-V3 cannot express " + "; ".join(problems))
+    moe_ffn = int(args.moe_ffn_hidden_size)
+    shared = int(getattr(args, "moe_shared_expert_intermediate_size", None) or 0)
+    if shared % moe_ffn:
+        raise CheckpointError(
+            f"moe_shared_expert_intermediate_size={shared} is not a multiple of moe_ffn_hidden_size={moe_ffn}"
+        )
+    heads = int(args.num_attention_heads)
+    return {
+        "q_lora_rank": getattr(args, "q_lora_rank", None),
+        "kv_lora_rank": int(args.kv_lora_rank),
+        "qk_nope_head_dim": int(args.qk_head_dim),
+        "qk_rope_head_dim": int(args.qk_pos_emb_head_dim),
+        "v_head_dim": int(args.v_head_dim),
+        "head_dim": int(args.qk_pos_emb_head_dim),
+        "num_key_value_heads": heads,
+        "rope_interleave": True,
+        "n_routed_experts": int(args.num_experts),
+        "num_experts_per_tok": int(args.moe_router_topk),
+        "moe_intermediate_size": moe_ffn,
+        "n_shared_experts": shared // moe_ffn,
+        "routed_scaling_factor": float(getattr(args, "moe_router_topk_scaling_factor", None) or 1.0),
+        "n_group": int(getattr(args, "moe_router_num_groups", None) or 1),
+        "topk_group": int(getattr(args, "moe_router_group_topk", None) or 1),
+        "norm_topk_prob": True,  # Megatron renormalizes sigmoid top-k scores
+        "first_k_dense_replace": _first_k_dense(args),
+        "num_nextn_predict_layers": int(getattr(args, "mtp_num_layers", None) or 0),
+    }
+
+
+def _mtp_layers(config: Mapping[str, Any]) -> int:
+    return int(config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0)
+
+
+def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
+    first = int(config.get("first_k_dense_replace") or 0)
+    return int(config["n_routed_experts"]), frozenset(
+        range(first, int(config["num_hidden_layers"]) + _mtp_layers(config))
+    )
+
+
+FAMILY = Family(
+    name="deepseek_v3",
+    architecture="DeepseekV3ForCausalLM",
+    model_type="deepseek_v3",
+    head=llama.EMBEDDING,
+    layer=LAYER,
+    tail=llama.FINAL,
+    detect=lambda args: flag(args, "multi_latent_attention") and flag(args, "num_experts"),
+    mtp=MTP,
+    config={"attention_bias": False},
+    from_args=_from_args,
+    experts=_experts,
+    mtp_layers=_mtp_layers,
+)
