@@ -19,12 +19,17 @@ __all__ = ["FilePlan", "Plan", "Source", "Step", "Target", "build_plan", "parse_
 
 @dataclass(frozen=True)
 class Source:
-    """A Megatron tensor, or one layer of a stacked one (``box`` picks it, ``shape`` drops the layer axis)."""
+    """A Megatron tensor, or one layer / expert of a stacked one: each part's ``box`` picks it and ``shape``
+    drops the stacked axes. Several parts (swiglu halves saved apart as `<key>_w`, `<key>_v`) are joined
+    along the first remaining axis."""
 
-    key: str
-    box: Box
+    parts: tuple[tuple[str, Box], ...]
     shape: tuple[int, ...]
     dtype: DType
+
+    @property
+    def key(self) -> str:
+        return self.parts[0][0]
 
 
 @dataclass(frozen=True)
@@ -120,18 +125,23 @@ def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: 
     for pattern in rule.sources:
         for key, axes in _candidates(pattern, index):
             tried.append(key)
-            info = reader.tensors.get(key)
-            if info is None:
+            keys = [key] if key in reader.tensors else [key + "_w", key + "_v"]  # halves saved apart
+            infos = [reader.tensors.get(k) for k in keys]
+            if None in infos:
                 continue
-            for axis, name in enumerate(axes):
-                field, expected = sizes[name]
-                if info.shape[axis] != expected:
-                    raise CheckpointError(
-                        f"{key} has {info.shape[axis]} along axis {axis} but the config has {field}={expected}"
-                    )
-            lead = tuple((index[name], index[name] + 1) for name in axes)
-            rest = info.shape[len(axes) :]
-            return Source(key, (*lead, *((0, n) for n in rest)), rest, info.dtype)
+            parts = []
+            for info in infos:
+                for axis, name in enumerate(axes):
+                    field, expected = sizes[name]
+                    if info.shape[axis] != expected:
+                        raise CheckpointError(
+                            f"{info.key} has {info.shape[axis]} along axis {axis} but the config has {field}={expected}"
+                        )
+                lead = tuple((index[name], index[name] + 1) for name in axes)
+                parts.append((info.key, (*lead, *((0, n) for n in info.shape[len(axes) :]))))
+            rest = infos[0].shape[len(axes) :]
+            shape = (sum(info.shape[len(axes)] for info in infos), *rest[1:]) if rest else rest
+            return Source(tuple(parts), shape, infos[0].dtype)
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
     where = "".join(f" for {names[k]} {v}" for k, v in index.items())
     raise CheckpointError(
@@ -162,9 +172,12 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
         if rows != source.shape[0]:  # read only what is kept (vocab trim)
-            axis = len(source.box) - len(source.shape)
-            box = (*source.box[:axis], (0, rows), *source.box[axis + 1 :])
-            source = replace(source, box=box, shape=(rows, *source.shape[1:]))
+            (key, box), *more = source.parts
+            axis = len(box) - len(source.shape)
+            if more:
+                raise CheckpointError(f"{key}: cannot trim rows of a tensor saved in parts")
+            box = (*box[:axis], (0, rows), *box[axis + 1 :])
+            source = replace(source, parts=((key, box),), shape=(rows, *source.shape[1:]))
         names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
     return steps
@@ -172,7 +185,7 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:
     """Every model tensor in the checkpoint must land somewhere: nothing is dropped silently."""
-    used = {step.source.key for step in steps}
+    used = {key for step in steps for key, _ in step.source.parts}
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:
         shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .casting import cast
 from .errors import BridgeError, OptionError
-from .plan import Plan
+from .plan import Plan, Source
 from .readers.base import CheckpointReader
 
 __all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
@@ -59,6 +59,15 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
+    """A source's tensor, its parts joined along the first kept axis."""
+    tail = source.shape[1:]
+    arrays = [
+        reader.read(key, box).reshape(-1, *tail) if source.shape else reader.read(key, box) for key, box in source.parts
+    ]
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+
+
 def write_weights(plan: Plan, reader: CheckpointReader, out_dir: Path, *, progress: bool = True) -> None:
     """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded)."""
     fds = {}
@@ -70,7 +79,7 @@ def write_weights(plan: Plan, reader: CheckpointReader, out_dir: Path, *, progre
             os.ftruncate(fd, file.size)
         with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for step in plan.steps:
-                array = reader.read(step.source.key, step.source.box).reshape(step.source.shape)
+                array = _read(reader, step.source)
                 for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
                     if out.shape != target.shape:
                         raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
