@@ -110,6 +110,7 @@ _REAL = {
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): bytearray,
+    ("_io", "BytesIO"): io.BytesIO,  # Transformer Engine's _extra_state in legacy checkpoints
     ("torch", "Size"): TorchSize,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,

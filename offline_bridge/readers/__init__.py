@@ -7,9 +7,12 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .base import CheckpointReader, TensorInfo
+from .legacy import FILE as LEGACY_FILE
+from .legacy import LegacyReader
 from .torch_dist import TorchDistReader
+from .zarr import ZarrReader
 
-__all__ = ["CheckpointReader", "TensorInfo", "TorchDistReader", "open_reader"]
+__all__ = ["CheckpointReader", "LegacyReader", "TensorInfo", "TorchDistReader", "ZarrReader", "open_reader"]
 
 
 def open_reader(iteration_dir: Path) -> CheckpointReader:
@@ -23,5 +26,11 @@ def open_reader(iteration_dir: Path) -> CheckpointReader:
             raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
     if backend in (None, "torch_dist") and (iteration_dir / ".metadata").is_file():
         return TorchDistReader(iteration_dir)
+    if backend == "zarr":
+        return ZarrReader(iteration_dir)
+    if backend is None and any(iteration_dir.glob(f"mp_rank_*/{LEGACY_FILE}")):
+        return LegacyReader(iteration_dir)
     found = backend or ", ".join(sorted(p.name for p in iteration_dir.iterdir())[:8]) or "an empty directory"
-    raise CheckpointError(f"{iteration_dir}: unsupported checkpoint format ({found}); offline-bridge reads torch_dist")
+    raise CheckpointError(
+        f"{iteration_dir}: unsupported checkpoint format ({found}); offline-bridge reads torch_dist and zarr"
+    )

@@ -1,0 +1,248 @@
+"""Megatron's legacy `--ckpt-format torch`: one `model_optim_rng.pt` per model-parallel rank.
+
+Each file holds TP-local tensors under local layer (and expert) indices. This reader rebuilds the global
+tensors the torch_dist format would hold, under the same keys (per-layer form), so everything downstream
+is shared:
+
+- layers: chunks are laid out in (virtual stage, pipeline rank) order, so a chunk's first global layer is
+  the number of layers in the chunks before it — uneven first/last stages included;
+- experts: global index = ep_rank · E/EP + local index, from `local_experts.{j}.` or TE's `weight{j}`;
+- tensor parallel: see `_TP_RULES`; replicated tensors must agree across ranks.
+
+Files are memory-mapped and unpickled through the allow-list; optimizer entries are never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..dtypes import DType
+from ..errors import CheckpointError
+from ..safe_pickle import TensorRef
+from ..torch_save import TorchArchive
+from .base import Box, CheckpointReader, TensorInfo, full_box, is_model_key
+
+__all__ = ["LegacyReader"]
+
+FILE = "model_optim_rng.pt"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)\.(.*)$")
+_LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
+_GROUPED_EXPERT = re.compile(r"^(mlp\.experts\.)(linear_fc[12]\.(?:weight|bias))(\d+)$")
+
+# How tensor-parallel shards join, by the end of the key: 0 = rows (column-parallel), 1 = columns
+# (row-parallel), "gated" = rows of per-rank [gate_r; up_r] halves. Anything else is replicated.
+_TP_RULES: tuple[tuple[str, int | str], ...] = (
+    ("linear_qkv.weight", 0),
+    ("linear_qkv.bias", 0),
+    ("linear_fc1.weight", "gated"),
+    ("linear_fc1.bias", "gated"),
+    ("word_embeddings.weight", 0),
+    ("output_layer.weight", 0),
+    ("linear_q_proj.weight", 0),
+    ("linear_q_up_proj.weight", 0),
+    ("linear_kv_up_proj.weight", 0),
+    ("eh_proj.weight", 0),
+    ("linear_proj.weight", 1),
+    ("linear_fc2.weight", 1),
+)
+
+
+@dataclass(frozen=True)
+class _Shard:
+    file: int  # index into the reader's archives
+    name: str  # key inside that file's model dict
+    model: str  # "model" or "model<vp>"
+    tp: int
+
+
+class LegacyReader(CheckpointReader):
+    """Reader of an iteration directory of `mp_rank_*/model_optim_rng.pt` files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
+        if not ranks:
+            raise CheckpointError(f"{self.path}: no mp_rank_* directories")
+        self._archives: list[TorchArchive] = []
+        self._maps: list[mmap.mmap] = []
+        self._states = states = [self._open(rank / FILE) for rank in ranks]
+        self._args = states[0].get("args")
+        if not isinstance(self._args, argparse.Namespace):
+            raise CheckpointError(f"{ranks[0] / FILE}: no Megatron args")
+        tp_size = int(getattr(self._args, "tensor_model_parallel_size", 1) or 1)
+        pp_size = int(getattr(self._args, "pipeline_model_parallel_size", 1) or 1)
+        ep_size = int(getattr(self._args, "expert_model_parallel_size", 1) or 1)
+        coords: dict[tuple[int, int, int], int] = {}
+        for index, rank in enumerate(ranks):
+            tp, *rest = (g for g in _RANK_DIR.match(rank.name).groups() if g is not None)
+            if len(rest) != (pp_size > 1) + (ep_size > 1):
+                raise CheckpointError(f"{rank}: name does not fit TP={tp_size} PP={pp_size} EP={ep_size} from the args")
+            pp = int(rest.pop(0)) if pp_size > 1 else 0
+            ep = int(rest.pop(0)) if ep_size > 1 else 0
+            if (int(tp), pp, ep) in coords:
+                raise CheckpointError(
+                    f"{rank}: claims rank (tp, pp, ep) = {(int(tp), pp, ep)} like {ranks[coords[(int(tp), pp, ep)]]}"
+                )
+            coords[(int(tp), pp, ep)] = index
+        expected = {(t, p, e) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
+        missing = sorted(expected - coords.keys())
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: missing rank files for (tp, pp, ep) {missing}; the checkpoint is incomplete"
+            )
+        if len(coords) != len(ranks) or coords.keys() != expected:
+            raise CheckpointError(
+                f"{self.path}: rank directories {[r.name for r in ranks]} do not match TP={tp_size} PP={pp_size} EP={ep_size}"
+            )
+        etp = int(getattr(self._args, "expert_tensor_parallel_size", None) or tp_size)
+        if etp not in (1, tp_size):
+            raise CheckpointError(f"{self.path}: expert_tensor_parallel_size={etp} with TP={tp_size} is not supported")
+        self._gated = bool(getattr(self._args, "swiglu", False))
+        self._experts_replicated = etp == 1 and tp_size > 1
+        self._shards = self._catalog(states, coords, tp_size, pp_size, ep_size)
+        self._tensors = {key: self._info(key, shards) for key, shards in self._shards.items()}
+
+    def _open(self, file: Path) -> dict:
+        try:
+            with open(file, "rb") as handle:
+                buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: cannot open ({exc})") from exc
+        self._maps.append(buf)
+        archive = TorchArchive(buf, 0, len(buf), str(file))
+        self._archives.append(archive)
+        state = archive.load()
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a checkpoint dict")
+        return state
+
+    def _catalog(
+        self, states: list[dict], coords: dict, tp_size: int, pp_size: int, ep_size: int
+    ) -> dict[str, list[_Shard]]:
+        """Global key → its TP shards (ordered by tp rank), from every file's model dicts."""
+        num_experts = int(getattr(self._args, "num_experts", None) or 0)
+        per_ep = num_experts // ep_size if num_experts else 0
+        chunk_sizes: dict[tuple[int, int], int] = {}  # (vp, pp) → number of layers
+        for (_, pp, _), index in coords.items():
+            for model, state in _models(states[index], self._archives[index].source):
+                vp = int(model[5:] or 0)
+                layers = {int(m.group(2)) for name in state if (m := _LAYER.match(name))}
+                count = max(layers) + 1 if layers else 0
+                if chunk_sizes.setdefault((vp, pp), count) != count:
+                    raise CheckpointError(
+                        f"{self._archives[index].source}: {count} layers in {model}, other ranks of stage {pp} have {chunk_sizes[(vp, pp)]}"
+                    )
+        offsets, total = {}, 0
+        for vp, pp in sorted(chunk_sizes):
+            offsets[(vp, pp)] = total
+            total += chunk_sizes[(vp, pp)]
+        num_layers = int(getattr(self._args, "num_layers", total) or total)
+        if total != num_layers:
+            raise CheckpointError(f"{self.path}: the rank files hold {total} layers but args.num_layers={num_layers}")
+        shards: dict[str, list[_Shard]] = defaultdict(list)
+        for (tp, pp, ep), index in sorted(coords.items()):
+            for model, state in _models(states[index], self._archives[index].source):
+                vp = int(model[5:] or 0)
+                for name, value in state.items():
+                    if not isinstance(value, TensorRef) or not is_model_key(name):
+                        continue
+                    key, is_expert = _global_key(name, offsets[(vp, pp)], ep, per_ep)
+                    if ep and not is_expert:
+                        continue  # replicated over expert-parallel ranks: ep 0 holds the copy we use
+                    shards[key].append(_Shard(index, name, model, tp))
+        for key, found in shards.items():
+            if sorted(s.tp for s in found) != list(range(tp_size)):
+                files = ", ".join(self._archives[s.file].source for s in found)
+                raise CheckpointError(
+                    f"{key}: expected one shard per TP rank 0..{tp_size - 1}, found ranks {[s.tp for s in found]} in {files}"
+                )
+        return dict(shards)
+
+    def _ref(self, shard: _Shard) -> TensorRef:
+        return self._states[shard.file][shard.model][shard.name]
+
+    def _tp_rule(self, key: str) -> int | str | None:
+        """How this tensor's TP shards join (see `_TP_RULES`); None when replicated."""
+        if self._experts_replicated and ".mlp.experts." in key:
+            return None
+        rule = next((rule for suffix, rule in _TP_RULES if key.endswith(suffix)), None)
+        return 0 if rule == "gated" and not self._gated else rule
+
+    def _info(self, key: str, shards: list[_Shard]) -> TensorInfo:
+        refs = [self._ref(s) for s in shards]
+        dtype: DType = refs[0].storage.dtype
+        shape = list(refs[0].shape)
+        rule = self._tp_rule(key)
+        if rule is not None and len(refs) > 1:
+            axis = 0 if rule == "gated" else rule
+            shape[axis] = sum(r.shape[axis] for r in refs)
+        return TensorInfo(key, tuple(shape), dtype)
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self._tensors
+
+    @property
+    def args(self) -> argparse.Namespace | None:
+        return self._args
+
+    def read(self, key: str, box: Box | None = None) -> np.ndarray:
+        shards = self._shards.get(key)
+        if shards is None:
+            raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
+        parts = [self._archives[s.file].array(self._ref(s)) for s in sorted(shards, key=lambda s: s.tp)]
+        rule = self._tp_rule(key)
+        if rule is None or len(parts) == 1:
+            for shard, other in zip(shards[1:], parts[1:]):
+                if not np.array_equal(parts[0], other):
+                    raise CheckpointError(
+                        f"{self._archives[shard.file].source}: {shard.name} differs between TP ranks but should be replicated"
+                    )
+            whole = parts[0]
+        elif rule == "gated":
+            halves = [np.split(p, 2) for p in parts]
+            whole = np.concatenate([h[0] for h in halves] + [h[1] for h in halves])
+        else:
+            whole = np.concatenate(parts, axis=rule)
+        box = box or full_box(whole.shape)
+        return np.array(whole[tuple(slice(a, b) for a, b in box)])
+
+    def close(self) -> None:
+        self._archives.clear()
+        for buf in self._maps:
+            try:
+                buf.close()
+            except BufferError:  # a view is still referenced (say, by a traceback); collected later
+                pass
+        self._maps.clear()
+
+
+def _models(state: dict, source: str) -> list[tuple[str, dict]]:
+    """The model dicts of one file: `model`, or `model0`, `model1`, ... with virtual pipelining."""
+    models = sorted((k, v) for k, v in state.items() if re.fullmatch(r"model\d*", k) and isinstance(v, dict))
+    if not models:
+        raise CheckpointError(f"{source}: no 'model' entry")
+    return models
+
+
+def _global_key(name: str, layer_offset: int, ep: int, per_ep: int) -> tuple[str, bool]:
+    """A local key as the torch_dist per-layer key, and whether it is an expert's tensor."""
+    match = _LAYER.match(name)
+    if not match:
+        return name, False
+    prefix, local, sub = match.groups()
+    expert = _LOCAL_EXPERT.match(sub) or _GROUPED_EXPERT.match(sub)
+    if expert:
+        head, a, b = expert.groups()
+        local_expert, rest = (int(a), b) if expert.re is _LOCAL_EXPERT else (int(b), a)
+        sub = f"{head}{ep * per_ep + local_expert}.{rest}"
+    return f"{prefix}{layer_offset + int(local)}.{sub}", bool(expert)
