@@ -25,6 +25,14 @@ PARITY_SPECS = [
 ]
 BASE_SPEC = FixtureSpec("llama")  # also resharded for the invariance test
 
+MOE_SPECS = [
+    FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # expert TP = TP = 2
+    FixtureSpec("qwen3_moe", tp=2, ep=2),  # also resharded to EP1 for the invariance test
+    FixtureSpec("qwen3_moe", tp=2, ep=2, etp=1),
+    FixtureSpec("qwen3_moe", pp=2, vpp=2, ep=2, moe_layer_freq=(1, 0, 1, 1)),  # a dense layer: per-layer keys
+    FixtureSpec("mixtral", pp=2, ep=2),
+]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -43,4 +51,4 @@ def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
     """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
-    return build_fixtures([*PARITY_SPECS, BASE_SPEC], megatron_cache)
+    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS], megatron_cache)
