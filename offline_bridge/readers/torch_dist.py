@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import mmap
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,12 @@ class TorchDistReader(CheckpointReader):
             self._storage[(index.fqn, None if offset is None else tuple(map(int, offset)))] = info
         self._maps: dict[str, mmap.mmap] = {}
         self._checked: set[str] = set()
+        self._prefix = _model_prefix(self._tensors)
+        self._tensors = {
+            key[len(self._prefix) :]: replace(info, key=key[len(self._prefix) :])
+            for key, info in self._tensors.items()
+            if key.startswith(self._prefix)
+        }
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -66,11 +73,11 @@ class TorchDistReader(CheckpointReader):
             state = load_torch_file(str(common_file))
         else:
             keys = [key for key in self._objects if key.startswith("common_state")]
-            if not keys:
-                return {}
-            state = self._load_object(keys[0])
-            if isinstance(state, list) and len(state) == 1:
-                state = state[0]
+            if keys:
+                state = self._load_object(keys[0])
+                state = state[0] if isinstance(state, list) and len(state) == 1 else state
+            else:  # plain DCP (torch_dcp): top-level objects such as "args" are entries of their own
+                state = {key: self._load_object(key) for key in self._objects if key in _COMMON_OBJECTS}
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: common state is a {type(state).__name__}, expected a dict")
         return state
@@ -84,6 +91,7 @@ class TorchDistReader(CheckpointReader):
         info = self._tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self._metadata_file}: no tensor {key!r} in the checkpoint")
+        key = self._prefix + key
         if key not in self._checked:
             check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
             self._checked.add(key)
@@ -147,6 +155,17 @@ class TorchDistReader(CheckpointReader):
             except BufferError:  # a view is still referenced (say, by a traceback); collected later
                 pass
         self._maps.clear()
+
+
+_COMMON_OBJECTS = ("args", "iteration", "checkpoint_version")
+_MEGATRON_ROOTS = ("decoder.", "embedding.", "output_layer.", "mtp.")
+
+
+def _model_prefix(tensors: Mapping[str, TensorInfo]) -> str:
+    """ "model." when the checkpoint is plain DCP of a `{"model": state_dict}` (torch_dcp), else ""."""
+    if any(key.startswith(_MEGATRON_ROOTS) for key in tensors):
+        return ""
+    return "model." if any(key.startswith("model." + root) for key in tensors for root in _MEGATRON_ROOTS) else ""
 
 
 def _load_metadata(file: Path) -> Any:
