@@ -32,5 +32,5 @@ def open_reader(iteration_dir: Path) -> CheckpointReader:
         return LegacyReader(iteration_dir)
     found = backend or ", ".join(sorted(p.name for p in iteration_dir.iterdir())[:8]) or "an empty directory"
     raise CheckpointError(
-        f"{iteration_dir}: unsupported checkpoint format ({found}); offline-bridge reads torch_dist and zarr"
+        f"{iteration_dir}: unsupported checkpoint format ({found}); offline-bridge reads torch_dist, zarr, legacy torch and torch_dcp"
     )

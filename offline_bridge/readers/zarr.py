@@ -146,6 +146,7 @@ class _Array:
     def _decode(self, file: Path) -> np.ndarray:
         """Undo the compressor, then the filters in reverse order (zarr v2's encoding pipeline)."""
         from numcodecs import get_codec  # zarr's own codec registry; only for encoded chunks
+        from numcodecs.compat import ensure_contiguous_ndarray
 
         try:
             data: Any = file.read_bytes()
@@ -153,7 +154,7 @@ class _Array:
                 data = get_codec(dict(self.compressor)).decode(data)
             for config in reversed(self.filters):
                 data = get_codec(dict(config)).decode(data)
-            return np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint8)
+            return ensure_contiguous_ndarray(data).view(np.uint8).reshape(-1)
         except CheckpointError:
             raise
         except Exception as exc:  # a codec's own error: corrupt data or an unknown codec id
