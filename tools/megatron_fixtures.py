@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -36,13 +37,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("llama", "qwen2", "qwen3")
+DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
+FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
+MLA_FAMILIES = ("deepseek_v3",)  # multi-latent attention
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 MARKER = "COMPLETE"
 REFERENCE_FILE = "reference.pt"
 REFERENCE_BATCH, REFERENCE_SEQ = 2, 12
 SEQ_LENGTH = 64
 INIT_METHOD_STD = 0.08
+ROUTER_STD = 0.1  # router weights: logits of order 1, so top-k picks differ between tokens
+EXPERT_BIAS_STD = 0.1  # DeepSeek-V3 expert bias (a buffer; zero at init in Megatron)
 
 _log = logging.getLogger(__name__)
 
@@ -58,13 +65,40 @@ _NAME_TAGS = {
     "per_layer_keys": "perlayer",
     "common_in_dcp": "commondcp",
 }
+# Tags of the MoE / MLA fields: appended when the value differs from the family's default.
+_MOE_NAME_TAGS = {
+    "ep": "ep",
+    "etp": "etp",
+    "num_experts": "e",
+    "moe_ffn_hidden_size": "mf",
+    "moe_router_topk": "k",
+    "moe_layer_freq": "freq",
+    "moe_shared_expert_intermediate_size": "sh",
+    "moe_router_num_groups": "ng",
+    "moe_router_group_topk": "gk",
+    "moe_router_topk_scaling_factor": "rsf",
+    "mtp_num_layers": "mtp",
+    "q_lora_rank": "ql",
+    "kv_lora_rank": "kvl",
+    "qk_head_dim": "qkd",
+    "qk_pos_emb_head_dim": "qkr",
+    "v_head_dim": "vd",
+    "singleton_local_shards": "singleton",
+    "local_norm_keys": "localnorm",
+}
 
 
 @dataclass(frozen=True)
 class FixtureSpec:
-    """One tiny GPT checkpoint: model family, training layout and sizes."""
+    """One tiny GPT checkpoint: model family, training layout and sizes.
 
-    family: str  # "llama" | "qwen2" | "qwen3"
+    MoE / MLA fields left at None take the family's default (see :func:`family_defaults`)
+    in ``__post_init__``, so e.g. ``FixtureSpec("qwen3_moe")`` and
+    ``FixtureSpec("qwen3_moe", num_experts=4)`` are the same spec with the same name.
+    Dense families keep them all None (and ``ep=1``).
+    """
+
+    family: str  # one of FAMILIES
     tp: int = 1
     pp: int = 1
     vpp: int = 1  # virtual pipeline stages per pp rank (1 = none)
@@ -73,13 +107,37 @@ class FixtureSpec:
     vocab_size: int = 256  # the true vocab; padded as Megatron-LM does
     num_layers: int = 4
     hidden_size: int = 64
-    ffn_hidden_size: int = 96
+    ffn_hidden_size: int = 96  # dense MLP (MoE families: the dense layers of moe_layer_freq)
     num_attention_heads: int = 8
-    num_query_groups: int = 2
+    num_query_groups: int = 2  # ignored by MLA (deepseek_v3)
     seed: int = 1234
     iteration: int = 10
     per_layer_keys: bool = False  # decoder.layers.<i>.<sub> keys instead of one stacked [L, ...] key
     common_in_dcp: bool = False  # core 0.19 layout: common state inside the DCP files, no common.pt
+    # --- mixture of experts (MoE families only)
+    ep: int = 1  # expert_model_parallel_size
+    etp: int | None = None  # expert_tensor_parallel_size; None = tp
+    num_experts: int | None = None  # qwen3_moe / mixtral 4, deepseek_v3 8
+    moe_ffn_hidden_size: int | None = None  # 32
+    moe_router_topk: int | None = None  # 2
+    # int k: every k-th layer from layer 0 is MoE; tuple: 0/1 per layer (deepseek_v3: (0, 1, 1, ...))
+    moe_layer_freq: int | tuple[int, ...] | None = None
+    moe_shared_expert_intermediate_size: int | None = None  # deepseek_v3 32; 0 = no shared expert
+    moe_router_num_groups: int | None = None  # deepseek_v3 2 (group-limited routing); 0 = off
+    moe_router_group_topk: int | None = None  # deepseek_v3 1; 0 = off
+    moe_router_topk_scaling_factor: float | None = None  # deepseek_v3 2.5; 0 = off (None in args)
+    mtp_num_layers: int | None = None  # deepseek_v3 1; 0 = no multi-token prediction
+    # --- multi-latent attention (deepseek_v3 only); q_lora_rank None = no q LoRA (linear_q_proj)
+    q_lora_rank: int | None = 32
+    kv_lora_rank: int | None = None  # 16
+    qk_head_dim: int | None = None  # 16
+    qk_pos_emb_head_dim: int | None = None  # 8
+    v_head_dim: int | None = None  # 16
+    # --- on-disk key variants
+    singleton_local_shards: bool = False  # per-expert keys experts.{e}.*, swiglu halves as <key>_w / <key>_v
+    # The local spec's own norm key names instead of the Transformer-Engine ones real runs write
+    # (MoE layers: pre_mlp_layernorm -> mlp.linear_fc1.layer_norm_*; MLA: q_layernorm / kv_layernorm).
+    local_norm_keys: bool = False
 
     def __post_init__(self) -> None:
         # Fail in the parent, not deep inside a spawned rank.
@@ -87,7 +145,29 @@ class FixtureSpec:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
-        _check_layout(self, self.tp, self.pp, self.vpp)
+        if isinstance(self.moe_layer_freq, list):
+            object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
+        defaults = family_defaults(self.family, self.num_layers)
+        for field in _MOE_NAME_TAGS:
+            if field in ("ep", "etp", "singleton_local_shards", "local_norm_keys"):
+                continue
+            value = getattr(self, field)
+            if not _applies(field, self.family):
+                if value != _DEFAULTS[field] and value is not None:
+                    raise ValueError(
+                        f"{field} applies only to {MLA_FAMILIES if field in _MLA_FIELDS else MOE_FAMILIES}"
+                    )
+                object.__setattr__(self, field, None)
+            elif value is None and field != "q_lora_rank":
+                object.__setattr__(self, field, defaults[field])
+        if self.family in MOE_FAMILIES:
+            if self.etp is None:
+                object.__setattr__(self, "etp", self.tp)
+        elif self.ep != 1 or self.etp not in (None, self.tp) or self.singleton_local_shards or self.local_norm_keys:
+            raise ValueError("ep, etp, singleton_local_shards and local_norm_keys apply only to MoE families")
+        else:
+            object.__setattr__(self, "etp", None)
+        _check_layout(self, self.tp, self.pp, self.vpp, self.ep, self.etp)
 
     @property
     def name(self) -> str:
@@ -103,6 +183,18 @@ class FixtureSpec:
             value = getattr(self, field)
             if value != _DEFAULTS[field]:
                 parts.append(f"{tag}{value}")
+        defaults = {**family_defaults(self.family, self.num_layers), "etp": self.tp}
+        for field, tag in _MOE_NAME_TAGS.items():
+            value = getattr(self, field)
+            if not _applies(field, self.family):
+                continue
+            if value != defaults.get(field, _DEFAULTS[field]):
+                if isinstance(value, bool):
+                    parts.append(tag)
+                elif isinstance(value, tuple):
+                    parts.append(tag + "".join(map(str, value)))
+                else:
+                    parts.append(f"{tag}{'none' if value is None else value}")
         return "-".join(parts)
 
     @property
@@ -112,16 +204,84 @@ class FixtureSpec:
 
     @property
     def kv_channels(self) -> int:
-        """Head dim (Megatron's default: hidden / heads)."""
+        """Head dim (Megatron's default: hidden / heads; MLA uses qk_head_dim / v_head_dim)."""
         return self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_base(self) -> int:
         """The rope theta typical of the family."""
-        return 500000 if self.family == "llama" else 1000000
+        return {"llama": 500000, "deepseek_v3": 10000}.get(self.family, 1000000)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.family in MOE_FAMILIES
+
+    @property
+    def is_mla(self) -> bool:
+        return self.family in MLA_FAMILIES
+
+    @property
+    def qk_layernorm(self) -> bool:
+        """Megatron's qk_layernorm: Qwen3 q/k norms, or MLA's q / kv latent norms."""
+        return self.family in QK_NORM_FAMILIES or self.is_mla
+
+    @property
+    def moe_layer_pattern(self) -> list[bool]:
+        """Which layers are MoE (all False for dense families)."""
+        freq = self.moe_layer_freq
+        if not self.is_moe:
+            return [False] * self.num_layers
+        if isinstance(freq, tuple):
+            return [bool(x) for x in freq]
+        return [i % freq == 0 for i in range(self.num_layers)]
+
+    @property
+    def world_size(self) -> int:
+        """Processes a save at the spec's own layout needs (see :func:`world_size`)."""
+        return world_size(self.tp, self.pp, self.ep, self.etp or self.tp)
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FixtureSpec)}
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def _applies(field: str, family: str) -> bool:
+    """Whether a MoE / MLA field means something for the family (else it stays None)."""
+    return family in (MLA_FAMILIES if field in _MLA_FIELDS else MOE_FAMILIES)
+
+
+def family_defaults(family: str, num_layers: int) -> dict[str, Any]:
+    """The MoE / MLA field values a family gets when a spec leaves them at None."""
+    if family not in MOE_FAMILIES:
+        return {}
+    softmax_moe = {
+        "num_experts": 4,
+        "moe_ffn_hidden_size": 32,
+        "moe_router_topk": 2,
+        "moe_layer_freq": 1,
+        "moe_shared_expert_intermediate_size": 0,
+        "moe_router_num_groups": 0,
+        "moe_router_group_topk": 0,
+        "moe_router_topk_scaling_factor": 0,
+        "mtp_num_layers": 0,
+    }
+    if family != "deepseek_v3":
+        return softmax_moe
+    return {
+        **softmax_moe,
+        "num_experts": 8,  # 2 groups of 4: group choice and top-2 within the group both matter
+        "moe_layer_freq": (0,) + (1,) * (num_layers - 1),  # first_k_dense_replace = 1
+        "moe_shared_expert_intermediate_size": 32,
+        "moe_router_num_groups": 2,
+        "moe_router_group_topk": 1,
+        "moe_router_topk_scaling_factor": 2.5,
+        "mtp_num_layers": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_head_dim": 16,
+        "qk_pos_emb_head_dim": 8,
+        "v_head_dim": 16,
+    }
 
 
 def pad_vocab_size(vocab_size: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
@@ -130,14 +290,24 @@ def pad_vocab_size(vocab_size: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE
     return -(-vocab_size // multiple) * multiple
 
 
-def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int) -> None:
-    if min(tp, pp, vpp) < 1:
-        raise ValueError("tp, pp and vpp must be >= 1")
+def world_size(tp: int, pp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Smallest world megatron's parallel_state accepts: a multiple of tp·pp and of etp·ep·pp.
+
+    Data parallelism fills the rest (DP = world / (tp·pp)); expert groups are carved from TP×DP.
+    """
+    etp = tp if etp is None else etp
+    return pp * math.lcm(tp, etp * ep)
+
+
+def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None) -> None:
+    etp = tp if etp is None else etp
+    if min(tp, pp, vpp, ep, etp) < 1:
+        raise ValueError("tp, pp, vpp, ep and etp must be >= 1")
     if vpp > 1 and pp == 1:
         raise ValueError("virtual pipeline stages need pp > 1")
     if spec.num_layers % (pp * vpp):
         raise ValueError(f"num_layers={spec.num_layers} not divisible by pp*vpp={pp * vpp}")
-    if spec.num_attention_heads % tp or spec.num_query_groups % tp:
+    if spec.num_attention_heads % tp or (not spec.is_mla and spec.num_query_groups % tp):
         raise ValueError("attention heads and query groups must be divisible by tp")
     if spec.ffn_hidden_size % tp:
         raise ValueError("ffn_hidden_size must be divisible by tp")
@@ -145,6 +315,44 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int) -> None:
         raise ValueError("hidden_size must be divisible by num_attention_heads")
     if pad_vocab_size(spec.vocab_size, spec.tp) % tp:
         raise ValueError("padded vocab must be divisible by tp")
+    if not spec.is_moe:
+        if ep != 1 or etp != tp:
+            raise ValueError(f"{spec.family} has no experts: ep must be 1 and etp unset")
+        return
+    _check_moe(spec, tp, pp, ep, etp)
+
+
+def _check_moe(spec: FixtureSpec, tp: int, pp: int, ep: int, etp: int) -> None:
+    e, k = spec.num_experts, spec.moe_router_topk
+    if e % ep:
+        raise ValueError(f"num_experts={e} not divisible by ep={ep}")
+    if spec.moe_ffn_hidden_size % etp or spec.moe_shared_expert_intermediate_size % tp:
+        raise ValueError("moe_ffn_hidden_size must be divisible by etp, the shared expert size by tp")
+    if not 1 <= k <= e:
+        raise ValueError(f"moe_router_topk={k} must be in 1..num_experts={e}")
+    freq = spec.moe_layer_freq
+    if isinstance(freq, tuple):
+        if len(freq) != spec.num_layers or set(freq) - {0, 1}:
+            raise ValueError(f"moe_layer_freq {freq} must hold num_layers={spec.num_layers} zeros and ones")
+    elif freq < 1:
+        raise ValueError("moe_layer_freq must be >= 1")
+    if spec.family == "mixtral" and any(not m for m in spec.moe_layer_pattern):
+        raise ValueError("Mixtral has no dense layers: keep moe_layer_freq=1")
+    if spec.family != "deepseek_v3":
+        return
+    groups, group_topk = spec.moe_router_num_groups, spec.moe_router_group_topk
+    if bool(groups) != bool(group_topk):
+        raise ValueError("set both moe_router_num_groups and moe_router_group_topk, or neither")
+    if groups and (e % groups or group_topk > groups or k > group_topk * (e // groups)):
+        raise ValueError(f"group routing needs num_experts % groups == 0 and topk <= group_topk * {e}/groups")
+    for field in _MLA_FIELDS:
+        value = getattr(spec, field)
+        if value is not None and value < 1:
+            raise ValueError(f"{field} must be >= 1")
+    if spec.q_lora_rank is not None and spec.q_lora_rank % tp:
+        raise ValueError("q_lora_rank must be divisible by tp (column-parallel down projection)")
+    if (spec.kv_lora_rank + spec.qk_pos_emb_head_dim) % tp:
+        raise ValueError("kv_lora_rank + qk_pos_emb_head_dim must be divisible by tp")
 
 
 # --------------------------------------------------------------------------- public API
@@ -155,8 +363,9 @@ def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[Fixtur
 
     Returns each spec's save root (``cache_dir/<name>/ckpt``). Specs whose directory is
     complete (marker file written last) are skipped; incomplete ones are rebuilt. One
-    spawn per (tp, pp, vpp) layout writes all its specs, then a single 1-process spawn
+    spawn per (tp, pp, vpp, ep, etp) layout writes all its specs, then a single 1-process spawn
     computes Megatron's reference logits for all of them (process start-up dominates).
+    MoE layouts (ep > 1) run on :func:`world_size` ranks (data parallelism fills the rest).
     A file lock serialises concurrent callers (e.g. pytest-xdist workers).
     """
     cache_dir = Path(cache_dir).resolve()
@@ -171,12 +380,12 @@ def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[Fixtur
         for s in todo:
             shutil.rmtree(cache_dir / s.name, ignore_errors=True)
             (cache_dir / s.name).mkdir(parents=True)
-        layouts: dict[tuple[int, int, int], list[FixtureSpec]] = {}
+        layouts: dict[tuple[int, int, int, int, int | None], list[FixtureSpec]] = {}
         for s in todo:
-            layouts.setdefault((s.tp, s.pp, s.vpp), []).append(s)
-        for (tp, pp, vpp), group in layouts.items():
-            jobs = [{"spec": s, "load": None, "save": str(result[s]), "tp": tp, "pp": pp, "vpp": vpp} for s in group]
-            _spawn(tp * pp, "save", jobs)
+            layouts.setdefault((s.tp, s.pp, s.vpp, s.ep, s.etp), []).append(s)
+        for (tp, pp, vpp, ep, etp), group in layouts.items():
+            jobs = [_job(s, None, result[s], tp, pp, vpp, ep, etp) for s in group]
+            _spawn(world_size(tp, pp, ep, etp), "save", jobs)
         _spawn(1, "reference", [{"spec": s, "root": str(result[s])} for s in todo])
         for s in todo:
             if s.common_in_dcp:
@@ -194,9 +403,22 @@ def write_checkpoint(spec: FixtureSpec, root: Path) -> Path:
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root / f"iter_{spec.iteration:07d}", ignore_errors=True)
-    job = {"spec": spec, "load": None, "save": str(root), "tp": spec.tp, "pp": spec.pp, "vpp": spec.vpp}
-    _spawn(spec.tp * spec.pp, "save", [job])
+    job = _job(spec, None, root, spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp)
+    _spawn(spec.world_size, "save", [job])
     return root
+
+
+def _job(spec: FixtureSpec, load: Path | None, save: Path, tp: int, pp: int, vpp: int, ep: int, etp: int | None):
+    return {
+        "spec": spec,
+        "load": None if load is None else str(load),
+        "save": str(save),
+        "tp": tp,
+        "pp": pp,
+        "vpp": vpp,
+        "ep": ep,
+        "etp": tp if etp is None else etp,
+    }
 
 
 def _drop_common_pt(iter_dir: Path) -> None:
@@ -205,20 +427,30 @@ def _drop_common_pt(iter_dir: Path) -> None:
     (iter_dir / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
 
 
-def reshard(src_root: Path, spec: FixtureSpec, dst_root: Path, *, tp: int, pp: int, vpp: int = 1) -> Path:
-    """Re-save ``src_root`` (a save root written for ``spec``) at layout tp/pp/vpp.
+def reshard(
+    src_root: Path,
+    spec: FixtureSpec,
+    dst_root: Path,
+    *,
+    tp: int,
+    pp: int,
+    vpp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+) -> Path:
+    """Re-save ``src_root`` (a save root written for ``spec``) at layout tp/pp/vpp/ep/etp.
 
     Megatron's own ``dist_checkpointing.load`` does the resharding, so two saves of the
     same weights at different layouts can be compared. The padded vocab is kept (it was
-    fixed by the training TP); the saved args get the new parallel sizes. Returns dst_root.
+    fixed by the training TP); the saved args get the new parallel sizes. ``etp`` None means
+    ``tp``; MoE layouts run on :func:`world_size` ranks. Returns dst_root.
     """
-    _check_layout(spec, tp, pp, vpp)
+    _check_layout(spec, tp, pp, vpp, ep, etp)
     src_root, dst_root = Path(src_root).resolve(), Path(dst_root).resolve()
     iteration = int((src_root / "latest_checkpointed_iteration.txt").read_text().strip())
     dst_root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(dst_root / f"iter_{iteration:07d}", ignore_errors=True)
-    job = {"spec": spec, "load": str(src_root), "save": str(dst_root), "tp": tp, "pp": pp, "vpp": vpp}
-    _spawn(tp * pp, "save", [job])
+    _spawn(world_size(tp, pp, ep, etp), "save", [_job(spec, src_root, dst_root, tp, pp, vpp, ep, etp)])
     return dst_root
 
 
@@ -297,6 +529,8 @@ def _patch_megatron_for_cpu() -> None:
     """megatron-core assumes CUDA in a few harmless places; neutralise them on CPU torch."""
     import torch
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.synchronize = lambda *a, **k: None  # async filesystem writer
     torch.cuda.current_device = lambda: "cpu"  # save finalizer allocates a flag tensor there
@@ -309,16 +543,23 @@ def _patch_megatron_for_cpu() -> None:
         yield
 
     mrandom.CudaRNGStatesTracker.fork = _fork
+    # The router's gating GEMM checks this name; it is only meaningful with Transformer Engine.
+    moe_utils.te_general_gemm = None
+    # The TE extension shim imports without TE (leaving TELinear None); MLA then takes TE paths.
+    multi_latent_attention.HAVE_TE = False
 
 
-def _init_parallel(tp: int, pp: int, vpp: int) -> None:
+def _init_parallel(tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None) -> None:
     from megatron.core import parallel_state
 
+    etp = tp if etp is None else etp
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() == tp
             and parallel_state.get_pipeline_model_parallel_world_size() == pp
             and (parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1) == vpp
+            and parallel_state.get_expert_model_parallel_world_size() == ep
+            and parallel_state.get_expert_tensor_parallel_world_size() == etp
         ):
             return
         parallel_state.destroy_model_parallel()
@@ -326,6 +567,8 @@ def _init_parallel(tp: int, pp: int, vpp: int) -> None:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
 
 
@@ -339,21 +582,18 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def _build_chunks(spec: FixtureSpec, tp: int, pp: int, vpp: int, *, randomize: bool) -> list:
-    """Build this rank's GPTModel chunk(s) at the given layout, in the checkpoint's dtype.
+def _or_none(value: Any) -> Any:
+    """The spec's 0 = "off" as Megatron's None."""
+    return value or None
 
-    Built in fp32 and cast afterwards, as Megatron-LM's Float16Module does (norms end up
-    in the params dtype too). With ``randomize``, norm weights become 1 + 0.3·randn and
-    biases 0.2·randn so a wrong mapping cannot hide behind ones and zeros.
-    """
+
+def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, etp: int):
+    """The TransformerConfig Megatron-LM would derive from the spec's arguments (CPU-friendly)."""
     import torch
     import torch.nn.functional as F
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
-    config = TransformerConfig(
+    common = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
@@ -369,7 +609,7 @@ def _build_chunks(spec: FixtureSpec, tp: int, pp: int, vpp: int, *, randomize: b
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=spec.family == "qwen2",
-        qk_layernorm=spec.family == "qwen3",
+        qk_layernorm=spec.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=INIT_METHOD_STD,
@@ -383,16 +623,156 @@ def _build_chunks(spec: FixtureSpec, tp: int, pp: int, vpp: int, *, randomize: b
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
-    layer_spec = get_gpt_layer_local_spec(qk_layernorm=spec.family == "qwen3", normalization="RMSNorm")
+    if not spec.is_moe:
+        return TransformerConfig(**common)
+    deepseek = spec.family == "deepseek_v3"
+    moe = dict(
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        num_moe_experts=spec.num_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_router_topk,
+        moe_layer_freq=list(spec.moe_layer_freq) if isinstance(spec.moe_layer_freq, tuple) else spec.moe_layer_freq,
+        moe_shared_expert_intermediate_size=_or_none(spec.moe_shared_expert_intermediate_size),
+        moe_router_load_balancing_type="seq_aux_loss" if deepseek else "aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_router_score_function="sigmoid" if deepseek else "softmax",
+        moe_router_enable_expert_bias=deepseek,
+        moe_router_pre_softmax=False,
+        moe_router_num_groups=_or_none(spec.moe_router_num_groups),
+        moe_router_group_topk=_or_none(spec.moe_router_group_topk),
+        moe_router_topk_scaling_factor=_or_none(spec.moe_router_topk_scaling_factor),
+        moe_router_dtype="fp32" if deepseek else None,
+        moe_token_dispatcher_type="allgather",  # alltoall creates CUDA streams
+        moe_grouped_gemm=False,  # SequentialMLP (local spec)
+        mtp_num_layers=_or_none(spec.mtp_num_layers),
+        # Megatron-LM trains TP x EP with sequence parallelism, but the torch norms of the local
+        # spec refuse it; it does not change a single weight, so args say True and config False.
+        sequence_parallel=False,
+    )
+    if not spec.is_mla:
+        return TransformerConfig(**common, **moe)
+    return MLATransformerConfig(
+        **common,
+        **moe,
+        multi_latent_attention=True,
+        q_lora_rank=spec.q_lora_rank,
+        kv_lora_rank=spec.kv_lora_rank,
+        qk_head_dim=spec.qk_head_dim,
+        qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim,
+        v_head_dim=spec.v_head_dim,
+        rope_type="rope",  # MLATransformerConfig defaults to YaRN
+        rotary_base=spec.rotary_base,  # MLA reads the base from the config, not from GPTModel
+        rotary_scaling_factor=1.0,
+        mscale=1.0,
+        mscale_all_dim=0.0,
+    )
+
+
+def _sdpa_core_attention() -> type:
+    """A weight-free core attention for MLA: the local DotProductAttention rejects MLA's
+    distinct q/k and v head dims. ``softmax(q kᵀ · softmax_scale) v`` with Megatron's mask."""
+    import torch
+    import torch.nn.functional as F
+
+    class SdpaCoreAttention(torch.nn.Module):
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, **kwargs):
+            super().__init__()
+            self.config = config
+            self.softmax_scale = softmax_scale
+            self.current_max_attn_logits = None
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, packed_seq_params=None, **kw):
+            # [s, b, n, d] -> [b, n, s, d]; Megatron's mask is True where attention is *not* allowed.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            mask = None if attention_mask is None else ~attention_mask.to(torch.bool)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
+            )
+            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    return SdpaCoreAttention
+
+
+def _moe_layer_spec(layer_spec, spec: FixtureSpec):
+    """Adapt a local-spec layer to what real (Transformer Engine) runs put on disk.
+
+    The local spec renames ``pre_mlp_layernorm`` to the fused ``mlp.linear_fc1.layer_norm_``
+    even on MoE layers; TE keeps MoE layers' ``pre_mlp_layernorm`` and fuses MLA's q / kv latent
+    norms into ``linear_q_up_proj`` / ``linear_kv_up_proj``. MLA also gets a core attention that
+    accepts its head dims.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    sub = layer_spec.submodules
+    is_moe = sub.mlp.module is MoELayer
+    keys = dict(sub.sharded_state_dict_keys_map or {})
+    attention = sub.self_attention
+    if spec.is_mla:
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, core_attention=_sdpa_core_attention())
+        )
+        if not spec.local_norm_keys:
+            keys = {
+                "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+                "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+            }
+            if not is_moe:
+                keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    elif is_moe and not spec.local_norm_keys:
+        keys.pop("pre_mlp_layernorm.", None)
+    sub = dataclasses.replace(sub, self_attention=attention, sharded_state_dict_keys_map=keys)
+    return dataclasses.replace(layer_spec, submodules=sub)
+
+
+def _layer_specs(spec: FixtureSpec, config, vp_stage: int | None, pp_rank: int):
+    """(decoder layer spec or block spec, MTP block spec or None) for this stage."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    if not spec.is_moe:
+        return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"), None
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    block.layer_specs = [_moe_layer_spec(s, spec) for s in block.layer_specs]
+    mtp = None
+    if spec.mtp_num_layers:
+        # The MTP layer's transformer layer is the last decoder layer spec (adapted above).
+        mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+    return block, mtp
+
+
+def _build_chunks(
+    spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None, *, randomize: bool
+) -> list:
+    """Build this rank's GPTModel chunk(s) at the given layout, in the checkpoint's dtype.
+
+    Built in fp32 and cast afterwards, as Megatron-LM's Float16Module does (norms end up
+    in the params dtype too; the router keeps its expert bias in fp32). With ``randomize``,
+    norm weights become 1 + 0.3·randn and biases 0.2·randn so a wrong mapping cannot hide
+    behind ones and zeros; MoE routers, expert biases and every expert get fresh values too.
+    """
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    etp = tp if etp is None else etp
+    config = _transformer_config(spec, tp, pp, vpp, ep, etp)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     chunks = []
     for vp in range(vpp):
         vp_stage = vp if vpp > 1 else None
+        layer_spec, mtp_spec = _layer_specs(spec, config, vp_stage, pp_rank)
         # Different stages/chunks must not share random values (a wrong layer offset would
         # then go unnoticed); TP ranks share the seed so the CPU master-weight init splits
         # one consistent full matrix.
         torch.manual_seed(_crc_seed(spec.seed, spec.family, "init", pp_rank, vp))
+        extra = {"mtp_block_spec": mtp_spec} if mtp_spec is not None else {}
         model = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec,
@@ -404,6 +784,7 @@ def _build_chunks(spec: FixtureSpec, tp: int, pp: int, vpp: int, *, randomize: b
             position_embedding_type="rope",
             rotary_base=spec.rotary_base,
             vp_stage=vp_stage,
+            **extra,
         )
         if randomize:
             with torch.no_grad():
@@ -418,14 +799,64 @@ def _build_chunks(spec: FixtureSpec, tp: int, pp: int, vpp: int, *, randomize: b
                     )
                     noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
                     p.copy_(1 + 0.3 * noise if is_norm else 0.2 * noise)
-        chunks.append(model.to(_torch_dtype(spec.dtype)))
+                if spec.is_moe:
+                    _randomize_moe(model, spec, pp_rank, vp)
+        model = model.to(_torch_dtype(spec.dtype))
+        if randomize and spec.is_moe:
+            _randomize_expert_bias(model, spec, pp_rank, vp)
+        chunks.append(model)
     return chunks
 
 
-def _make_args(spec: FixtureSpec, tp: int, pp: int, vpp: int, save: str) -> argparse.Namespace:
+def _randomize_moe(model, spec: FixtureSpec, pp_rank: int, vp: int) -> None:
+    """Fresh router weights and expert weights, distinct per global expert.
+
+    Every rank builds its local experts from the same RNG stream, so without this EP ranks
+    would hold identical experts. Seeds: global expert index and expert-TP rank (each rank
+    draws its own shard); expert-DP replicas draw the same values.
+    """
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    for name, module in model.named_modules():
+        if isinstance(module, SequentialMLP):
+            for j, expert in enumerate(module.local_experts):
+                global_expert = ep_rank * module.num_local_experts + j
+                for pname, p in expert.named_parameters():
+                    gen = torch.Generator().manual_seed(
+                        _crc_seed(spec.seed, spec.family, name, global_expert, pname, pp_rank, vp, etp_rank)
+                    )
+                    p.copy_(INIT_METHOD_STD * torch.randn(p.shape, generator=gen, dtype=torch.float32))
+        elif isinstance(module, TopKRouter):
+            gen = torch.Generator().manual_seed(_crc_seed(spec.seed, spec.family, name, "router", pp_rank, vp))
+            module.weight.copy_(ROUTER_STD * torch.randn(module.weight.shape, generator=gen, dtype=torch.float32))
+
+
+def _randomize_expert_bias(model, spec: FixtureSpec, pp_rank: int, vp: int) -> None:
+    """Non-zero expert bias (a buffer, fp32 like Megatron keeps it after the bf16 cast)."""
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for name, module in model.named_modules():
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            gen = torch.Generator().manual_seed(_crc_seed(spec.seed, spec.family, name, "expert_bias", pp_rank, vp))
+            module.expert_bias = EXPERT_BIAS_STD * torch.randn(
+                module.expert_bias.shape, generator=gen, dtype=torch.float32
+            )
+
+
+def _make_args(
+    spec: FixtureSpec, tp: int, pp: int, vpp: int, save: str, ep: int = 1, etp: int | None = None
+) -> argparse.Namespace:
     """Build the Megatron-LM ``args`` a converter reads; deliberately no field naming the family."""
     params_dtype = _torch_dtype(spec.dtype)
-    return argparse.Namespace(
+    etp = tp if etp is None else etp
+    world = world_size(tp, pp, ep, etp) if spec.is_moe else tp * pp
+    args = argparse.Namespace(
         num_layers=spec.num_layers,
         encoder_num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -448,7 +879,7 @@ def _make_args(spec: FixtureSpec, tp: int, pp: int, vpp: int, save: str) -> argp
         swiglu=True,
         add_qkv_bias=spec.family == "qwen2",
         add_bias_linear=False,
-        qk_layernorm=spec.family == "qwen3",
+        qk_layernorm=spec.qk_layernorm,
         multi_latent_attention=False,
         num_experts=None,
         untie_embeddings_and_output_weights=not spec.tied,
@@ -481,17 +912,80 @@ def _make_args(spec: FixtureSpec, tp: int, pp: int, vpp: int, save: str) -> argp
         train_iters=spec.iteration,
         iteration=spec.iteration,
         tokenizer_type="HuggingFaceTokenizer",
-        tokenizer_model="Qwen/Qwen3-0.6B" if spec.family != "llama" else "meta-llama/Llama-3.2-1B",
+        tokenizer_model=_TOKENIZERS.get(spec.family, "Qwen/Qwen3-0.6B"),
         ckpt_format="torch_dist",
         use_dist_ckpt=True,
         save=save,
         load=save,
         save_interval=spec.iteration,
     )
+    if spec.is_moe:
+        _add_moe_args(args, spec, tp, ep, etp, world)
+    return args
+
+
+_TOKENIZERS = {
+    "llama": "meta-llama/Llama-3.2-1B",
+    "qwen3_moe": "Qwen/Qwen3-30B-A3B",
+    "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+    "deepseek_v3": "deepseek-ai/DeepSeek-V3",
+}
+
+
+def _add_moe_args(args: argparse.Namespace, spec: FixtureSpec, tp: int, ep: int, etp: int, world: int) -> None:
+    """The MoE / MLA / MTP arguments as Megatron-LM stores them after ``validate_args``."""
+    deepseek = spec.family == "deepseek_v3"
+    freq = spec.moe_layer_freq
+    vars(args).update(
+        num_experts=spec.num_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_router_topk,
+        moe_layer_freq=list(freq) if isinstance(freq, tuple) else freq,  # --moe-layer-freq "[0]+[1]*3" -> list
+        moe_shared_expert_intermediate_size=_or_none(spec.moe_shared_expert_intermediate_size),
+        moe_shared_expert_overlap=False,
+        moe_router_score_function="sigmoid" if deepseek else "softmax",
+        moe_router_pre_softmax=False,
+        moe_router_topk_scaling_factor=_or_none(spec.moe_router_topk_scaling_factor),
+        moe_router_num_groups=_or_none(spec.moe_router_num_groups),
+        moe_router_group_topk=_or_none(spec.moe_router_group_topk),
+        moe_router_enable_expert_bias=deepseek,
+        moe_router_bias_update_rate=1e-3,
+        moe_router_load_balancing_type="seq_aux_loss" if deepseek else "aux_loss",
+        moe_router_dtype="fp32" if deepseek else None,
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None,
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        moe_use_legacy_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather",
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        data_parallel_size=world // (tp * args.pipeline_model_parallel_size),
+        world_size=world,
+        sequence_parallel=tp > 1,  # Megatron-LM requires it for MoE with TP > 1
+        mtp_num_layers=_or_none(spec.mtp_num_layers),
+        mtp_loss_scaling_factor=0.1,
+    )
+    if spec.is_mla:
+        vars(args).update(
+            multi_latent_attention=True,
+            q_lora_rank=spec.q_lora_rank,
+            kv_lora_rank=spec.kv_lora_rank,
+            qk_head_dim=spec.qk_head_dim,
+            qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim,
+            v_head_dim=spec.v_head_dim,
+            rope_type="rope",
+            rotary_scaling_factor=1.0,
+            mscale=1.0,
+            mscale_all_dim=0.0,
+            original_max_position_embeddings=SEQ_LENGTH,
+        )
 
 
 def _rng_state():
-    """Megatron-LM's ``get_rng_state`` for torch_dist: a ShardedObject per (pp, tp) rank.
+    """Megatron-LM's ``get_rng_state`` for torch_dist: a ShardedObject per (pp, tp) rank,
+    per (pp, tp, dp) rank with expert parallelism.
 
     ``cuda_rng_state`` is omitted (no CUDA here).
     """
@@ -508,24 +1002,25 @@ def _rng_state():
         "torch_rng_state": torch.get_rng_state(),
         "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    return ShardedObject(
-        "rng_state",
-        [state],
-        (
-            parallel_state.get_pipeline_model_parallel_world_size(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-        ),
-        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
-        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
-    )
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        return ShardedObject(
+            "rng_state", [state], (pp_size, tp_size, dp_size), (pp_rank, tp_rank, dp_rank), replica_id=0
+        )
+    return ShardedObject("rng_state", [state], (pp_size, tp_size), (pp_rank, tp_rank), replica_id=dp_rank)
 
 
 def _sd_metadata(spec: FixtureSpec) -> dict[str, Any]:
     """Sharded-state-dict metadata; ``non_homogeneous_layers`` switches Megatron to per-layer keys."""
     return {
-        "singleton_local_shards": False,
+        "singleton_local_shards": spec.singleton_local_shards,
         "chained_optim_avoid_prefix": True,
-        "non_homogeneous_layers": spec.per_layer_keys,
+        "non_homogeneous_layers": spec.per_layer_keys or spec.singleton_local_shards,
     }
 
 
@@ -550,7 +1045,9 @@ def _load_into(chunks: list, iter_dir: str, spec: FixtureSpec) -> dict[str, Any]
     return state
 
 
-def _save_job(spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, vpp: int) -> None:
+def _save_job(
+    spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None
+) -> None:
     """Build (or load from ``load``) and save like Megatron-LM's training loop."""
     import random
 
@@ -558,14 +1055,14 @@ def _save_job(spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, 
     import torch
     from megatron.core import dist_checkpointing, parallel_state
 
-    _init_parallel(tp, pp, vpp)
+    _init_parallel(tp, pp, vpp, ep, etp)
     # As Megatron-LM's _set_random_seed, so the saved rng_state is reproducible.
     rng_seed = spec.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(rng_seed)
     np.random.seed(rng_seed)
-    chunks = _build_chunks(spec, tp, pp, vpp, randomize=load is None)
+    chunks = _build_chunks(spec, tp, pp, vpp, ep, etp, randomize=load is None)
     iteration = spec.iteration
-    args = _make_args(spec, tp, pp, vpp, save)
+    args = _make_args(spec, tp, pp, vpp, save, ep, etp)
     if load is not None:
         iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
         _load_into(chunks, str(Path(load) / f"iter_{iteration:07d}"), spec)
@@ -594,7 +1091,12 @@ def _save_job(spec: FixtureSpec, load: str | None, save: str, tp: int, pp: int, 
 
 
 def _reference_job(spec: FixtureSpec, root: str) -> None:
-    """Megatron's own TP1/PP1 fp32 forward of the saved checkpoint -> reference.pt."""
+    """Megatron's own TP1/PP1/EP1 fp32 forward of the saved checkpoint -> reference.pt.
+
+    With MTP layers, the forward runs with labels (GPTModel needs them for MTP) and the
+    output layer's calls are captured: the MTP heads' logits first, the main head's last.
+    Only the main head's logits are the reference (``mtp_logits`` are stored alongside).
+    """
     import torch
 
     _init_parallel(1, 1, 1)
@@ -608,10 +1110,22 @@ def _reference_job(spec: FixtureSpec, root: str) -> None:
     ids = torch.randint(0, spec.vocab_size, (REFERENCE_BATCH, REFERENCE_SEQ), generator=gen)
     pos = torch.arange(REFERENCE_SEQ).unsqueeze(0).expand(REFERENCE_BATCH, -1)
     mask = torch.triu(torch.ones(REFERENCE_SEQ, REFERENCE_SEQ), diagonal=1).bool()[None, None]
+    heads: list[torch.Tensor] = []  # cloned: the MTP loss works on the logits in place
+    hook = model.output_layer.register_forward_hook(lambda m, i, out: heads.append(out[0].transpose(0, 1).clone()))
     with torch.no_grad():
-        logits = model(ids, position_ids=pos, attention_mask=mask)
+        if spec.mtp_num_layers:
+            model(ids, position_ids=pos, attention_mask=mask, labels=ids)
+            logits = heads[-1]
+        else:
+            logits = model(ids, position_ids=pos, attention_mask=mask)
+    hook.remove()
     expected = (REFERENCE_BATCH, REFERENCE_SEQ, spec.padded_vocab_size)
     if tuple(logits.shape) != expected or logits.dtype != torch.float32:
         raise RuntimeError(f"unexpected logits {tuple(logits.shape)} {logits.dtype}, want {expected}")
+    if not torch.isfinite(logits).all() or logits.std() < 0.05:
+        raise RuntimeError(f"degenerate reference logits for {spec.name}")
     out = Path(root).parent / REFERENCE_FILE
-    torch.save({"input_ids": ids.clone(), "logits": logits.detach().clone().contiguous()}, out)
+    data = {"input_ids": ids.clone(), "logits": logits.detach().clone().contiguous()}
+    if spec.mtp_num_layers:
+        data["mtp_logits"] = torch.stack(heads[:-1]).contiguous()
+    torch.save(data, out)
