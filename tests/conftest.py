@@ -31,6 +31,8 @@ MOE_SPECS = [
     FixtureSpec("qwen3_moe", tp=2, ep=2, etp=1),
     FixtureSpec("qwen3_moe", pp=2, vpp=2, ep=2, moe_layer_freq=(1, 0, 1, 1)),  # a dense layer: per-layer keys
     FixtureSpec("mixtral", pp=2, ep=2),
+    FixtureSpec("deepseek_v3", tp=2, ep=2),  # q LoRA, shared experts, sigmoid + bias, dense layer 0, MTP
+    FixtureSpec("deepseek_v3", tp=2, ep=2, q_lora_rank=None),
 ]
 
 
