@@ -102,20 +102,24 @@ def parse_size(text: str | int) -> int:
         raise OptionError(f"invalid size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
 
 
-# A placeholder is either spelled out in the key or an axis of a stacked tensor: (in-key form, stacked form).
-_STACKED = {"i": (".{i}.", "."), "e": (".experts.{e}.", ".experts.experts.")}
+# A placeholder is spelled out in the key (in one of several spellings) or is a leading axis of a stacked
+# tensor: token in the table → (spellings, stacked form). Megatron 0.16 writes singleton experts as
+# `experts.experts.{e}.`.
+_FORMS = {
+    "i": (".{i}.", (".{i}.",), "."),
+    "e": (".experts.{e}.", (".experts.{e}.", ".experts.experts.{e}."), ".experts.experts."),
+}
 
 
 def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
     """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
-    present = [p for p in _STACKED if "{" + p + "}" in pattern]
-    for stacked in itertools.product((False, True), repeat=len(present)):
-        key, axes = pattern, []
-        for name, is_axis in zip(present, stacked):
-            if is_axis:
-                key = key.replace(*_STACKED[name])
-                axes.append(name)
-        yield key.format(**index), tuple(axes)
+    present = [name for name, (token, _, _) in _FORMS.items() if token in pattern]
+    choices = [[(form, None) for form in _FORMS[name][1]] + [(_FORMS[name][2], name)] for name in present]
+    for combo in itertools.product(*choices):
+        key = pattern
+        for name, (form, _) in zip(present, combo):
+            key = key.replace(_FORMS[name][0], form)
+        yield key.format(**index), tuple(axis for _, axis in combo if axis)
 
 
 def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:

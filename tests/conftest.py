@@ -33,6 +33,10 @@ MOE_SPECS = [
     FixtureSpec("mixtral", pp=2, ep=2),
     FixtureSpec("deepseek_v3", tp=2, ep=2),  # q LoRA, shared experts, sigmoid + bias, dense layer 0, MTP
     FixtureSpec("deepseek_v3", tp=2, ep=2, q_lora_rank=None),
+    # other key spellings of the same layouts
+    FixtureSpec("qwen3_moe", tp=2, ep=2, singleton_local_shards=True),  # experts.experts.{e}, fc1 _w / _v
+    FixtureSpec("qwen3_moe", tp=2, ep=2, local_norm_keys=True),
+    FixtureSpec("deepseek_v3", tp=2, ep=2, local_norm_keys=True),  # q_layernorm / kv_layernorm
 ]
 
 
