@@ -7,11 +7,20 @@ Megatron-LM's training loop does, and compute Megatron's own forward as the
 reference. Megatron is imported only inside the spawned workers, so importing
 this module stays cheap.
 
+Families: dense ``llama``, ``qwen2``, ``qwen3``; mixture-of-experts ``qwen3_moe``,
+``mixtral`` (softmax top-k routers) and ``deepseek_v3`` (multi-latent attention, sigmoid
+router with expert bias, group-limited routing, scaling factor, shared expert, dense
+first layer, one MTP layer). MoE layouts add expert parallelism (``ep``, ``etp``); the
+world is then ``pp · lcm(tp, etp · ep)`` ranks, data parallelism filling the rest.
+Experts are SequentialMLPs (local spec, allgather dispatcher); the on-disk key names are
+those Transformer Engine runs write (see ``FixtureSpec.local_norm_keys``).
+
 Layout under ``cache_dir/<spec.name>/``::
 
     ckpt/latest_checkpointed_iteration.txt
     ckpt/iter_0000010/...        # the torch_dist checkpoint
     reference.pt                 # {"input_ids": [b, s], "logits": [b, s, padded_vocab] fp32}
+                                 # (+ "mtp_logits": [k, b, s, padded_vocab] with MTP layers)
     COMPLETE                     # written last; its presence means "done"
 """
 

@@ -127,6 +127,11 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
     problems = []
     if getattr(args, "moe_router_score_function", None) != "sigmoid":
         problems.append(f"moe_router_score_function={getattr(args, 'moe_router_score_function', None)} (need sigmoid)")
+    groups, group_topk = getattr(args, "moe_router_num_groups", None), getattr(args, "moe_router_group_topk", None)
+    if groups and groups > 1 and int(args.moe_router_topk) // int(group_topk or 1) != 2:
+        problems.append(  # Megatron scores a group by its top topk // group_topk experts, HF by its top 2
+            f"group routing with moe_router_topk={args.moe_router_topk} // moe_router_group_topk={group_topk} != 2"
+        )
     if getattr(args, "rope_type", "rope") not in (None, "rope"):
         problems.append(f"rope_type={args.rope_type} (YaRN scaling is not mapped yet)")
     if problems:
