@@ -86,6 +86,13 @@ def _layout(name: str) -> str:
     return name
 
 
+def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
+    """Protocol-2 pickles spell `bytes` (numpy rng state, say) as `_codecs.encode(text, "latin1")`."""
+    if encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"_codecs.encode with {encoding!r} is not how pickle spells bytes")
+    return text.encode("latin1")
+
+
 def _record_class(module: str, name: str) -> type[Record]:
     base = TensorProperties if name == "TensorProperties" else Record
     return type(name, (base,), {"_qualname": f"{module}.{name}"})
@@ -115,6 +122,7 @@ _REAL = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch.serialization", "_get_layout"): _layout,
+    ("_codecs", "encode"): _latin1_bytes,
 }
 _STUB_PREFIXES = ("megatron.", "nemo.", "transformer_engine.", "modelopt.")
 

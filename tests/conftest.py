@@ -25,6 +25,12 @@ PARITY_SPECS = [
 ]
 BASE_SPEC = FixtureSpec("llama")  # also resharded for the invariance test
 
+LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fixtures.legacy_root)
+    FixtureSpec("qwen3", tp=2, pp=2, vpp=2, vocab_size=250, legacy_twin=True),
+    FixtureSpec("llama", pp=2, first_stage_layers=1, legacy_twin=True),  # uneven pipeline split
+    FixtureSpec("qwen3_moe", tp=2, ep=2, legacy_twin=True),  # expert TP = 2
+]
+
 MOE_SPECS = [
     FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # expert TP = TP = 2
     FixtureSpec("qwen3_moe", tp=2, ep=2),  # also resharded to EP1 for the invariance test
@@ -57,4 +63,4 @@ def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
     """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
-    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS], megatron_cache)
+    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS], megatron_cache)

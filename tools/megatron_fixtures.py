@@ -54,6 +54,7 @@ QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 MARKER = "COMPLETE"
 REFERENCE_FILE = "reference.pt"
+LEGACY_DIR = "legacy"
 REFERENCE_BATCH, REFERENCE_SEQ = 2, 12
 SEQ_LENGTH = 64
 INIT_METHOD_STD = 0.08
@@ -73,6 +74,8 @@ _NAME_TAGS = {
     "iteration": "it",
     "per_layer_keys": "perlayer",
     "common_in_dcp": "commondcp",
+    "first_stage_layers": "first",
+    "legacy_twin": "legacy",
 }
 # Tags of the MoE / MLA fields: appended when the value differs from the family's default.
 _MOE_NAME_TAGS = {
@@ -147,6 +150,10 @@ class FixtureSpec:
     # The local spec's own norm key names instead of the Transformer-Engine ones real runs write
     # (MoE layers: pre_mlp_layernorm -> mlp.linear_fc1.layer_norm_*; MLA: q_layernorm / kv_layernorm).
     local_norm_keys: bool = False
+    # Uneven pipeline: layers on the first stage (Megatron-LM --decoder-first-pipeline-num-layers).
+    first_stage_layers: int | None = None
+    # Also save the same weights in the legacy --ckpt-format torch layout, under <fixture>/legacy.
+    legacy_twin: bool = False
 
     def __post_init__(self) -> None:
         # Fail in the parent, not deep inside a spawned rank.
@@ -314,7 +321,10 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, et
         raise ValueError("tp, pp, vpp, ep and etp must be >= 1")
     if vpp > 1 and pp == 1:
         raise ValueError("virtual pipeline stages need pp > 1")
-    if spec.num_layers % (pp * vpp):
+    first = spec.first_stage_layers if pp > 1 else None
+    if first is not None and (vpp > 1 or not 0 < first < spec.num_layers or (spec.num_layers - first) % (pp - 1)):
+        raise ValueError(f"first_stage_layers={first} cannot split {spec.num_layers} layers over pp={pp}, vpp={vpp}")
+    if first is None and spec.num_layers % (pp * vpp):
         raise ValueError(f"num_layers={spec.num_layers} not divisible by pp*vpp={pp * vpp}")
     if spec.num_attention_heads % tp or (not spec.is_mla and spec.num_query_groups % tp):
         raise ValueError("attention heads and query groups must be divisible by tp")
@@ -612,6 +622,7 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        num_layers_in_first_pipeline_stage=spec.first_stage_layers if pp > 1 else None,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,
@@ -900,7 +911,7 @@ def _make_args(
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp) if vpp > 1 else None,
         num_virtual_stages_per_pipeline_rank=vpp if vpp > 1 else None,
-        decoder_first_pipeline_num_layers=None,
+        decoder_first_pipeline_num_layers=spec.first_stage_layers if pp > 1 else None,
         decoder_last_pipeline_num_layers=None,
         expert_model_parallel_size=1,
         context_parallel_size=1,
@@ -992,25 +1003,33 @@ def _add_moe_args(args: argparse.Namespace, spec: FixtureSpec, tp: int, ep: int,
         )
 
 
+def _plain_rng_state() -> dict[str, Any]:
+    """The rng dict Megatron-LM saves (the legacy format keeps a list of these)."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
 def _rng_state():
     """Megatron-LM's ``get_rng_state`` for torch_dist: a ShardedObject per (pp, tp) rank,
     per (pp, tp, dp) rank with expert parallelism.
 
     ``cuda_rng_state`` is omitted (no CUDA here).
     """
-    import random
 
-    import numpy as np
-    import torch
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    state = _plain_rng_state()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -1093,10 +1112,47 @@ def _save_job(
         common = {"common_state": ShardedObject("common_state", common, (1,), (0,), replica_id=rank)}
     state = {**_model_state(chunks, spec), **common, "rng_state": _rng_state()}
     dist_checkpointing.save(state, str(iter_dir), content_metadata=_sd_metadata(spec))
+    if spec.legacy_twin:
+        _save_legacy(chunks, args, Path(save).parent / LEGACY_DIR, iteration, pp, ep)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+        if spec.legacy_twin:
+            (Path(save).parent / LEGACY_DIR / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
     torch.distributed.barrier()
+
+
+def _save_legacy(chunks: list, args: Any, root: Path, iteration: int, pp: int, ep: int) -> None:
+    """Megatron-LM's `--ckpt-format torch`: every (tp, pp, ep) rank of expert-data-parallel rank 0
+    `torch.save`s its own TP-local state dict to `iter_N/mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]`."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_data_parallel_rank() != 0:
+        return
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    name += f"_{ps.get_pipeline_model_parallel_rank():03d}" if pp > 1 else ""
+    name += f"_{ps.get_expert_model_parallel_rank():03d}" if ep > 1 else ""
+    models = (
+        {"model": chunks[0].state_dict_for_save_checkpoint()}
+        if len(chunks) == 1
+        else {f"model{i}": chunk.state_dict_for_save_checkpoint() for i, chunk in enumerate(chunks)}
+    )
+    state = {
+        **models,
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": iteration,
+        "rng_state": [_plain_rng_state()],
+    }
+    directory = root / f"iter_{iteration:07d}" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / "model_optim_rng.pt")
+
+
+def legacy_root(ckpt_root: Path) -> Path:
+    """Where a ``legacy_twin`` spec's `--ckpt-format torch` save root lies, beside its torch_dist root."""
+    return Path(ckpt_root).parent / LEGACY_DIR
 
 
 def _reference_job(spec: FixtureSpec, root: str) -> None:

@@ -179,6 +179,12 @@ class LegacyReader(CheckpointReader):
 
     def _info(self, key: str, shards: list[_Shard]) -> TensorInfo:
         refs = [self._ref(s) for s in shards]
+        for shard, ref in zip(shards, refs):  # Megatron splits evenly: every TP shard has one shape
+            if ref.shape != refs[0].shape or ref.storage.dtype != refs[0].storage.dtype:
+                raise CheckpointError(
+                    f"{self._archives[shard.file].source}: {shard.name} is {ref.storage.dtype}{list(ref.shape)} "
+                    f"but {self._archives[shards[0].file].source} has {refs[0].storage.dtype}{list(refs[0].shape)}"
+                )
         dtype: DType = refs[0].storage.dtype
         shape = list(refs[0].shape)
         rule = self._tp_rule(key)
