@@ -30,6 +30,7 @@ LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fix
     FixtureSpec("llama", pp=2, first_stage_layers=1, legacy_twin=True),  # uneven pipeline split
     FixtureSpec("qwen3_moe", tp=2, ep=2, legacy_twin=True),  # expert TP = 2
 ]
+DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)  # also saved as plain PyTorch DCP (torch_dcp)
 
 MOE_SPECS = [
     FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # expert TP = TP = 2
@@ -63,4 +64,4 @@ def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
     """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
-    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS], megatron_cache)
+    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS, DCP_SPEC], megatron_cache)

@@ -55,6 +55,7 @@ MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 MARKER = "COMPLETE"
 REFERENCE_FILE = "reference.pt"
 LEGACY_DIR = "legacy"
+DCP_DIR = "torch_dcp"
 REFERENCE_BATCH, REFERENCE_SEQ = 2, 12
 SEQ_LENGTH = 64
 INIT_METHOD_STD = 0.08
@@ -76,6 +77,7 @@ _NAME_TAGS = {
     "common_in_dcp": "commondcp",
     "first_stage_layers": "first",
     "legacy_twin": "legacy",
+    "dcp_twin": "dcp",
 }
 # Tags of the MoE / MLA fields: appended when the value differs from the family's default.
 _MOE_NAME_TAGS = {
@@ -154,6 +156,8 @@ class FixtureSpec:
     first_stage_layers: int | None = None
     # Also save the same weights in the legacy --ckpt-format torch layout, under <fixture>/legacy.
     legacy_twin: bool = False
+    # Also save the same weights as plain PyTorch DCP (torch_dcp) under <fixture>/torch_dcp (TP1 PP1 only).
+    dcp_twin: bool = False
 
     def __post_init__(self) -> None:
         # Fail in the parent, not deep inside a spawned rank.
@@ -321,6 +325,8 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, et
         raise ValueError("tp, pp, vpp, ep and etp must be >= 1")
     if vpp > 1 and pp == 1:
         raise ValueError("virtual pipeline stages need pp > 1")
+    if spec.dcp_twin and (tp, pp, vpp, ep) != (1, 1, 1, 1):
+        raise ValueError("dcp_twin needs TP1 PP1 EP1: plain DCP has no tensor-parallel sharding information")
     first = spec.first_stage_layers if pp > 1 else None
     if first is not None and (vpp > 1 or not 0 < first < spec.num_layers or (spec.num_layers - first) % (pp - 1)):
         raise ValueError(f"first_stage_layers={first} cannot split {spec.num_layers} layers over pp={pp}, vpp={vpp}")
@@ -1114,11 +1120,14 @@ def _save_job(
     dist_checkpointing.save(state, str(iter_dir), content_metadata=_sd_metadata(spec))
     if spec.legacy_twin:
         _save_legacy(chunks, args, Path(save).parent / LEGACY_DIR, iteration, pp, ep)
+    if spec.dcp_twin:
+        _save_torch_dcp(chunks, args, Path(save).parent / DCP_DIR, iteration)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
-        if spec.legacy_twin:
-            (Path(save).parent / LEGACY_DIR / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+        for flag, twin in ((spec.legacy_twin, LEGACY_DIR), (spec.dcp_twin, DCP_DIR)):
+            if flag:
+                (Path(save).parent / twin / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
     torch.distributed.barrier()
 
 
@@ -1148,6 +1157,19 @@ def _save_legacy(chunks: list, args: Any, root: Path, iteration: int, pp: int, e
     directory = root / f"iter_{iteration:07d}" / name
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / "model_optim_rng.pt")
+
+
+def _save_torch_dcp(chunks: list, args: Any, root: Path, iteration: int) -> None:
+    """Megatron-LM's `--ckpt-format torch_dcp` without FSDP: plain DCP of the (TP1) model state dict."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": chunks[0].state_dict(), "args": args, "checkpoint_version": 3.0, "iteration": iteration}
+    dcp.save(state, checkpoint_id=root / f"iter_{iteration:07d}")
+
+
+def dcp_root(ckpt_root: Path) -> Path:
+    """Where a ``dcp_twin`` spec's torch_dcp save root lies, beside its torch_dist root."""
+    return Path(ckpt_root).parent / DCP_DIR
 
 
 def legacy_root(ckpt_root: Path) -> Path:
