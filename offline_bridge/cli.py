@@ -45,6 +45,17 @@ def main() -> None:
     help="Largest safetensors file, decimal units like transformers (5GB = 5·10⁹ bytes).",
 )
 @click.option("--vocab-size", type=int, help="True vocabulary size, to trim Megatron's padding when args lack it.")
+@click.option(
+    "--adapter", type=click.Path(path_type=str), help="Megatron-Bridge LoRA checkpoint to merge into CKPT_DIR."
+)
+@click.option(
+    "--base",
+    type=click.Path(path_type=str),
+    help="Base checkpoint when CKPT_DIR is adapter-only (default: run_config.yaml's pretrained_checkpoint).",
+)
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default: run_config.yaml peft.alpha).")
+@click.option("--lora-dim", type=int, help="LoRA rank (default: run_config.yaml peft.dim).")
+@click.option("--device", default="auto", show_default=True, help="Where LoRA merges run: auto, cpu or cuda[:N].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:

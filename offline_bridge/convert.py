@@ -6,12 +6,12 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from .discovery import find_iteration_dir
 from .dtypes import DType, by_option
 from .families import family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
+from .inputs import open_checkpoint
 from .plan import Plan, build_plan, parse_size
-from .readers import CheckpointReader, open_reader
+from .readers import CheckpointReader
 from .readers.base import is_model_key
 from .writer import staged_output, write_json, write_weights
 
@@ -42,6 +42,11 @@ def convert(
     dtype: str = "auto",
     max_shard_size: str | int = "5GB",
     vocab_size: int | None = None,
+    adapter: str | Path | None = None,
+    base: str | Path | None = None,
+    lora_alpha: float | None = None,
+    lora_dim: int | None = None,
+    device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -52,11 +57,15 @@ def convert(
         out_dir: where the HF checkpoint goes; must be empty or absent unless ``overwrite``.
         hf_config: a `config.json` or an HF model directory (its tokenizer files are copied too);
             without it the config is derived from the checkpoint's Megatron args.
-        model_type: family name (llama, mistral, qwen2, qwen3); inferred when omitted.
+        model_type: family name (see `offline_bridge.families.FAMILIES`); inferred when omitted.
         iteration: which saved iteration (an int or "release"); default the latest.
         dtype: "auto" (as stored), "bf16", "fp16" or "fp32".
         max_shard_size: largest safetensors file, decimal units as transformers ("5GB").
         vocab_size: the true vocabulary size, to trim Megatron's padding when args lack it.
+        adapter: a Megatron-Bridge LoRA checkpoint to merge into ``ckpt_dir`` (the base).
+        base: the base checkpoint when ``ckpt_dir`` is adapter-only (default: from its run_config.yaml).
+        lora_alpha, lora_dim: override the run_config.yaml `peft:` values (needed when there is none).
+        device: where LoRA merges run: "auto" (GPU if present), "cpu" or "cuda[:N]".
         overwrite: replace a non-empty ``out_dir``.
         progress: show a progress bar on stderr.
 
@@ -68,9 +77,11 @@ def convert(
     """
     shard_limit = parse_size(max_shard_size)
     target_dtype = None if dtype == "auto" else by_option(dtype)
-    iteration_dir = find_iteration_dir(ckpt_dir, iteration)
-    log.info("reading %s", iteration_dir)
-    with open_reader(iteration_dir) as reader:
+    reader, lora = open_checkpoint(
+        ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
+    )
+    log.info("reading %s", reader.path)
+    with reader:
         model_dir = None
         if hf_config is not None:
             config, model_dir = load_config(hf_config)
@@ -80,7 +91,7 @@ def convert(
             config = derive_config(reader.args, family, vocab_size=vocab_size)
         target_dtype = target_dtype or _auto_dtype(reader)
         config = finalize_config(config, target_dtype, vocab_size=vocab_size)
-        plan: Plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit)
+        plan: Plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
         log.info(
             "%s: %d tensors, %d files, %d bytes",
             family.name,
@@ -89,7 +100,7 @@ def convert(
             plan.total_size,
         )
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress)
+            write_weights(plan, reader, staging, progress=progress, device=device)
             write_json(staging / "config.json", config)
             if model_dir is not None:
                 copy_side_files(model_dir, staging)

@@ -14,7 +14,7 @@ from .families import Family
 from .readers.base import Box, CheckpointReader, is_model_key
 from .rules import Dims, Rule
 
-__all__ = ["FilePlan", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Source:
     parts: tuple[tuple[str, Box], ...]
     shape: tuple[int, ...]
     dtype: DType
+    pattern: str = ""  # the table pattern it was found by
 
     @property
     def key(self) -> str:
@@ -55,12 +56,30 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """LoRA hyper-parameters: the merge adds ``alpha / dim · B @ A``."""
+
+    alpha: float
+    dim: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A LoRA adapter on a source tensor, merged in Megatron layout before the rule splits it."""
+
+    a: Source  # linear_in, [rank, in]
+    b: Source  # linear_out, [out, rank]
+    scale: float
+
+
+@dataclass(frozen=True)
 class Step:
-    """One read and one rule: ``source`` → ``targets``."""
+    """One read (plus an optional LoRA delta) and one rule: ``source`` → ``targets``."""
 
     rule: Rule
     source: Source
     targets: tuple[Target, ...]
+    delta: Delta | None = None
 
 
 @dataclass(frozen=True)
@@ -122,13 +141,11 @@ def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tupl
         yield key.format(**index), tuple(axis for _, axis in combo if axis)
 
 
-def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
-    """Find the rule's tensor: spelled out per layer / expert, or a slice of a stacked tensor."""
+def _find(reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, int], dims: Dims) -> Source | None:
+    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one."""
     sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
-    tried = []
-    for pattern in rule.sources:
+    for pattern in patterns:
         for key, axes in _candidates(pattern, index):
-            tried.append(key)
             keys = [key] if key in reader.tensors else [key + "_w", key + "_v"]  # halves saved apart
             infos = [reader.tensors.get(k) for k in keys]
             if None in infos:
@@ -145,15 +162,49 @@ def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: 
                 parts.append((info.key, (*lead, *((0, n) for n in info.shape[len(axes) :]))))
             rest = infos[0].shape[len(axes) :]
             shape = (sum(info.shape[len(axes)] for info in infos), *rest[1:]) if rest else rest
-            return Source(tuple(parts), shape, infos[0].dtype)
+            return Source(tuple(parts), shape, infos[0].dtype, pattern)
+    return None
+
+
+def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
+    source = _find(reader, rule.sources, index, dims)
+    if source is not None:
+        return source
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
     where = "".join(f" for {names[k]} {v}" for k, v in index.items())
+    tried = [key for pattern in rule.sources for key, _ in _candidates(pattern, index)]
     raise CheckpointError(
         f"{reader.path}: no tensor{where} matching {' or '.join(tried)}; wrong --model-type or config?"
     )
 
 
-def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -> list[Step]:
+def _lora_delta(
+    reader: CheckpointReader, source: Source, index: dict[str, int], dims: Dims, lora: Lora | None
+) -> Delta | None:
+    """The LoRA adapter on ``source``'s module, if the checkpoint has one (Megatron-Bridge key layout)."""
+    if not source.pattern.endswith(".weight"):
+        return None
+    module = source.pattern[: -len(".weight")] + ".adapter."
+    a = _find(reader, (module + "linear_in.weight",), index, dims)
+    b = _find(reader, (module + "linear_out.weight",), index, dims)
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise CheckpointError(f"{(a or b).key}: LoRA adapter of {source.key} has only one of linear_in / linear_out")
+    if lora is None:
+        raise CheckpointError(
+            f"{a.key}: the checkpoint holds LoRA adapters but no alpha / dim; pass --lora-alpha and --lora-dim "
+            "or use a run_config.yaml with a peft: section"
+        )
+    rank = a.shape[0]
+    if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(source.shape):
+        raise CheckpointError(
+            f"LoRA adapter {a.key} {list(a.shape)} / {b.key} {list(b.shape)} does not fit base {source.key} {list(source.shape)}"
+        )
+    return Delta(a, b, lora.alpha / lora.dim)
+
+
+def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, lora: Lora | None) -> list[Step]:
     def per_expert(rules: tuple[Rule, ...], index: dict[str, int]) -> list[tuple[Rule, dict[str, int]]]:
         return [
             (rule, {**index, "e": e} if "{e}" in rule.targets[0] else index)
@@ -172,6 +223,7 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -
         if rule.when is not None and not rule.when(dims, index.get("i")):
             continue
         source = _resolve(reader, rule, index, dims)
+        delta = _lora_delta(reader, source, index, dims, lora)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -183,13 +235,14 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType) -
             box = (*box[:axis], (0, rows), *box[axis + 1 :])
             source = replace(source, parts=((key, box),), shape=(rows, *source.shape[1:]))
         names = [t.format(**index) for t in rule.targets]
-        steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
+        steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
     return steps
 
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:
     """Every model tensor in the checkpoint must land somewhere: nothing is dropped silently."""
-    used = {key for step in steps for key, _ in step.source.parts}
+    sources = [s for step in steps for s in (step.source, *((step.delta.a, step.delta.b) if step.delta else ()))]
+    used = {key for source in sources for key, _ in source.parts}
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:
         shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
@@ -245,8 +298,12 @@ def _layout(steps: list[Step], max_shard_size: int) -> tuple[list[Step], list[Fi
     return steps, files
 
 
-def build_plan(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, max_shard_size: int) -> Plan:
-    steps = _steps(family, reader, dims, dtype)
+def build_plan(
+    family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, max_shard_size: int, lora: Lora | None = None
+) -> Plan:
+    steps = _steps(family, reader, dims, dtype, lora)
+    if lora is not None and not any(step.delta for step in steps):
+        raise CheckpointError(f"{reader.path}: LoRA settings were given but the checkpoint holds no adapter tensors")
     names = [t.name for s in steps for t in s.targets]
     if len(names) != len(set(names)):
         raise CheckpointError(f"mapping {family.name} produces duplicate HF names")

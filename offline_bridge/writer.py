@@ -18,13 +18,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .casting import cast
+from .dtypes import DType, by_option
 from .errors import BridgeError, OptionError
-from .plan import Plan, Source
+from .lora_merge import merge
+from .plan import Plan, Source, Step
 from .readers.base import CheckpointReader
 
 __all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
 
 INDEX_FILE = "model.safetensors.index.json"
+FLOAT32 = by_option("fp32")
 
 
 @contextlib.contextmanager
@@ -59,6 +62,16 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _merged(reader: CheckpointReader, step: Step, device: str) -> tuple[np.ndarray, DType]:
+    """The step's source array and its dtype; with a LoRA delta, merged in fp32."""
+    array = _read(reader, step.source)
+    if step.delta is None:
+        return array, step.source.dtype
+    a, b = _read(reader, step.delta.a), _read(reader, step.delta.b)
+    merged = merge(array, step.source.dtype, a, b, step.delta.a.dtype, step.delta.scale, device)
+    return merged, FLOAT32
+
+
 def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
     """A source's tensor, its parts joined along the first kept axis."""
     tail = source.shape[1:]
@@ -68,7 +81,9 @@ def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
 
 
-def write_weights(plan: Plan, reader: CheckpointReader, out_dir: Path, *, progress: bool = True) -> None:
+def write_weights(
+    plan: Plan, reader: CheckpointReader, out_dir: Path, *, progress: bool = True, device: str = "auto"
+) -> None:
     """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded)."""
     fds = {}
     try:
@@ -79,11 +94,11 @@ def write_weights(plan: Plan, reader: CheckpointReader, out_dir: Path, *, progre
             os.ftruncate(fd, file.size)
         with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for step in plan.steps:
-                array = _read(reader, step.source)
+                array, dtype = _merged(reader, step, device)
                 for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
                     if out.shape != target.shape:
                         raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-                    _pwrite(fds[target.file], cast(out, step.source.dtype, target.dtype), target.offset)
+                    _pwrite(fds[target.file], cast(out, dtype, target.dtype), target.offset)
                     bar.update(target.nbytes)
     finally:
         for fd in fds.values():
