@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -54,9 +55,15 @@ class CheckpointReader(ABC):
         """Every tensor the checkpoint holds, by key, with its global shape and stored dtype."""
 
     @property
-    @abstractmethod
+    def common_state(self) -> Mapping[str, Any]:
+        """Megatron's non-sharded state (`common.pt` and its successors); empty if the format has none."""
+        return {}
+
+    @property
     def args(self) -> argparse.Namespace | None:
         """Megatron-LM's training arguments, if the checkpoint saved them."""
+        args = self.common_state.get("args")
+        return args if isinstance(args, argparse.Namespace) else None
 
     @abstractmethod
     def read(self, key: str, box: Box | None = None) -> np.ndarray:

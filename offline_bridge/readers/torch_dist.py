@@ -6,7 +6,6 @@ in a `.distcp` file. Chunks are memory-mapped and copied once, into the assemble
 
 from __future__ import annotations
 
-import argparse
 import mmap
 from collections.abc import Mapping
 from dataclasses import replace
@@ -81,11 +80,6 @@ class TorchDistReader(CheckpointReader):
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: common state is a {type(state).__name__}, expected a dict")
         return state
-
-    @property
-    def args(self) -> argparse.Namespace | None:
-        args = self.common_state.get("args")
-        return args if isinstance(args, argparse.Namespace) else None
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         info = self._tensors.get(key)

@@ -10,7 +10,6 @@ See formats/zarr.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -202,11 +201,6 @@ class ZarrReader(CheckpointReader):
         if not isinstance(state, dict):
             raise CheckpointError(f"{common_file}: common state is a {type(state).__name__}, expected a dict")
         return state
-
-    @property
-    def args(self) -> argparse.Namespace | None:
-        args = self.common_state.get("args")
-        return args if isinstance(args, argparse.Namespace) else None
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         array = self._arrays.get(key)
