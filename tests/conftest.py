@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.lora_fixtures import AdapterSpec  # noqa: E402
 from tools.megatron_fixtures import FixtureSpec, build_fixtures  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (2, 2, 1), (1, 2, 2)]
@@ -30,7 +31,12 @@ LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fix
     FixtureSpec("llama", pp=2, first_stage_layers=1, legacy_twin=True),  # uneven pipeline split
     FixtureSpec("qwen3_moe", tp=2, ep=2, legacy_twin=True),  # expert TP = 2
 ]
-DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)  # also saved as plain PyTorch DCP (torch_dcp)
+DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)
+
+LORA_SPECS = [AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2))]  # all four targets, written at TP2
+MISFIT_BASE = FixtureSpec(
+    "qwen3", ffn_hidden_size=128
+)  # a base the LoRA adapter does not fit  # also saved as plain PyTorch DCP (torch_dcp)
 
 MOE_SPECS = [
     FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # expert TP = TP = 2
@@ -64,4 +70,4 @@ def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
     """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
-    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS, DCP_SPEC], megatron_cache)
+    return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS, DCP_SPEC, MISFIT_BASE], megatron_cache)

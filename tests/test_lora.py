@@ -1,0 +1,157 @@
+"""LoRA merge of Megatron-Bridge adapter checkpoints: transformers on the merged output reproduces
+Megatron's own forward of the base with `W + alpha/dim · B @ A` put in place, in Megatron layout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from click.testing import CliRunner
+from conftest import LORA_SPECS, MISFIT_BASE
+from judge import assert_matches_megatron
+from safetensors.torch import load_file
+
+from offline_bridge import convert
+from offline_bridge.cli import main
+from tools.lora_fixtures import build_adapters
+
+SPEC = LORA_SPECS[0]
+
+
+@pytest.fixture(scope="session")
+def adapters(megatron_cache: Path, checkpoints: dict) -> dict:
+    return build_adapters(LORA_SPECS, megatron_cache)
+
+
+def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
+    """`convert ADAPTER OUT`: the base comes from run_config.yaml's checkpoint.pretrained_checkpoint."""
+    out = convert(adapters[SPEC], tmp_path / "merged", progress=False)
+    assert_matches_megatron(out, SPEC.base, adapters[SPEC])
+
+
+def test_adapter_option_gives_the_same_bytes(adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
+    a = convert(adapters[SPEC], tmp_path / "a", progress=False)
+    b = convert(checkpoints[SPEC.base], tmp_path / "b", adapter=adapters[SPEC], progress=False)
+    for path in sorted(a.iterdir()):
+        assert path.read_bytes() == (b / path.name).read_bytes(), path.name
+
+
+def _dcp(iteration_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    metadata = dcp.FileSystemReader(iteration_dir).read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in keys}
+    dcp.load(tensors, checkpoint_id=iteration_dir, no_dist=True)
+    return tensors
+
+
+def test_every_target_is_w_plus_sba(adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
+    """Each merged HF tensor equals W + s·B@A computed here from torch's own reading of both checkpoints."""
+    out = convert(adapters[SPEC], tmp_path / "merged", progress=False)
+    hf = load_file(out / "model.safetensors")
+    modules = {
+        "self_attention.linear_qkv": 0,
+        "self_attention.linear_proj": 0,
+        "mlp.linear_fc1": 0,
+        "mlp.linear_fc2": 0,
+    }
+    keys = [f"decoder.layers.{m}.weight" for m in modules]
+    base = _dcp(checkpoints[SPEC.base] / "iter_0000010", keys)
+    adapter_dir = next(adapters[SPEC].glob("iter_*"))
+    lora = _dcp(adapter_dir, [k.replace(".weight", f".adapter.linear_{x}.weight") for k in keys for x in ("in", "out")])
+    scale = SPEC.alpha / SPEC.dim
+    groups, heads, head_dim = SPEC.base.num_query_groups, SPEC.base.num_attention_heads, SPEC.base.kv_channels
+    for layer in range(SPEC.base.num_layers):
+        merged = {}
+        for key in keys:
+            a = lora[key.replace(".weight", ".adapter.linear_in.weight")][layer].float()
+            b = lora[key.replace(".weight", ".adapter.linear_out.weight")][layer].float()
+            merged[key] = base[key][layer].float() + scale * b @ a
+        h = f"model.layers.{layer}."
+        qkv = merged["decoder.layers.self_attention.linear_qkv.weight"].view(
+            groups, -1, head_dim, SPEC.base.hidden_size
+        )
+        per_group = heads // groups
+        expected = {
+            h + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(-1, SPEC.base.hidden_size),
+            h + "self_attn.k_proj.weight": qkv[:, per_group].reshape(-1, SPEC.base.hidden_size),
+            h + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(-1, SPEC.base.hidden_size),
+            h + "self_attn.o_proj.weight": merged["decoder.layers.self_attention.linear_proj.weight"],
+            h + "mlp.gate_proj.weight": merged["decoder.layers.mlp.linear_fc1.weight"].chunk(2)[0],
+            h + "mlp.up_proj.weight": merged["decoder.layers.mlp.linear_fc1.weight"].chunk(2)[1],
+            h + "mlp.down_proj.weight": merged["decoder.layers.mlp.linear_fc2.weight"],
+        }
+        for name, tensor in expected.items():
+            assert torch.equal(hf[name], tensor.to(hf[name].dtype)), name
+
+
+@pytest.fixture
+def adapter_copy(adapters: dict, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(adapters[SPEC], tmp_path / "adapter"))
+
+
+def _edit_run_config(root: Path, edit) -> None:
+    file = next(root.glob("iter_*/run_config.yaml"))
+    file.write_text(edit(file.read_text()))
+
+
+def convert_fails(*args: str) -> str:
+    result = CliRunner().invoke(main, ["convert", *[str(a) for a in args], "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_missing_base(adapter_copy: Path, tmp_path: Path) -> None:
+    def elsewhere(text: str) -> str:
+        data = yaml.safe_load(text)
+        data["checkpoint"]["pretrained_checkpoint"] = str(tmp_path / "gone")
+        return yaml.safe_dump(data)
+
+    _edit_run_config(adapter_copy, elsewhere)
+    line = convert_fails(adapter_copy, tmp_path / "out")
+    assert "gone" in line and "does not exist" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_peft_section(adapter_copy: Path, tmp_path: Path) -> None:
+    def no_peft(text: str) -> str:
+        data = yaml.safe_load(text)
+        del data["peft"]
+        return yaml.safe_dump(data)
+
+    _edit_run_config(adapter_copy, no_peft)
+    line = convert_fails(adapter_copy, tmp_path / "out")
+    assert "no peft: alpha / dim" in line and "--lora-alpha" in line
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(adapter_copy),
+            str(tmp_path / "out"),
+            "-q",
+            "--lora-alpha",
+            str(SPEC.alpha),
+            "--lora-dim",
+            str(SPEC.dim),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_yaml_tag_that_builds_an_object(adapter_copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _edit_run_config(adapter_copy, lambda text: text + f"evil: !!python/object/apply:os.system ['touch {marker}']\n")
+    line = convert_fails(adapter_copy, tmp_path / "out")
+    assert "run_config.yaml" in line and "not a plain YAML document" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_adapter_that_does_not_fit_the_base(adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
+    line = convert_fails(checkpoints[MISFIT_BASE], tmp_path / "out", "--adapter", adapters[SPEC])
+    assert "does not fit base" in line and "linear_fc1" in line
+    assert not (tmp_path / "out").exists()
