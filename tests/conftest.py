@@ -33,7 +33,10 @@ LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fix
 ]
 DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)
 
-LORA_SPECS = [AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2))]  # all four targets, written at TP2
+LORA_SPECS = [
+    AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2)),  # all four targets, adapter-only save at TP2
+    AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), combined=True),  # base and adapter keys in one save
+]
 MISFIT_BASE = FixtureSpec(
     "qwen3", ffn_hidden_size=128
 )  # a base the LoRA adapter does not fit  # also saved as plain PyTorch DCP (torch_dcp)

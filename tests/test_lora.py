@@ -33,6 +33,12 @@ def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
     assert_matches_megatron(out, SPEC.base, adapters[SPEC])
 
 
+def test_checkpoint_holding_base_and_adapter(adapters: dict, tmp_path: Path) -> None:
+    spec = LORA_SPECS[1]
+    out = convert(adapters[spec], tmp_path / "merged", progress=False)
+    assert_matches_megatron(out, spec.base, adapters[spec])
+
+
 def test_adapter_option_gives_the_same_bytes(adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
     a = convert(adapters[SPEC], tmp_path / "a", progress=False)
     b = convert(checkpoints[SPEC.base], tmp_path / "b", adapter=adapters[SPEC], progress=False)
