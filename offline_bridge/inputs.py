@@ -39,9 +39,6 @@ def _open(path: str | Path, iteration: int | str | None = None) -> tuple[Checkpo
 
 def _lora(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
     peft = (run_config.peft if run_config else None) or {}
-    kind = str(peft.get("_target_", "lora")).lower()
-    if "canonical" in kind or "dora" in kind:
-        raise CheckpointError(f"{run_config.file}: merging {peft['_target_']} is not supported yet (plain LoRA only)")
     alpha = alpha if alpha is not None else peft.get("alpha")
     dim = dim if dim is not None else peft.get("dim")
     if alpha is None or dim is None:
@@ -49,7 +46,8 @@ def _lora(run_config: RunConfig | None, alpha: float | None, dim: int | None, wh
         raise CheckpointError(f"{where}: holds LoRA adapters but {source}; pass --lora-alpha and --lora-dim")
     if int(dim) <= 0:
         raise OptionError(f"LoRA dim must be positive, got {dim}")
-    return Lora(float(alpha), int(dim))
+    tp = run_config.tensor_parallel if run_config else 1
+    return Lora(float(alpha), int(dim), bool(peft.get("normalize_moe_lora", False)), tp)
 
 
 def open_checkpoint(

@@ -1,6 +1,7 @@
-"""LoRA merge, `W' = W + scale · B @ A`, in fp32 — on the GPU when one is present (or asked for), else CPU.
+"""Adapter merges in Megatron layout, all math in fp32 — on the GPU when one is present (or asked for).
 
-Like `casting`, it imports torch lazily: only conversions that merge pay for it.
+`W' = W + scale · fuse(B_i @ A_i)`; DoRA then rescales each output row to its magnitude. Like `casting`,
+it imports torch lazily: only conversions that merge pay for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import OptionError
+from .rules import Dims
 
 __all__ = ["merge", "resolve_device"]
 
@@ -41,17 +43,61 @@ def _tensor(array: np.ndarray, dtype: DType, device: Any) -> Any:
     return tensor.float()
 
 
+def _swiglu_rows(rows: Any, tp: int) -> Any:
+    """Undo the swiglu factory's order: rank r's local rows were saved as halves at blocks r and tp + r."""
+    import torch
+
+    blocks = rows.chunk(2 * tp)
+    return torch.cat([blocks[i] for r in range(tp) for i in (r, tp + r)])
+
+
+def _rank_major_gated(rows: Any, tp: int) -> Any:
+    """`[gate_r0, up_r0, gate_r1, up_r1, ...]` (rank-major local fc1 rows) → `[gate; up]`."""
+    import torch
+
+    blocks = rows.chunk(2 * tp)
+    return torch.cat([blocks[2 * r] for r in range(tp)] + [blocks[2 * r + 1] for r in range(tp)])
+
+
+def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
+    import torch
+
+    if layout == "plain":
+        return deltas[0]
+    if layout == "gated":  # canonical gate/up B rows went through the swiglu factory
+        return torch.cat(deltas)
+    q, k, v = deltas  # canonical q / k / v: interleave per query group as the fused QKV weight is
+    groups, columns = dims.num_query_groups, q.shape[1]
+    return torch.cat([q.view(groups, -1, columns), k.view(groups, -1, columns), v.view(groups, -1, columns)], 1).view(
+        -1, columns
+    )
+
+
 def merge(
     weight: np.ndarray,
     weight_dtype: DType,
-    a: np.ndarray,
-    b: np.ndarray,
+    pieces: list[tuple[np.ndarray, np.ndarray]],
     adapter_dtype: DType,
+    *,
+    layout: str,
     scale: float,
+    dims: Dims,
+    tp: int = 1,
+    magnitude: np.ndarray | None = None,
+    gated_rows: bool = False,
     device: str = "auto",
 ) -> np.ndarray:
-    """``weight + scale · b @ a`` as fp32 numpy, all math in fp32 (one rounding when the caller casts)."""
+    """The merged weight as fp32 numpy (one rounding when the caller casts to the output dtype)."""
     target = resolve_device(device)
-    w = _tensor(weight, weight_dtype, target)
-    delta = _tensor(b, adapter_dtype, target) @ _tensor(a, adapter_dtype, target)
-    return (w + scale * delta).cpu().numpy()
+    deltas = []
+    for a, b in pieces:
+        b_rows = _tensor(b, adapter_dtype, target)
+        if layout == "gated" and tp > 1:
+            b_rows = _swiglu_rows(b_rows, tp)
+        deltas.append(b_rows @ _tensor(a, adapter_dtype, target))
+    merged = _tensor(weight, weight_dtype, target) + scale * _fuse(deltas, layout, dims)
+    if magnitude is not None:  # DoRA: each output row rescaled to its learned magnitude
+        m = _tensor(magnitude, adapter_dtype, target)
+        m = _rank_major_gated(m, tp) if gated_rows else m
+        merged = m.unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
+    return merged.cpu().numpy()

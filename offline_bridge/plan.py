@@ -7,69 +7,17 @@ import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 
+from .adapters import find_delta
 from .dtypes import DType
 from .errors import CheckpointError, OptionError
 from .families import Family
-from .readers.base import Box, CheckpointReader, is_model_key
+from .readers.base import CheckpointReader, is_model_key
 from .rules import Dims, Rule
+from .schema import Delta, Lora, Source, Target
 
 __all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
-
-
-@dataclass(frozen=True)
-class Source:
-    """A Megatron tensor, or one layer / expert of a stacked one: each part's ``box`` picks it and ``shape``
-    drops the stacked axes. Several parts (swiglu halves saved apart as `<key>_w`, `<key>_v`) are joined
-    along the first remaining axis."""
-
-    parts: tuple[tuple[str, Box], ...]
-    shape: tuple[int, ...]
-    dtype: DType
-    pattern: str = ""  # the table pattern it was found by
-
-    @property
-    def key(self) -> str:
-        return self.parts[0][0]
-
-
-@dataclass(frozen=True)
-class Target:
-    """An HF tensor and where its bytes go (``file``, absolute byte ``offset``), once laid out."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: DType
-    file: str = ""
-    offset: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        size = self.dtype.itemsize
-        for n in self.shape:
-            size *= n
-        return size
-
-    @property
-    def numel(self) -> int:
-        return self.nbytes // self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class Lora:
-    """LoRA hyper-parameters: the merge adds ``alpha / dim · B @ A``."""
-
-    alpha: float
-    dim: int
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A LoRA adapter on a source tensor, merged in Megatron layout before the rule splits it."""
-
-    a: Source  # linear_in, [rank, in]
-    b: Source  # linear_out, [out, rank]
-    scale: float
 
 
 @dataclass(frozen=True)
@@ -178,32 +126,6 @@ def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: 
     )
 
 
-def _lora_delta(
-    reader: CheckpointReader, source: Source, index: dict[str, int], dims: Dims, lora: Lora | None
-) -> Delta | None:
-    """The LoRA adapter on ``source``'s module, if the checkpoint has one (Megatron-Bridge key layout)."""
-    if not source.pattern.endswith(".weight"):
-        return None
-    module = source.pattern[: -len(".weight")] + ".adapter."
-    a = _find(reader, (module + "linear_in.weight",), index, dims)
-    b = _find(reader, (module + "linear_out.weight",), index, dims)
-    if a is None and b is None:
-        return None
-    if a is None or b is None:
-        raise CheckpointError(f"{(a or b).key}: LoRA adapter of {source.key} has only one of linear_in / linear_out")
-    if lora is None:
-        raise CheckpointError(
-            f"{a.key}: the checkpoint holds LoRA adapters but no alpha / dim; pass --lora-alpha and --lora-dim "
-            "or use a run_config.yaml with a peft: section"
-        )
-    rank = a.shape[0]
-    if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(source.shape):
-        raise CheckpointError(
-            f"LoRA adapter {a.key} {list(a.shape)} / {b.key} {list(b.shape)} does not fit base {source.key} {list(source.shape)}"
-        )
-    return Delta(a, b, lora.alpha / lora.dim)
-
-
 def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, lora: Lora | None) -> list[Step]:
     def per_expert(rules: tuple[Rule, ...], index: dict[str, int]) -> list[tuple[Rule, dict[str, int]]]:
         return [
@@ -223,7 +145,7 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
         if rule.when is not None and not rule.when(dims, index.get("i")):
             continue
         source = _resolve(reader, rule, index, dims)
-        delta = _lora_delta(reader, source, index, dims, lora)
+        delta = find_delta(partial(_find, reader, index=index, dims=dims), source, lora)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -241,7 +163,7 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:
     """Every model tensor in the checkpoint must land somewhere: nothing is dropped silently."""
-    sources = [s for step in steps for s in (step.source, *((step.delta.a, step.delta.b) if step.delta else ()))]
+    sources = [s for step in steps for s in (step.source, *(step.delta.sources() if step.delta else ()))]
     used = {key for source in sources for key, _ in source.parts}
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:

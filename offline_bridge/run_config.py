@@ -22,6 +22,7 @@ class RunConfig:
     file: Path
     peft: dict[str, Any] | None  # the peft: section (alpha, dim, target_modules, _target_, ...)
     pretrained_checkpoint: str | None  # checkpoint.pretrained_checkpoint: the base save root or iter dir
+    tensor_parallel: int  # model.tensor_model_parallel_size of the run that saved it
 
 
 def load_run_config(iteration_dir: Path) -> RunConfig | None:
@@ -42,4 +43,7 @@ def load_run_config(iteration_dir: Path) -> RunConfig | None:
         raise CheckpointError(f"{file}: expected a mapping at the top level")
     checkpoint = data.get("checkpoint") if isinstance(data.get("checkpoint"), dict) else {}
     peft = data.get("peft") if isinstance(data.get("peft"), dict) else None
-    return RunConfig(file, peft, checkpoint.get("pretrained_checkpoint"))
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    return RunConfig(
+        file, peft, checkpoint.get("pretrained_checkpoint"), int(model.get("tensor_model_parallel_size") or 1)
+    )

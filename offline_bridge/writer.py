@@ -23,6 +23,7 @@ from .errors import BridgeError, OptionError
 from .lora_merge import merge
 from .plan import Plan, Source, Step
 from .readers.base import CheckpointReader
+from .rules import Dims
 
 __all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
 
@@ -62,13 +63,26 @@ def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _merged(reader: CheckpointReader, step: Step, device: str) -> tuple[np.ndarray, DType]:
-    """The step's source array and its dtype; with a LoRA delta, merged in fp32."""
+def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tuple[np.ndarray, DType]:
+    """The step's source array and its dtype; with an adapter, merged in fp32."""
     array = _read(reader, step.source)
-    if step.delta is None:
+    delta = step.delta
+    if delta is None:
         return array, step.source.dtype
-    a, b = _read(reader, step.delta.a), _read(reader, step.delta.b)
-    merged = merge(array, step.source.dtype, a, b, step.delta.a.dtype, step.delta.scale, device)
+    pieces = [(_read(reader, a), _read(reader, b)) for a, b in delta.pieces]
+    merged = merge(
+        array,
+        step.source.dtype,
+        pieces,
+        delta.pieces[0][0].dtype,
+        layout=delta.layout,
+        scale=delta.scale,
+        dims=dims,
+        tp=delta.tp,
+        magnitude=None if delta.magnitude is None else _read(reader, delta.magnitude),
+        gated_rows=delta.gated_rows,
+        device=device,
+    )
     return merged, FLOAT32
 
 
@@ -94,7 +108,7 @@ def write_weights(
             os.ftruncate(fd, file.size)
         with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for step in plan.steps:
-                array, dtype = _merged(reader, step, device)
+                array, dtype = _merged(reader, step, device, plan.dims)
                 for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
                     if out.shape != target.shape:
                         raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")

@@ -1,0 +1,88 @@
+"""Find the Megatron-Bridge adapter on a base tensor, from its key alone.
+
+The adapter of `<module>.weight` sits at `<module>.adapter.*`, with the same layer / expert axes as the
+base (so stacked, per-layer and per-expert layouts resolve like the base does):
+
+| variant | keys under `<module>.adapter.` | fused delta in Megatron layout |
+|---|---|---|
+| LoRA | `linear_in.weight` (A), `linear_out.weight` (B) | `B @ A` |
+| CanonicalLoRA on `linear_qkv` | `adapter_{q,k,v}.linear_{in,out}.weight` | q, k, v products interleaved per query group |
+| CanonicalLoRA on `linear_fc1` | `adapter_{gate,up}.linear_{in,out}.weight` | `[gate; up]` |
+| DoRA | LoRA keys + `weight_magnitude` | LoRA, then rows rescaled to the magnitude |
+| legacy shared experts | `experts.experts.<fc>.adapter.*` without an expert axis | one adapter for every expert |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import CheckpointError
+from .schema import Delta, Lora, Source
+
+__all__ = ["find_delta"]
+
+Find = Callable[[tuple[str, ...]], Source | None]
+
+_CANONICAL = {
+    "linear_qkv": (("adapter_q.", "adapter_k.", "adapter_v."), "qkv"),
+    "linear_fc1": (("adapter_gate.", "adapter_up."), "gated"),
+}
+
+
+def _find_shared(find: Find, pattern: str) -> Source | None:
+    """An adapter key, or its legacy form shared by all experts (no expert axis)."""
+    found = find((pattern,))
+    if found is None and ".experts.{e}." in pattern:
+        found = find((pattern.replace(".experts.{e}.", ".experts.experts."),))
+    return found
+
+
+def _pair(find: Find, prefix: str) -> tuple[Source, Source] | None:
+    a, b = _find_shared(find, prefix + "linear_in.weight"), _find_shared(find, prefix + "linear_out.weight")
+    if (a is None) != (b is None):
+        raise CheckpointError(f"{(a or b).key}: LoRA adapter has only one of linear_in / linear_out")
+    return None if a is None else (a, b)
+
+
+def find_delta(find: Find, source: Source, lora: Lora | None) -> Delta | None:
+    """The adapter merged into ``source``, if the checkpoint holds one; shapes checked against the base."""
+    if not source.pattern.endswith(".weight"):
+        return None
+    module = source.pattern[: -len(".weight")] + ".adapter."
+    pieces, layout = [], "plain"
+    plain = _pair(find, module)
+    if plain is not None:
+        pieces = [plain]
+    else:
+        names, fused = next((v for k, v in _CANONICAL.items() if source.pattern.endswith(f"{k}.weight")), ((), ""))
+        found = [_pair(find, module + name) for name in names]
+        if any(found):
+            if not all(found):
+                raise CheckpointError(f"{source.key}: CanonicalLoRA adapter lacks one of {', '.join(names)}")
+            pieces, layout = found, fused
+    magnitude = _find_shared(find, module + "weight_magnitude")
+    if not pieces:
+        if magnitude is not None:
+            raise CheckpointError(f"{magnitude.key}: DoRA magnitude without linear_in / linear_out")
+        return None
+    a0 = pieces[0][0]
+    if lora is None:
+        raise CheckpointError(
+            f"{a0.key}: the checkpoint holds LoRA adapters but no alpha / dim; pass --lora-alpha and --lora-dim "
+            "or use a run_config.yaml with a peft: section"
+        )
+    rank = a0.shape[0]
+    rows = sum(b.shape[0] for _, b in pieces)
+    shapes_fit = all(
+        len(a.shape) == 2 and len(b.shape) == 2 and a.shape == a0.shape and b.shape[1] == rank for a, b in pieces
+    )
+    if not shapes_fit or (rows, a0.shape[1]) != tuple(source.shape):
+        described = "; ".join(f"{a.key} {list(a.shape)}, {b.key} {list(b.shape)}" for a, b in pieces)
+        raise CheckpointError(f"LoRA adapter ({described}) does not fit base {source.key} {list(source.shape)}")
+    expert = "{e}" in source.pattern
+    if rank != lora.dim and not (expert and lora.normalize_moe):
+        raise CheckpointError(f"{a0.key}: adapter rank {rank} differs from the peft dim {lora.dim}")
+    if magnitude is not None and tuple(magnitude.shape) != (rows,):
+        raise CheckpointError(f"{magnitude.key}: DoRA magnitude {list(magnitude.shape)} does not fit {source.key}")
+    gated = source.pattern.endswith("linear_fc1.weight")
+    return Delta(tuple(pieces), layout, lora.alpha / rank, magnitude, lora.tp, gated)
