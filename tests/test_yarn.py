@@ -19,8 +19,9 @@ from offline_bridge.families.deepseek_v3 import FAMILY
 from offline_bridge.hf_config import derive_config
 from tools.megatron_fixtures import FixtureSpec, Yarn, build_fixtures
 
-# Both run past YaRN's original context in the reference forward (REFERENCE_SEQ = 12 tokens).
-YARN = FixtureSpec("deepseek_v3", tp=2, ep=2, yarn=Yarn())  # factor 8 over 8 positions, mscale 0.9 / all-dim 0.7
+# Factor 8 over an original context of 8 positions, which the reference forward (12 tokens) runs past;
+# mscale 0.9 and mscale_all_dim 0.7 scale both cos / sin and the softmax.
+YARN = FixtureSpec("deepseek_v3", tp=2, ep=2, yarn=Yarn())
 # mscale_all_dim 0: transformers would infer another cos / sin factor than Megatron's (attention_factor is
 # written); small betas move YaRN's ramp inside the 4 rotary frequencies.
 YARN_EDGE = FixtureSpec(

@@ -10,8 +10,9 @@ this module stays cheap.
 Families: dense ``llama``, ``qwen2``, ``qwen3``; mixture-of-experts ``qwen3_moe``,
 ``mixtral`` (softmax top-k routers) and ``deepseek_v3`` (multi-latent attention, sigmoid
 router with expert bias, group-limited routing, scaling factor, shared expert, dense
-first layer, one MTP layer). MoE layouts add expert parallelism (``ep``, ``etp``); the
-world is then ``pp · lcm(tp, etp · ep)`` ranks, data parallelism filling the rest.
+first layer, one MTP layer; plain RoPE or, with ``FixtureSpec.yarn``, YaRN rotary scaling).
+MoE layouts add expert parallelism (``ep``, ``etp``); the world is then
+``pp · lcm(tp, etp · ep)`` ranks, data parallelism filling the rest.
 Experts are SequentialMLPs (local spec, allgather dispatcher); the on-disk key names are
 those Transformer Engine runs write (see ``FixtureSpec.local_norm_keys``).
 
@@ -103,6 +104,34 @@ _MOE_NAME_TAGS = {
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN rotary scaling of multi-latent attention: MLATransformerConfig ``rope_type="yarn"`` and its fields.
+
+    The defaults are a toy DeepSeek-V3: the reference sequence (``REFERENCE_SEQ``) runs past the original
+    context, and both mscales differ from 1 so the cos / sin concentration and the softmax scale matter.
+    """
+
+    factor: float = 8.0  # rotary_scaling_factor; factor x original = SEQ_LENGTH, as HF configs have it
+    original_max_position_embeddings: int = 8
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.9
+    mscale_all_dim: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.factor < 1 or self.original_max_position_embeddings < 1 or min(self.beta_fast, self.beta_slow) <= 0:
+            raise ValueError(f"YaRN needs factor >= 1, original_max_position_embeddings >= 1, betas > 0: {self}")
+
+    @property
+    def tag(self) -> str:
+        """Short, filesystem-safe and unique per setting (part of ``FixtureSpec.name``)."""
+        values = (self.factor, self.original_max_position_embeddings, self.beta_fast, self.beta_slow)
+        return "yarn" + "".join(
+            f"{t}{v:g}" for t, v in zip(("f", "o", "bf", "bs", "m", "ma"), (*values, self.mscale, self.mscale_all_dim))
+        )
+
+
+@dataclass(frozen=True)
 class FixtureSpec:
     """One tiny GPT checkpoint: model family, training layout and sizes.
 
@@ -147,6 +176,7 @@ class FixtureSpec:
     qk_head_dim: int | None = None  # 16
     qk_pos_emb_head_dim: int | None = None  # 8
     v_head_dim: int | None = None  # 16
+    yarn: Yarn | None = None  # MLA rotary scaling; None = plain RoPE (rope_type="rope")
     # --- on-disk key variants
     singleton_local_shards: bool = False  # per-expert keys experts.{e}.*, swiglu halves as <key>_w / <key>_v
     # The local spec's own norm key names instead of the Transformer-Engine ones real runs write
@@ -167,6 +197,8 @@ class FixtureSpec:
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
         if isinstance(self.moe_layer_freq, list):
             object.__setattr__(self, "moe_layer_freq", tuple(self.moe_layer_freq))
+        if self.yarn is not None and self.family not in MLA_FAMILIES:
+            raise ValueError(f"yarn applies only to {MLA_FAMILIES}")
         defaults = family_defaults(self.family, self.num_layers)
         for field in _MOE_NAME_TAGS:
             if field in ("ep", "etp", "singleton_local_shards", "local_norm_keys"):
@@ -215,6 +247,8 @@ class FixtureSpec:
                     parts.append(tag + "".join(map(str, value)))
                 else:
                     parts.append(f"{tag}{'none' if value is None else value}")
+        if self.yarn is not None:
+            parts.append(self.yarn.tag)
         return "-".join(parts)
 
     @property
@@ -687,12 +721,25 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         qk_head_dim=spec.qk_head_dim,
         qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim,
         v_head_dim=spec.v_head_dim,
-        rope_type="rope",  # MLATransformerConfig defaults to YaRN
         rotary_base=spec.rotary_base,  # MLA reads the base from the config, not from GPTModel
-        rotary_scaling_factor=1.0,
-        mscale=1.0,
-        mscale_all_dim=0.0,
+        **_mla_rope(spec),
     )
+
+
+def _mla_rope(spec: FixtureSpec) -> dict[str, Any]:
+    """MLA's rotary settings, by their MLATransformerConfig names (Megatron-LM's args use the same ones)."""
+    yarn = spec.yarn
+    if yarn is None:  # MLATransformerConfig defaults to YaRN
+        return {"rope_type": "rope", "rotary_scaling_factor": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
+    return {
+        "rope_type": "yarn",
+        "rotary_scaling_factor": yarn.factor,
+        "original_max_position_embeddings": yarn.original_max_position_embeddings,
+        "beta_fast": yarn.beta_fast,
+        "beta_slow": yarn.beta_slow,
+        "mscale": yarn.mscale,
+        "mscale_all_dim": yarn.mscale_all_dim,
+    }
 
 
 def _sdpa_core_attention() -> type:
@@ -1001,12 +1048,10 @@ def _add_moe_args(args: argparse.Namespace, spec: FixtureSpec, tp: int, ep: int,
             qk_head_dim=spec.qk_head_dim,
             qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim,
             v_head_dim=spec.v_head_dim,
-            rope_type="rope",
-            rotary_scaling_factor=1.0,
-            mscale=1.0,
-            mscale_all_dim=0.0,
-            original_max_position_embeddings=SEQ_LENGTH,
         )
+        # --rope-type, --rotary-scaling-factor, --mscale, --mscale-all-dim; YaRN's original length and betas
+        # have no Megatron-LM flag: a YAML config sets them, and its fields land in args by those names.
+        vars(args).update({"original_max_position_embeddings": SEQ_LENGTH, **_mla_rope(spec)})
 
 
 def _plain_rng_state() -> dict[str, Any]:
