@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..rules import Copy, Dims, GatedMLP, dense_layer, moe_layer, only
-from . import llama
+from . import llama, qwen3_moe
 from .base import Family, as_mtp, flag
 from .moe import moe_layer_pattern
 
@@ -86,14 +86,7 @@ MOE = (
         expect=lambda c: (c["n_routed_experts"], c["hidden_size"]),
     ),
     Copy.of(M + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", when=moe_layer),
-    GatedMLP.of(
-        M + "mlp.experts.{e}.linear_fc1.weight",
-        H + "mlp.experts.{e}.gate_proj.weight",
-        H + "mlp.experts.{e}.up_proj.weight",
-        when=moe_layer,
-        expect=lambda c: (2 * c["moe_intermediate_size"], c["hidden_size"]),
-    ),
-    Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", H + "mlp.experts.{e}.down_proj.weight", when=moe_layer),
+    *qwen3_moe.EXPERTS,  # same names, same rules
     GatedMLP.of(
         M + "mlp.shared_experts.linear_fc1.weight",
         H + "mlp.shared_experts.gate_proj.weight",
