@@ -44,21 +44,22 @@ def _pair(find: Find, prefix: str) -> tuple[Source, Source] | None:
     return None if a is None else (a, b)
 
 
-def find_delta(find: Find, source: Source, lora: Lora | None) -> Delta | None:
-    """The adapter merged into ``source``, if the checkpoint holds one; shapes checked against the base."""
-    if not source.pattern.endswith(".weight"):
+def find_delta(find: Find, pattern: str, lora: Lora | None, base: Source | None = None) -> Delta | None:
+    """The adapter on the tensor of table ``pattern``, if the checkpoint holds one; shapes checked against
+    ``base`` when it is known (adapter export reads no base)."""
+    if not pattern.endswith(".weight"):
         return None
-    module = source.pattern[: -len(".weight")] + ".adapter."
+    module = pattern[: -len(".weight")] + ".adapter."
     pieces, layout = [], "plain"
     plain = _pair(find, module)
     if plain is not None:
         pieces = [plain]
     else:
-        names, fused = next((v for k, v in _CANONICAL.items() if source.pattern.endswith(f"{k}.weight")), ((), ""))
+        names, fused = next((v for k, v in _CANONICAL.items() if pattern.endswith(f"{k}.weight")), ((), ""))
         found = [_pair(find, module + name) for name in names]
         if any(found):
             if not all(found):
-                raise CheckpointError(f"{source.key}: CanonicalLoRA adapter lacks one of {', '.join(names)}")
+                raise CheckpointError(f"{module}: CanonicalLoRA adapter lacks one of {', '.join(names)}")
             pieces, layout = found, fused
     magnitude = _find_shared(find, module + "weight_magnitude")
     if not pieces:
@@ -76,13 +77,14 @@ def find_delta(find: Find, source: Source, lora: Lora | None) -> Delta | None:
     shapes_fit = all(
         len(a.shape) == 2 and len(b.shape) == 2 and a.shape == a0.shape and b.shape[1] == rank for a, b in pieces
     )
-    if not shapes_fit or (rows, a0.shape[1]) != tuple(source.shape):
+    if not shapes_fit or (base is not None and (rows, a0.shape[1]) != tuple(base.shape)):
         described = "; ".join(f"{a.key} {list(a.shape)}, {b.key} {list(b.shape)}" for a, b in pieces)
-        raise CheckpointError(f"LoRA adapter ({described}) does not fit base {source.key} {list(source.shape)}")
-    expert = "{e}" in source.pattern
+        fit = f"base {base.key} {list(base.shape)}" if base is not None else "itself"
+        raise CheckpointError(f"LoRA adapter ({described}) does not fit {fit}")
+    expert = "{e}" in pattern
     if rank != lora.dim and not (expert and lora.normalize_moe):
         raise CheckpointError(f"{a0.key}: adapter rank {rank} differs from the peft dim {lora.dim}")
     if magnitude is not None and tuple(magnitude.shape) != (rows,):
-        raise CheckpointError(f"{magnitude.key}: DoRA magnitude {list(magnitude.shape)} does not fit {source.key}")
-    gated = source.pattern.endswith("linear_fc1.weight")
+        raise CheckpointError(f"{magnitude.key}: DoRA magnitude {list(magnitude.shape)} does not fit {a0.key}")
+    gated = pattern.endswith("linear_fc1.weight")
     return Delta(tuple(pieces), layout, lora.alpha / rank, magnitude, lora.tp, gated)

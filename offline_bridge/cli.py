@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import click
 
 from .convert import convert
 from .errors import BridgeError
+from .export_adapter import export_adapter
 from .families import FAMILIES
 
 __all__ = ["main"]
@@ -65,12 +67,46 @@ def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object)
     directory. OUT_DIR receives config.json and model*.safetensors (+ model.safetensors.index.json).
     Exit codes: 0 done, 2 bad input or options, 1 internal error.
     """
+    _run(convert, ckpt_dir, out_dir, quiet, options)
+
+
+def _run(command: Callable[..., object], source: str, out_dir: str, quiet: bool, options: dict[str, object]) -> None:
+    """Run a command; errors become one line on stderr and the exit code (2 bad input, 1 internal)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        convert(ckpt_dir, out_dir, progress=not quiet, **options)  # type: ignore[arg-type]
+        command(source, out_dir, progress=not quiet, **options)
     except BridgeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command("export-adapter")
+@click.argument("adapter_ckpt", type=click.Path(path_type=str))
+@click.argument("out_dir", type=click.Path(path_type=str))
+@click.option(
+    "--hf-config",
+    type=click.Path(path_type=str),
+    help="config.json or HF model directory of the target model (default: the base checkpoint's args).",
+)
+@click.option(
+    "--base",
+    type=click.Path(path_type=str),
+    help="Base checkpoint whose args describe the model (default: run_config.yaml's pretrained_checkpoint).",
+)
+@click.option("--base-model-name-or-path", help="Recorded in adapter_config.json.")
+@click.option("--model-type", type=click.Choice(sorted(FAMILIES)), help="Model family; inferred when omitted.")
+@click.option("--iteration", help="Iteration to export (a number or 'release'); default: the latest.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default: run_config.yaml peft.alpha).")
+@click.option("--lora-dim", type=int, help="LoRA rank (default: run_config.yaml peft.dim).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
+def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **options: object) -> None:
+    """Export the Megatron-Bridge adapter ADAPTER_CKPT as a PEFT adapter in OUT_DIR, reading no base weights.
+
+    Writes adapter_model.safetensors and adapter_config.json. Experts are written per expert.
+    """
+    _run(export_adapter, adapter_ckpt, out_dir, quiet, options)

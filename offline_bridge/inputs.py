@@ -20,7 +20,7 @@ from .readers.base import is_model_key
 from .readers.combined import CombinedReader
 from .run_config import RunConfig, load_run_config
 
-__all__ = ["open_checkpoint"]
+__all__ = ["lora_settings", "open_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _open(path: str | Path, iteration: int | str | None = None) -> tuple[Checkpo
     return open_reader(directory), load_run_config(directory)
 
 
-def _lora(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
+def lora_settings(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
     peft = (run_config.peft if run_config else None) or {}
     alpha = alpha if alpha is not None else peft.get("alpha")
     dim = dim if dim is not None else peft.get("dim")
@@ -84,7 +84,7 @@ def open_checkpoint(
         else:
             reader = main
         has_adapters = any(ADAPTER_MARK in k for k in reader.tensors)
-        lora = _lora(run_config, lora_alpha, lora_dim, reader.path) if has_adapters else None
+        lora = lora_settings(run_config, lora_alpha, lora_dim, reader.path) if has_adapters else None
         return reader, lora
     except BaseException:
         for opened_reader in opened:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -126,7 +126,9 @@ def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: 
     )
 
 
-def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, lora: Lora | None) -> list[Step]:
+def expand(family: Family, dims: Dims) -> list[tuple[Rule, dict[str, int]]]:
+    """Every (rule, placeholder values) the family's tables apply to this model, in HF state-dict order."""
+
     def per_expert(rules: tuple[Rule, ...], index: dict[str, int]) -> list[tuple[Rule, dict[str, int]]]:
         return [
             (rule, {**index, "e": e} if "{e}" in rule.targets[0] else index)
@@ -140,12 +142,19 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     for depth in range(dims.num_mtp_layers):  # MTP layer k is HF layer num_layers + k
         work += per_expert(family.mtp, {"k": depth, "i": dims.num_layers + depth})
     work += per_expert(family.tail, {})
+    return [(rule, index) for rule, index in work if rule.when is None or rule.when(dims, index.get("i"))]
+
+
+def finder(reader: CheckpointReader, index: dict[str, int], dims: Dims) -> Callable[[tuple[str, ...]], Source | None]:
+    """Look tensors up by table pattern at fixed placeholder values."""
+    return partial(_find, reader, index=index, dims=dims)
+
+
+def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, lora: Lora | None) -> list[Step]:
     steps = []
-    for rule, index in work:
-        if rule.when is not None and not rule.when(dims, index.get("i")):
-            continue
+    for rule, index in expand(family, dims):
         source = _resolve(reader, rule, index, dims)
-        delta = find_delta(partial(_find, reader, index=index, dims=dims), source, lora)
+        delta = find_delta(finder(reader, index, dims), source.pattern, lora, source)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -196,7 +205,7 @@ def _safetensors_header(targets: list[Target]) -> tuple[bytes, list[Target]]:
     return header, [placed[t.name] for t in targets]
 
 
-def _layout(steps: list[Step], max_shard_size: int) -> tuple[list[Step], list[FilePlan]]:
+def layout(steps: list[Step], max_shard_size: int, stem: str = "model") -> tuple[list[Step], list[FilePlan]]:
     """Greedy fill in state-dict order, as transformers shards; one file needs no index."""
     shards: list[list[Target]] = [[]]
     size = 0
@@ -207,9 +216,9 @@ def _layout(steps: list[Step], max_shard_size: int) -> tuple[list[Step], list[Fi
         shards[-1].append(target)
         size += target.nbytes
     names = (
-        ["model.safetensors"]
+        [f"{stem}.safetensors"]
         if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     files, placed = [], {}
     for name, shard in zip(names, shards):
@@ -230,5 +239,5 @@ def build_plan(
     if len(names) != len(set(names)):
         raise CheckpointError(f"mapping {family.name} produces duplicate HF names")
     _check_all_used(reader, steps, family)
-    steps, files = _layout(steps, max_shard_size)
+    steps, files = layout(steps, max_shard_size)
     return Plan(tuple(steps), tuple(files), dtype, dims)

@@ -15,7 +15,19 @@ import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["QKV", "Copy", "Dims", "GatedMLP", "Rule", "VocabRows", "dense_layer", "moe_layer", "only", "untied"]
+__all__ = [
+    "QKV",
+    "Copy",
+    "Dims",
+    "GatedMLP",
+    "Repeat",
+    "Rule",
+    "VocabRows",
+    "dense_layer",
+    "moe_layer",
+    "only",
+    "untied",
+]
 
 Shape = tuple[int, ...]
 
@@ -164,3 +176,14 @@ class GatedMLP(Rule):
 def only(when: Condition, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
     """The same rules, applied only where ``when`` holds (e.g. dense MLP rules on dense layers)."""
     return tuple(replace(rule, when=when) for rule in rules)
+
+
+@dataclass(frozen=True)
+class Repeat(Rule):
+    """One tensor written under every target name (a LoRA A shared by the parts of a fused weight)."""
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        return [shape] * len(self.targets)
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [array] * len(self.targets)

@@ -1,0 +1,160 @@
+"""`export-adapter`: a Megatron-Bridge adapter as a Hugging Face PEFT adapter, without reading the base.
+
+The family tables say which HF modules a Megatron tensor becomes; the adapter follows them:
+- the LoRA A of a fused weight is shared by its parts (written once per part);
+- its B is split by the same rule as the weight (QKV per query group, fc1 halves), rank as feature dim;
+- CanonicalLoRA pieces are already per part;
+- experts are written per expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout).
+Anything PEFT cannot express (DoRA magnitudes, experts with normalized ranks, embeddings) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .adapters import find_delta
+from .discovery import find_iteration_dir
+from .dtypes import by_option
+from .errors import CheckpointError
+from .families import Family, family_by_name, family_for_args, family_for_config
+from .hf_config import derive_config, dims_of, load_config
+from .inputs import lora_settings
+from .plan import Plan, Step, Target, expand, finder, layout
+from .readers import open_reader
+from .readers.base import CheckpointReader, is_model_key
+from .rules import Copy, Dims, Repeat, Rule, VocabRows
+from .run_config import load_run_config
+from .schema import Delta, Lora
+from .writer import staged_output, write_json, write_weights
+
+__all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter_model"
+PREFIX = "base_model.model."
+
+
+def _modules(rule: Rule, index: dict[str, int]) -> list[str]:
+    return [t.format(**index).removesuffix(".weight") for t in rule.targets]
+
+
+def _pieces(rule: Rule, delta: Delta, modules: list[str], dims: Dims) -> list[tuple[Rule, Any, list[str]]]:
+    """(rule, source, HF tensor names) for the A and B of one Megatron adapter."""
+    if delta.layout == "plain":
+        a, b = delta.pieces[0]
+        return [
+            (Repeat((a.pattern,), tuple(modules)), a, [f"{PREFIX}{m}.lora_A.weight" for m in modules]),
+            (rule, b, [f"{PREFIX}{m}.lora_B.weight" for m in modules]),
+        ]
+    if delta.layout == "gated" and delta.tp > 1:
+        raise CheckpointError(
+            f"{delta.pieces[0][1].key}: CanonicalLoRA gate/up saved at TP{delta.tp} have permuted rows; "
+            "export from a TP1 save or merge with `convert` instead"
+        )
+    out = []
+    for (a, b), module in zip(delta.pieces, modules, strict=True):
+        out.append((Copy((a.pattern,), (module,)), a, [f"{PREFIX}{module}.lora_A.weight"]))
+        out.append((Copy((b.pattern,), (module,)), b, [f"{PREFIX}{module}.lora_B.weight"]))
+    return out
+
+
+def build_adapter_plan(family: Family, reader: CheckpointReader, dims: Dims, lora: Lora, dtype_name: str) -> Plan:
+    """The PEFT adapter's tensors, from the adapter checkpoint's metadata alone."""
+    steps: list[Step] = []
+    used: set[str] = set()
+    for rule, index in expand(family, dims):
+        find = finder(reader, index, dims)
+        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora)) is not None), None)
+        if delta is None:
+            continue
+        where = delta.pieces[0][0].key
+        if delta.magnitude is not None:
+            raise CheckpointError(
+                f"{delta.magnitude.key}: exporting DoRA adapters is not supported yet; merge with `convert`"
+            )
+        if isinstance(rule, VocabRows):
+            raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
+        if delta.pieces[0][0].shape[0] != lora.dim:
+            raise CheckpointError(
+                f"{where}: rank {delta.pieces[0][0].shape[0]} differs from r={lora.dim}; merge with `convert`"
+            )
+        for piece_rule, source, names in _pieces(rule, delta, _modules(rule, index), dims):
+            dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
+            shapes = piece_rule.target_shapes(source.shape, dims, source.key)
+            steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
+            used.update(key for key, _ in source.parts)
+    unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
+    if unused:
+        raise CheckpointError(
+            f"{reader.path}: adapter tensors the {family.name} tables cannot place: {', '.join(unused[:5])}"
+        )
+    if not steps:
+        raise CheckpointError(f"{reader.path}: no LoRA adapter tensors found")
+    steps, files = layout(steps, 2**62, stem=ADAPTER_FILE)
+    return Plan(tuple(steps), tuple(files), steps[0].targets[0].dtype, dims)
+
+
+def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, Any]:
+    """PEFT's adapter_config.json for the written keys."""
+    modules = sorted({t.name.removeprefix(PREFIX).rsplit(".", 2)[0].rsplit(".", 1)[-1] for t in plan.targets()})
+    return {
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "peft_type": "LORA",
+        "r": lora.dim,
+        "rank_pattern": {},
+        "target_modules": modules,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+def export_adapter(
+    adapter_ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    hf_config: str | Path | None = None,
+    base: str | Path | None = None,
+    base_model_name_or_path: str | None = None,
+    model_type: str | None = None,
+    iteration: int | str | None = None,
+    dtype: str = "auto",
+    lora_alpha: float | None = None,
+    lora_dim: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` for PEFT from a Bridge adapter save.
+
+    The HF model's shapes come from ``hf_config``, or from the base checkpoint's Megatron args (``base``,
+    else run_config.yaml's pretrained_checkpoint) — its tensors are never read.
+    """
+    directory = find_iteration_dir(adapter_ckpt, iteration)
+    run_config = load_run_config(directory)
+    with open_reader(directory) as reader:
+        if hf_config is not None:
+            config, _ = load_config(hf_config)
+            family = family_by_name(model_type) if model_type else family_for_config(config)
+        else:
+            base = base or (run_config.pretrained_checkpoint if run_config else None)
+            if base is None:
+                raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
+            with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
+                args = base_reader.args
+            family = family_by_name(model_type) if model_type else family_for_args(args)
+            config = derive_config(args, family, vocab_size=None)
+        lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
+        plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype)
+        with staged_output(out_dir, overwrite=overwrite) as staging:
+            write_weights(plan, reader, staging, progress=progress)
+            write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
+    return Path(out_dir)

@@ -1,0 +1,76 @@
+"""`export-adapter`: real PEFT loads the exported adapter onto the converted base and matches `convert --adapter`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import LORA_SPECS
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from offline_bridge import convert
+from offline_bridge.cli import main
+from tools.lora_fixtures import build_adapters
+from tools.megatron_fixtures import reference_logits
+
+SPEC = LORA_SPECS[0]
+
+
+@pytest.fixture(scope="session")
+def exported(megatron_cache: Path, checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The converted base, the merged model, and the adapter exported with the base checkpoint out of reach."""
+    adapter = build_adapters([SPEC], megatron_cache)[SPEC]
+    tmp = tmp_path_factory.mktemp("export")
+    base = convert(checkpoints[SPEC.base], tmp / "base", progress=False)
+    merged = convert(adapter, tmp / "merged", progress=False)
+    lonely = Path(shutil.copytree(adapter, tmp / "adapter-only"))
+    run_config = next(lonely.glob("iter_*/run_config.yaml"))
+    data = yaml.safe_load(run_config.read_text())
+    data["checkpoint"]["pretrained_checkpoint"] = str(tmp / "no-such-base")
+    run_config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(
+        main,
+        [
+            "export-adapter",
+            str(lonely),
+            str(tmp / "peft"),
+            "-q",
+            "--hf-config",
+            str(base / "config.json"),
+            "--base-model-name-or-path",
+            "base",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return {"base": base, "merged": merged, "peft": tmp / "peft", "adapter": adapter}
+
+
+def test_adapter_files(exported: dict[str, Path]) -> None:
+    config = json.loads((exported["peft"] / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", SPEC.dim, SPEC.alpha)
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == "base"
+    keys = load_file(exported["peft"] / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * 7 * SPEC.base.num_layers
+
+
+def test_peft_logits_equal_the_merged_model(exported: dict[str, Path]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(exported["base"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, exported["peft"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32).eval()
+    input_ids, _ = reference_logits(exported["adapter"])
+    with torch.no_grad():
+        diff = (peft_model(input_ids).logits - merged(input_ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+    unloaded = peft_model.merge_and_unload().state_dict()
+    for name, tensor in load_file(exported["merged"] / "model.safetensors").items():
+        torch.testing.assert_close(unloaded[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
