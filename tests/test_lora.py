@@ -161,3 +161,16 @@ def test_adapter_that_does_not_fit_the_base(adapters: dict, checkpoints: dict, t
     line = convert_fails(checkpoints[MISFIT_BASE], tmp_path / "out", "--adapter", adapters[SPEC])
     assert "does not fit base" in line and "linear_fc1" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_a_gpu(adapters: dict, tmp_path: Path) -> None:
+    line = convert_fails(adapters[SPEC], tmp_path / "out", "--device", "cuda")
+    assert "torch sees no CUDA device" in line and "--device cpu" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_device_gives_the_auto_bytes(adapters: dict, tmp_path: Path) -> None:
+    auto = convert(adapters[SPEC], tmp_path / "auto", progress=False)
+    cpu = convert(adapters[SPEC], tmp_path / "cpu", device="cpu", progress=False)
+    assert (auto / "model.safetensors").read_bytes() == (cpu / "model.safetensors").read_bytes()
