@@ -3,14 +3,13 @@
 The family tables say which HF modules a Megatron tensor becomes; the adapter follows them:
 - the LoRA A of a fused weight is shared by its parts (written once per part);
 - its B is split by the same rule as the weight (QKV per query group, fc1 halves), rank as feature dim;
-- CanonicalLoRA pieces are already per part;
+- CanonicalLoRA pieces are already per part (gate/up B rows put back in true order);
 - experts are written per expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout).
 Anything PEFT cannot express (DoRA magnitudes, experts with normalized ranks, embeddings) is refused.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,12 @@ from .inputs import lora_settings
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
-from .rules import Copy, Dims, Repeat, Rule, VocabRows
+from .rules import Copy, Dims, Repeat, Rule, SwigluRows, VocabRows
 from .run_config import load_run_config
 from .schema import Delta, Lora
 from .writer import staged_output, write_json, write_weights
 
 __all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]
-
-log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model"
 PREFIX = "base_model.model."
@@ -41,7 +38,7 @@ def _modules(rule: Rule, index: dict[str, int]) -> list[str]:
     return [t.format(**index).removesuffix(".weight") for t in rule.targets]
 
 
-def _pieces(rule: Rule, delta: Delta, modules: list[str], dims: Dims) -> list[tuple[Rule, Any, list[str]]]:
+def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, Any, list[str]]]:
     """(rule, source, HF tensor names) for the A and B of one Megatron adapter."""
     if delta.layout == "plain":
         a, b = delta.pieces[0]
@@ -49,15 +46,15 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str], dims: Dims) -> list[tu
             (Repeat((a.pattern,), tuple(modules)), a, [f"{PREFIX}{m}.lora_A.weight" for m in modules]),
             (rule, b, [f"{PREFIX}{m}.lora_B.weight" for m in modules]),
         ]
-    if delta.layout == "gated" and delta.tp > 1:
-        raise CheckpointError(
-            f"{delta.pieces[0][1].key}: CanonicalLoRA gate/up saved at TP{delta.tp} have permuted rows; "
-            "export from a TP1 save or merge with `convert` instead"
-        )
     out = []
     for (a, b), module in zip(delta.pieces, modules, strict=True):
+        b_rule = (
+            SwigluRows((b.pattern,), (module,), tp=delta.tp)
+            if delta.layout == "gated"
+            else Copy((b.pattern,), (module,))
+        )
         out.append((Copy((a.pattern,), (module,)), a, [f"{PREFIX}{module}.lora_A.weight"]))
-        out.append((Copy((b.pattern,), (module,)), b, [f"{PREFIX}{module}.lora_B.weight"]))
+        out.append((b_rule, b, [f"{PREFIX}{module}.lora_B.weight"]))
     return out
 
 
@@ -81,7 +78,7 @@ def build_adapter_plan(family: Family, reader: CheckpointReader, dims: Dims, lor
             raise CheckpointError(
                 f"{where}: rank {delta.pieces[0][0].shape[0]} differs from r={lora.dim}; merge with `convert`"
             )
-        for piece_rule, source, names in _pieces(rule, delta, _modules(rule, index), dims):
+        for piece_rule, source, names in _pieces(rule, delta, _modules(rule, index)):
             dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
             shapes = piece_rule.target_shapes(source.shape, dims, source.key)
             steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))

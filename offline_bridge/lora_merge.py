@@ -13,7 +13,7 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import OptionError
-from .rules import Dims
+from .rules import Dims, rank_major_gated, swiglu_rows
 
 __all__ = ["merge", "resolve_device"]
 
@@ -41,22 +41,6 @@ def _tensor(array: np.ndarray, dtype: DType, device: Any) -> Any:
     if device.type == "cuda":  # pinned host memory lets the copy overlap with the previous matmul
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     return tensor.float()
-
-
-def _swiglu_rows(rows: Any, tp: int) -> Any:
-    """Undo the swiglu factory's order: rank r's local rows were saved as halves at blocks r and tp + r."""
-    import torch
-
-    blocks = rows.chunk(2 * tp)
-    return torch.cat([blocks[i] for r in range(tp) for i in (r, tp + r)])
-
-
-def _rank_major_gated(rows: Any, tp: int) -> Any:
-    """`[gate_r0, up_r0, gate_r1, up_r1, ...]` (rank-major local fc1 rows) → `[gate; up]`."""
-    import torch
-
-    blocks = rows.chunk(2 * tp)
-    return torch.cat([blocks[2 * r] for r in range(tp)] + [blocks[2 * r + 1] for r in range(tp)])
 
 
 def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
@@ -91,13 +75,10 @@ def merge(
     target = resolve_device(device)
     deltas = []
     for a, b in pieces:
-        b_rows = _tensor(b, adapter_dtype, target)
-        if layout == "gated" and tp > 1:
-            b_rows = _swiglu_rows(b_rows, tp)
-        deltas.append(b_rows @ _tensor(a, adapter_dtype, target))
+        rows = swiglu_rows(b, tp) if layout == "gated" else b
+        deltas.append(_tensor(rows, adapter_dtype, target) @ _tensor(a, adapter_dtype, target))
     merged = _tensor(weight, weight_dtype, target) + scale * _fuse(deltas, layout, dims)
     if magnitude is not None:  # DoRA: each output row rescaled to its learned magnitude
-        m = _tensor(magnitude, adapter_dtype, target)
-        m = _rank_major_gated(m, tp) if gated_rows else m
+        m = _tensor(rank_major_gated(magnitude, tp) if gated_rows else magnitude, adapter_dtype, target)
         merged = m.unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
     return merged.cpu().numpy()

@@ -187,3 +187,26 @@ class Repeat(Rule):
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         return [array] * len(self.targets)
+
+
+def swiglu_rows(array: np.ndarray, tp: int) -> np.ndarray:
+    """Rows saved by Megatron's swiglu sharded-state-dict factory at training TP ``tp`` back in true order:
+    rank t's local rows were split in halves stored at blocks t and tp + t of 2·tp."""
+    blocks = np.split(array, 2 * tp)
+    return np.concatenate([blocks[i] for r in range(tp) for i in (r, tp + r)])
+
+
+def rank_major_gated(array: np.ndarray, tp: int) -> np.ndarray:
+    """Rank-major local fc1 rows `[gate_0, up_0, gate_1, up_1, ...]` (DoRA magnitudes) → `[gate; up]`."""
+    blocks = np.split(array, 2 * tp)
+    return np.concatenate(blocks[0::2] + blocks[1::2])
+
+
+@dataclass(frozen=True)
+class SwigluRows(Rule):
+    """One tensor whose rows are in the swiglu factory's order (CanonicalLoRA gate/up B), put in true order."""
+
+    tp: int = 1
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [swiglu_rows(array, self.tp)]
