@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 
 from .adapters import find_delta
@@ -15,42 +15,9 @@ from .errors import CheckpointError, OptionError
 from .families import Family
 from .readers.base import CheckpointReader, is_model_key
 from .rules import Dims, Rule
-from .schema import Delta, Lora, Source, Target
+from .schema import Delta, FilePlan, Lora, Plan, Source, Step, Target
 
 __all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One read (plus an optional LoRA delta) and one rule: ``source`` → ``targets``."""
-
-    rule: Rule
-    source: Source
-    targets: tuple[Target, ...]
-    delta: Delta | None = None
-
-
-@dataclass(frozen=True)
-class FilePlan:
-    name: str
-    header: bytes  # the 8-byte length plus the JSON header, padded to 8 bytes
-    size: int  # total file size
-
-
-@dataclass(frozen=True)
-class Plan:
-    steps: tuple[Step, ...]
-    files: tuple[FilePlan, ...]
-    dtype: DType
-    dims: Dims
-
-    def targets(self) -> Iterator[Target]:
-        for step in self.steps:
-            yield from step.targets
-
-    @property
-    def total_size(self) -> int:
-        return sum(t.nbytes for t in self.targets())
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .dtypes import DType
 from .readers.base import Box
+from .rules import Dims, Rule
 
-__all__ = ["Delta", "Lora", "Source", "Target"]
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,36 @@ class Delta:
 
     def sources(self) -> tuple[Source, ...]:
         return (*(s for pair in self.pieces for s in pair), *((self.magnitude,) if self.magnitude else ()))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One read (plus an optional LoRA delta) and one rule: ``source`` → ``targets``."""
+
+    rule: Rule
+    source: Source
+    targets: tuple[Target, ...]
+    delta: Delta | None = None
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    name: str
+    header: bytes  # the 8-byte length plus the JSON header, padded to 8 bytes
+    size: int  # total file size
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    files: tuple[FilePlan, ...]
+    dtype: DType
+    dims: Dims
+
+    def targets(self) -> Iterator[Target]:
+        for step in self.steps:
+            yield from step.targets
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.targets())
