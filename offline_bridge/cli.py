@@ -102,11 +102,18 @@ def _run(command: Callable[..., object], source: str, out_dir: str, quiet: bool,
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True)
 @click.option("--lora-alpha", type=float, help="LoRA alpha (default: run_config.yaml peft.alpha).")
 @click.option("--lora-dim", type=int, help="LoRA rank (default: run_config.yaml peft.dim).")
+@click.option(
+    "--expert-format",
+    type=click.Choice(["paramwrapper", "per-expert"]),
+    default="paramwrapper",
+    show_default=True,
+    help="Experts as PEFT ParamWrapper tensors on fused experts, or per expert (v4).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **options: object) -> None:
     """Export the Megatron-Bridge adapter ADAPTER_CKPT as a PEFT adapter in OUT_DIR, reading no base weights.
 
-    Writes adapter_model.safetensors and adapter_config.json. Experts are written per expert.
+    Writes adapter_model.safetensors and adapter_config.json.
     """
     _run(export_adapter, adapter_ckpt, out_dir, quiet, options)

@@ -4,7 +4,8 @@ The family tables say which HF modules a Megatron tensor becomes; the adapter fo
 - the LoRA A of a fused weight is shared by its parts (written once per part);
 - its B is split by the same rule as the weight (QKV per query group, fc1 halves), rank as feature dim;
 - CanonicalLoRA pieces are already per part (gate/up B rows put back in true order);
-- experts are written per expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout).
+- experts go to transformers-5's fused `gate_up_proj` / `down_proj` as PEFT ParamWrapper tensors, or per
+  expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`.
 Anything PEFT cannot express (DoRA magnitudes, experts with normalized ranks, embeddings) is refused.
 """
 
@@ -16,16 +17,16 @@ from typing import Any
 from .adapters import find_delta
 from .discovery import find_iteration_dir
 from .dtypes import by_option
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import derive_config, dims_of, load_config
 from .inputs import lora_settings
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
-from .rules import Copy, Dims, Repeat, Rule, SwigluRows, VocabRows
+from .rules import Copy, Dims, ExpertMajorA, GatedMLP, RankMajorB, Repeat, Rule, SwigluRows, VocabRows
 from .run_config import load_run_config
-from .schema import Delta, Lora
+from .schema import Delta, Lora, Source
 from .writer import staged_output, write_json, write_weights
 
 __all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]
@@ -58,11 +59,66 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
     return out
 
 
-def build_adapter_plan(family: Family, reader: CheckpointReader, dims: Dims, lora: Lora, dtype_name: str) -> Plan:
+# transformers 5 fuses each layer's experts into two parameters; the Megatron expert rule says which.
+_FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
+
+
+def _layer_adapter(
+    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims
+) -> tuple[Source, Source] | None:
+    """A layer's expert adapter with its expert axis (or shared by all experts), for ParamWrapper."""
+    module = rule.sources[0].removesuffix(".weight").replace(".experts.{e}.", ".experts.experts.") + ".adapter."
+    find = finder(reader, {k: v for k, v in index.items() if k != "e"}, dims)
+    a, b = find((module + "linear_in.weight",)), find((module + "linear_out.weight",))
+    return None if a is None or b is None else (a, b)
+
+
+def _paramwrapper(
+    family: Family, reader: CheckpointReader, dims: Dims, rules: list[tuple[Rule, dict[str, int]]]
+) -> list[tuple[Rule, Source, list[str]]]:
+    """ParamWrapper pieces for one layer's expert rules: A expert-major, B rank-major; with both parameters
+    targeted, gate_up_proj (registered first) is the inner `base_layer`."""
+    found = [(rule, index, _layer_adapter(reader, rule, index, dims)) for rule, index in rules]
+    found = [(rule, index, pair) for rule, index, pair in found if pair is not None]
+    out = []
+    for rule, index, (a, b) in found:
+        parameter = _FUSED_EXPERTS[type(rule)]
+        owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
+        inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
+        name = f"{PREFIX}{owner}{inner}"
+        out.append((ExpertMajorA((a.pattern,), (parameter,), experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
+        out.append((RankMajorB((b.pattern,), (parameter,), experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
+    return out
+
+
+def build_adapter_plan(
+    family: Family,
+    reader: CheckpointReader,
+    dims: Dims,
+    lora: Lora,
+    dtype_name: str,
+    expert_format: str = "paramwrapper",
+) -> Plan:
     """The PEFT adapter's tensors, from the adapter checkpoint's metadata alone."""
     steps: list[Step] = []
     used: set[str] = set()
-    for rule, index in expand(family, dims):
+
+    def add(piece_rule: Rule, source: Source, names: list[str]) -> None:
+        dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
+        shapes = piece_rule.target_shapes(source.shape, dims, source.key)
+        steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
+        used.update(key for key, _ in source.parts)
+
+    work = expand(family, dims)
+    if expert_format == "paramwrapper":
+        experts = [(rule, index) for rule, index in work if index.get("e") == 0]
+        work = [(rule, index) for rule, index in work if "e" not in index]
+        for layer in sorted({index["i"] for _, index in experts}):
+            for piece in _paramwrapper(family, reader, dims, [(r, i) for r, i in experts if i["i"] == layer]):
+                add(*piece)
+    elif expert_format != "per-expert":
+        raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
+    for rule, index in work:
         find = finder(reader, index, dims)
         delta = next((d for p in rule.sources if (d := find_delta(find, p, lora)) is not None), None)
         if delta is None:
@@ -78,11 +134,8 @@ def build_adapter_plan(family: Family, reader: CheckpointReader, dims: Dims, lor
             raise CheckpointError(
                 f"{where}: rank {delta.pieces[0][0].shape[0]} differs from r={lora.dim}; merge with `convert`"
             )
-        for piece_rule, source, names in _pieces(rule, delta, _modules(rule, index)):
-            dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
-            shapes = piece_rule.target_shapes(source.shape, dims, source.key)
-            steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
-            used.update(key for key, _ in source.parts)
+        for piece in _pieces(rule, delta, _modules(rule, index)):
+            add(*piece)
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:
         raise CheckpointError(
@@ -95,9 +148,15 @@ def build_adapter_plan(family: Family, reader: CheckpointReader, dims: Dims, lor
 
 
 def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, Any]:
-    """PEFT's adapter_config.json for the written keys."""
-    modules = sorted({t.name.removeprefix(PREFIX).rsplit(".", 2)[0].rsplit(".", 1)[-1] for t in plan.targets()})
+    """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
+    modules, parameters = set(), set()
+    for step in plan.steps:
+        if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
+            parameters.add(f"mlp.experts.{step.rule.targets[0]}")
+        else:
+            modules.update(t.name.removeprefix(PREFIX).rsplit(".", 2)[0].rsplit(".", 1)[-1] for t in step.targets)
     return {
+        "target_parameters": sorted(parameters) or None,
         "alpha_pattern": {},
         "base_model_name_or_path": base_model,
         "bias": "none",
@@ -108,7 +167,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
         "peft_type": "LORA",
         "r": lora.dim,
         "rank_pattern": {},
-        "target_modules": modules,
+        "target_modules": sorted(modules) or None,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
         "use_rslora": False,
@@ -127,6 +186,7 @@ def export_adapter(
     dtype: str = "auto",
     lora_alpha: float | None = None,
     lora_dim: int | None = None,
+    expert_format: str = "paramwrapper",
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -150,7 +210,7 @@ def export_adapter(
             family = family_by_name(model_type) if model_type else family_for_args(args)
             config = derive_config(args, family, vocab_size=None)
         lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
-        plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype)
+        plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
         with staged_output(out_dir, overwrite=overwrite) as staging:
             write_weights(plan, reader, staging, progress=progress)
             write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))

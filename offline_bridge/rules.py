@@ -210,3 +210,32 @@ class SwigluRows(Rule):
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         return [swiglu_rows(array, self.tp)]
+
+
+@dataclass(frozen=True)
+class ExpertMajorA(Rule):
+    """A layer's expert LoRA A `[E, r, in]` (or one shared `[r, in]`) as PEFT ParamWrapper's `[E·r, in]`."""
+
+    experts: int = 0
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        return [(self.experts * shape[-2], shape[-1])]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        stacked = array if array.ndim == 3 else np.broadcast_to(array, (self.experts, *array.shape))
+        return [np.ascontiguousarray(stacked).reshape(-1, array.shape[-1])]
+
+
+@dataclass(frozen=True)
+class RankMajorB(Rule):
+    """A layer's expert LoRA B `[E, out, r]` (or one shared `[out, r]`) as ParamWrapper's `[out, r·E]`:
+    column `j·E + e` is expert e's rank-j column."""
+
+    experts: int = 0
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        return [(shape[-2], shape[-1] * self.experts)]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        stacked = array if array.ndim == 3 else np.broadcast_to(array, (self.experts, *array.shape))
+        return [np.ascontiguousarray(stacked.transpose(1, 2, 0)).reshape(array.shape[-2], -1)]
