@@ -1,17 +1,25 @@
-"""Megatron-Bridge LoRA (PEFT) checkpoints for tests, written on CPU by megatron-core.
+"""Megatron-Bridge PEFT checkpoints (LoRA, CanonicalLoRA, DoRA) for tests, written on CPU by megatron-core.
 
-A Megatron-Bridge LoRA run saves only its adapters: per wrapped linear, ``<module>.adapter.linear_in.weight``
+A Megatron-Bridge PEFT run saves only its adapters: per wrapped linear, ``<module>.adapter.linear_in.weight``
 (A, ``[dim, in]``) and ``<module>.adapter.linear_out.weight`` (B, ``[out, dim]``), stacked with a leading
-layer axis like the base weights, TP-sharded as the adapters were trained, plus a ``run_config.yaml`` whose
-``checkpoint.pretrained_checkpoint`` names the base save root and whose ``peft:`` section holds alpha and
-dim. This module writes such saves with megatron-core's own ``dist_checkpointing.save`` (one spawned gloo
-rank per TP rank), for a base written by :func:`tools.megatron_fixtures.build_fixtures`, and computes the
-reference: Megatron's own forward of the base with every targeted weight replaced by
-``W + (alpha/dim)·B@A`` (rounded to the base dtype, as a merged checkpoint stores it).
+layer axis like the base weights, sharded as the adapters were trained, plus a ``run_config.yaml`` whose
+``checkpoint.pretrained_checkpoint`` names the base save root and whose ``peft:`` section holds alpha, dim
+and the PEFT class. This module writes such saves with megatron-core's own ``dist_checkpointing.save``
+(spawned gloo ranks at the adapter's TP / EP / expert-TP layout), for a base written by
+:func:`tools.megatron_fixtures.build_fixtures`, and computes the reference: Megatron's own TP1 EP1 fp32
+forward of the base with every targeted weight replaced, in Megatron layout, by the merged weight
+(rounded to the base dtype, as a merged checkpoint stores it):
 
-Adapter values are generated globally (seeded, per layer) and each rank saves its slice; the reference
-pass reads the saved tensors back with plain ``torch.distributed.checkpoint`` and checks that they equal
-the generated ones before merging them. Megatron is imported only inside the spawned workers.
+- ``lora``: ``W + (alpha/dim)·B@A``; on MoE bases expert ``e`` takes its slot ``B[e]@A[e]`` (or the shared
+  2-D adapter), ``dim`` being the expert's effective rank (see ``AdapterSpec.normalize_moe_lora``);
+- ``canonical_lora``: ``W + s·ΔW`` with the fused QKV delta interleaving ``ΔWq, ΔWk, ΔWv`` per query group
+  and the fc1 delta ``[ΔW_gate; ΔW_up]`` (true row order);
+- ``dora``: ``m / ||W + s·B@A||_row · (W + s·B@A)`` (row norm over the input axis, per output row).
+
+Adapter values are generated globally (seeded) and each rank saves its slice through the same sharded
+tensors (and swiglu factory) Megatron-Bridge builds; the reference pass reads the saved tensors back with
+plain ``torch.distributed.checkpoint`` and checks that they equal :func:`global_adapters` bit for bit
+before merging them. Megatron is imported only inside the spawned workers.
 
 Layout under ``cache_dir/<spec.name>/``::
 
@@ -24,19 +32,31 @@ Layout under ``cache_dir/<spec.name>/``::
 
 ``reference_logits(<save root>)`` from :mod:`tools.megatron_fixtures` reads ``reference.pt``.
 
-Sharding on disk (global shapes are TP-invariant; L = layers):
+Sharding on disk (global shapes are TP / EP invariant; L = layers; TP axis of the local shard):
 
-=============================  ===================  ======================  =====================
-target (module path)           A global / TP axis   B global / TP axis      B rows
-=============================  ===================  ======================  =====================
-self_attention.linear_qkv      [L, dim, h] / 0      [L, qkv, dim] / 0       [q|k|v] per group
-self_attention.linear_proj     [L, dim, nd] / 1     [L, h, dim] / 0
-mlp.linear_fc1                 [L, dim, h] / 0      [L, 2f, dim] / 0        [gate; up] (swiglu)
-mlp.linear_fc2                 [L, dim, f] / 1      [L, h, dim] / 0
-=============================  ===================  ======================  =====================
+=================================  ===================  ======================  ===========================
+target (module path)               A global / TP axis   B global / TP axis      B rows
+=================================  ===================  ======================  ===========================
+self_attention.linear_qkv          [L, dim, h] / 0      [L, qkv, dim] / 0       [q|k|v] per group
+self_attention.linear_proj         [L, dim, nd] / 1     [L, h, dim] / 0
+mlp.linear_fc1                     [L, dim, h] / 0      [L, 2f, dim] / 0        [gate; up] (swiglu)
+mlp.linear_fc2                     [L, dim, f] / 1      [L, h, dim] / 0
+mlp.experts.experts.linear_fc1     [L, E, de, h] / 0    [L, E, 2mf, de] / 0     per expert [gate; up]
+mlp.experts.experts.linear_fc2     [L, E, de, mf] / 1   [L, E, h, de] / 0
+=================================  ===================  ======================  ===========================
 
-(h hidden, nd heads·head_dim, f ffn, qkv = (heads + 2·groups)·head_dim.) With a base of
-``per_layer_keys`` the keys are ``decoder.layers.{i}.<module>.adapter.*`` without the layer axis.
+(h hidden, nd heads·head_dim, f ffn, qkv = (heads + 2·groups)·head_dim, E experts, mf moe ffn, de the
+expert rank.) Experts: the E axis is sharded over EP (each EP rank holds E/EP slots at their global
+offsets), the TP axis over expert TP. ``expert_layout="shared"`` (Bridge >= v0.6 default) writes one adapter
+per EP rank into every local slot; ``"per_expert"`` distinct adapters per slot (same keys and shapes);
+``"legacy_2d"`` (Bridge <= v0.5) one adapter for all experts, without the E axis: A ``[L, de, in]``, B
+``[L, out, de]``. CanonicalLoRA replaces the qkv / fc1 adapters by ``adapter.adapter_{q,k,v}.linear_*``
+(A ``[L, dim, h]``, B ``[L, heads·d | groups·d, dim]`` in HF head-major row order) and
+``adapter.adapter_{up,gate}.linear_*`` (B ``[L, f, dim]`` in the swiglu factory's permuted row order, see
+:func:`swiglu_saved_rows`). DoRA adds ``adapter.weight_magnitude`` ``[L, out]``: TP axis 0 for
+column-parallel bases, replicated for row-parallel ones; fc1's in rank-major ``[gate_r; up_r]`` blocks (see
+:func:`rank_major_rows`). With a base of ``per_layer_keys`` the keys are ``decoder.layers.{i}.<module>.adapter.*``
+without the layer axis.
 """
 
 from __future__ import annotations
@@ -62,6 +82,7 @@ from tools.megatron_fixtures import (
     REFERENCE_SEQ,
     FixtureSpec,
     build_fixtures,
+    world_size,
 )
 
 if TYPE_CHECKING:
@@ -69,17 +90,27 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_DIR",
+    "CANONICAL_TARGETS",
     "COMBINED_DIR",
+    "EXPERT_LAYOUTS",
     "KINDS",
+    "MOE_BASE_FAMILIES",
     "TARGET_MODULES",
     "AdapterSpec",
     "adapter_keys",
     "build_adapters",
     "global_adapters",
+    "rank_major_rows",
     "run_config",
+    "swiglu_saved_rows",
 ]
 
-KINDS = ("lora",)  # "canonical_lora", "dora" later
+KINDS = ("lora",)  # "canonical_lora", "dora": next (being verified)
+EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d")
+MOE_BASE_FAMILIES = (
+    "qwen3_moe",
+    "mixtral",
+)  # homogeneous MoE blocks (every layer MoE, no shared expert)
 # Megatron-Bridge's target name -> the module path under decoder.layers.
 TARGET_MODULES = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -87,18 +118,58 @@ TARGET_MODULES = {
     "linear_fc1": "mlp.linear_fc1",
     "linear_fc2": "mlp.linear_fc2",
 }
-ROW_PARALLEL = ("linear_proj", "linear_fc2")  # A split on its input axis; the rest on axis 0
+# On MoE bases linear_fc1 / linear_fc2 name the experts: (module path on disk, module path in memory).
+EXPERT_MODULES = {
+    "linear_fc1": ("mlp.experts.experts.linear_fc1", "mlp.experts.linear_fc1"),
+    "linear_fc2": ("mlp.experts.experts.linear_fc2", "mlp.experts.linear_fc2"),
+}
+# CanonicalLoRA's target name -> (the base target it wraps, its sub-adapter; None = a plain adapter).
+CANONICAL_TARGETS = {
+    "linear_q": ("linear_qkv", "adapter_q"),
+    "linear_k": ("linear_qkv", "adapter_k"),
+    "linear_v": ("linear_qkv", "adapter_v"),
+    "linear_proj": ("linear_proj", None),
+    "linear_fc1_up": ("linear_fc1", "adapter_up"),
+    "linear_fc1_gate": ("linear_fc1", "adapter_gate"),
+    "linear_fc2": ("linear_fc2", None),
+}
+ROW_PARALLEL = (
+    "linear_proj",
+    "linear_fc2",
+)  # A split on its input axis; the rest on axis 0
 ADAPTER_DIR = "adapter"
 COMBINED_DIR = "combined"
 RUN_CONFIG = "run_config.yaml"
-A_STD, B_STD = 0.1, 0.05  # merge delta ≈ (alpha/dim)·sqrt(dim)·A_STD·B_STD ≈ 0.03 vs base weights' 0.08
+A_STD, B_STD = (
+    0.1,
+    0.05,
+)  # merge delta ≈ (alpha/dim)·sqrt(dim)·A_STD·B_STD ≈ 0.03 vs base weights' 0.08
+MAGNITUDE_NOISE = 0.2  # DoRA magnitudes: row norms of W + s·B@A times (1 + MAGNITUDE_NOISE·randn)
 MIN_LOGIT_CHANGE = 0.05  # the merge must move the reference logits at least this much (max abs)
 _PROVIDERS = {
     "llama": "megatron.bridge.models.llama.llama_provider.LlamaModelProvider",
     "qwen2": "megatron.bridge.models.qwen.qwen_provider.Qwen2ModelProvider",
     "qwen3": "megatron.bridge.models.qwen.qwen_provider.Qwen3ModelProvider",
+    "qwen3_moe": "megatron.bridge.models.qwen.qwen_provider.Qwen3MoEModelProvider",
+    "mixtral": "megatron.bridge.models.mixtral.mixtral_provider.MixtralModelProvider",
 }
-_TARGET_TAGS = {"linear_qkv": "qkv", "linear_proj": "proj", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+_PEFT_CLASSES = {
+    "lora": "megatron.bridge.peft.lora.LoRA",
+    "canonical_lora": "megatron.bridge.peft.canonical_lora.CanonicalLoRA",
+    "dora": "megatron.bridge.peft.dora.DoRA",
+}
+_TARGET_TAGS = {
+    "linear_qkv": "qkv",
+    "linear_proj": "proj",
+    "linear_fc1": "fc1",
+    "linear_fc2": "fc2",
+    "linear_q": "q",
+    "linear_k": "k",
+    "linear_v": "v",
+    "linear_fc1_up": "up",
+    "linear_fc1_gate": "gate",
+}
+_LAYOUT_TAGS = {"per_expert": "perexpert", "legacy_2d": "legacy2d"}
 
 _log = logging.getLogger(__name__)
 
@@ -107,9 +178,19 @@ _log = logging.getLogger(__name__)
 class AdapterSpec:
     """One Megatron-Bridge PEFT save on top of a :class:`FixtureSpec` base.
 
+    ``kind``: ``"lora"`` (dense or MoE bases), ``"canonical_lora"`` or ``"dora"`` (dense bases). ``targets``
+    are Bridge's target names; CanonicalLoRA's are those of :data:`CANONICAL_TARGETS` (the LoRA default
+    becomes all seven). On MoE bases (:data:`MOE_BASE_FAMILIES`) ``linear_fc1`` / ``linear_fc2`` target the
+    experts, ``linear_qkv`` / ``linear_proj`` the attention.
+
     ``combined`` writes one save root holding the base model keys and the adapter keys together (at the
-    adapter's TP, PP1; ``common.pt`` then carries Megatron-LM ``args`` too and ``run_config.yaml`` names no
-    pretrained checkpoint) instead of an adapter-only save.
+    adapter's layout, PP1; ``common.pt`` then carries Megatron-LM ``args`` too and ``run_config.yaml`` names
+    no pretrained checkpoint) instead of an adapter-only save.
+
+    MoE fields: ``ep`` (None = the base's EP) and ``etp`` (None = ``tp``) are the adapter's training layout;
+    ``expert_layout`` one of :data:`EXPERT_LAYOUTS`; ``normalize_moe_lora`` gives expert adapters rank
+    ``dim // moe_router_topk``, rounded up to a multiple of ``etp`` for column-parallel fc1 only (as Bridge's
+    ``align_expert_dim_for_tp``), and scale ``alpha / that rank`` (see :meth:`effective_dim`).
     """
 
     base: FixtureSpec
@@ -121,41 +202,88 @@ class AdapterSpec:
     seed: int = 7
     iteration: int = 20
     combined: bool = False
+    ep: int | None = None  # expert_model_parallel_size of the adapter save; None = the base's ep
+    etp: int | None = None  # expert_tensor_parallel_size; None = tp (MoE bases only)
+    expert_layout: str = "shared"  # "shared" | "per_expert" | "legacy_2d" (MoE bases only)
+    normalize_moe_lora: bool = False  # MoE bases only
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.base.family not in DENSE_FAMILIES:
-            raise ValueError(f"adapters are written for dense bases only ({DENSE_FAMILIES}), not {self.base.family}")
-        unknown = set(self.targets) - TARGET_MODULES.keys()
+        if self.kind == "canonical_lora" and self.targets == _DEFAULT_TARGETS:
+            object.__setattr__(self, "targets", tuple(CANONICAL_TARGETS))
+        base = self.base
+        if base.family in MOE_BASE_FAMILIES:
+            if self.kind != "lora":
+                raise ValueError(f"{self.kind} adapters are written for dense bases only ({DENSE_FAMILIES})")
+            if not all(base.moe_layer_pattern) or base.moe_shared_expert_intermediate_size or base.mtp_num_layers:
+                raise ValueError("MoE adapters need a homogeneous base: every layer MoE, no shared expert, no MTP")
+            if base.singleton_local_shards:
+                raise ValueError("MoE adapters are not written for singleton_local_shards bases")
+            object.__setattr__(self, "ep", base.ep if self.ep is None else self.ep)
+            object.__setattr__(self, "etp", self.tp if self.etp is None else self.etp)
+        elif base.family in DENSE_FAMILIES:
+            if self.ep not in (None, 1) or self.etp is not None:
+                raise ValueError("ep and etp apply only to MoE bases")
+            if self.expert_layout != "shared" or self.normalize_moe_lora:
+                raise ValueError("expert_layout and normalize_moe_lora apply only to MoE bases")
+            object.__setattr__(self, "ep", 1)
+        else:
+            raise ValueError(f"adapters are written for {DENSE_FAMILIES + MOE_BASE_FAMILIES} bases, not {base.family}")
+        names = tuple(CANONICAL_TARGETS if self.kind == "canonical_lora" else TARGET_MODULES)
+        unknown = set(self.targets) - set(names)
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets must be distinct names from {tuple(TARGET_MODULES)}, got {self.targets}")
-        if self.dim < 1 or self.tp < 1 or self.iteration < 1:
-            raise ValueError("dim, tp and iteration must be >= 1")
-        for target in self.targets:
-            out, inp = _base_shape(self.base, target)
-            split = (self.dim, out) if target not in ROW_PARALLEL else (inp, out)
-            if any(n % self.tp for n in split):
-                raise ValueError(f"{target}: A/B sizes {split} are not divisible by tp={self.tp}")
-        if self.base.ffn_hidden_size % self.tp or self.base.num_query_groups % self.tp:
+            raise ValueError(f"{self.kind} targets must be distinct names from {names}, got {self.targets}")
+        if self.expert_layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS}, got {self.expert_layout!r}")
+        if self.dim < 1 or self.tp < 1 or self.iteration < 1 or self.ep < 1 or (self.etp or 1) < 1:
+            raise ValueError("dim, tp, ep, etp and iteration must be >= 1")
+        if base.is_moe:
+            if base.num_experts % self.ep:
+                raise ValueError(f"num_experts={base.num_experts} is not divisible by ep={self.ep}")
+            if self.normalize_moe_lora and self.dim % base.moe_router_topk:
+                raise ValueError(f"normalize_moe_lora needs dim={self.dim} divisible by topk={base.moe_router_topk}")
+        for unit in _units(self).values():
+            size = self.etp if unit.expert else self.tp
+            # row-parallel: A's input and B's output axes; column-parallel: the rank and B's output (swiglu
+            # halves: every rank's rows are cut in two)
+            split = (unit.inp, unit.out) if unit.row_parallel else (unit.dim, unit.out // (2 if unit.swiglu else 1))
+            if any(n % size for n in split) or unit.out % (2 if unit.swiglu else 1):
+                what = "expert tp" if unit.expert else "tp"
+                raise ValueError(f"{unit.target}: A/B sizes {split} are not divisible by {what}={size}")
+        if base.num_query_groups % self.tp or (not base.is_moe and base.ffn_hidden_size % self.tp):
             raise ValueError(f"ffn_hidden_size and num_query_groups must be divisible by tp={self.tp}")
 
     @property
     def name(self) -> str:
         """Filesystem-safe, unique per spec; never equal to a base fixture's name."""
-        parts = [self.kind, f"r{self.dim}a{self.alpha}", f"tp{self.tp}", f"s{self.seed}"]
-        if self.targets != _DEFAULT_TARGETS:
+        parts = [
+            self.kind,
+            f"r{self.dim}a{self.alpha}",
+            f"tp{self.tp}",
+            f"s{self.seed}",
+        ]
+        if self.targets != _default_targets(self.kind):
             parts.append("t" + "_".join(_TARGET_TAGS[t] for t in self.targets))
         if self.iteration != 20:
             parts.append(f"it{self.iteration}")
+        if self.base.is_moe:
+            parts.append(f"ep{self.ep}")
+            if self.etp != self.tp:
+                parts.append(f"etp{self.etp}")
+            if self.expert_layout != "shared":
+                parts.append(_LAYOUT_TAGS[self.expert_layout])
+            if self.normalize_moe_lora:
+                parts.append("normmoe")
         if self.combined:
             parts.append("combined")
         return "-".join(parts) + "--" + self.base.name
 
     @property
     def scale(self) -> float:
+        """alpha / dim: the scale of every non-expert adapter (experts: :meth:`target_scale`)."""
         return self.alpha / self.dim
 
     @property
@@ -163,14 +291,104 @@ class AdapterSpec:
         """The save root's directory name under ``cache_dir/<name>/``."""
         return COMBINED_DIR if self.combined else ADAPTER_DIR
 
+    @property
+    def world_size(self) -> int:
+        """Ranks of the save: TP for dense bases; ``lcm(tp, etp·ep)`` for MoE ones (DP fills the rest)."""
+        return world_size(self.tp, 1, self.ep, self.etp) if self.base.is_moe else self.tp
+
+    def effective_dim(self, target: str) -> int:
+        """The rank of a target's adapter: ``dim``, or for experts under ``normalize_moe_lora``
+        ``dim // topk``, rounded up to a multiple of ``etp`` when the base is column-parallel (fc1)."""
+        if not (self.normalize_moe_lora and self.base.is_moe and target in EXPERT_MODULES):
+            return self.dim
+        dim = self.dim // self.base.moe_router_topk
+        if target in ROW_PARALLEL:
+            return dim
+        return -(-dim // self.etp) * self.etp
+
+    def target_scale(self, target: str) -> float:
+        """alpha / effective rank of the target's adapter."""
+        return self.alpha / self.effective_dim(target)
+
 
 _DEFAULT_TARGETS = next(f.default for f in dataclasses.fields(AdapterSpec) if f.name == "targets")
 
 
-def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
-    """(out, in) of the base weight a target wraps (global, Megatron layout)."""
+def _default_targets(kind: str) -> tuple[str, ...]:
+    return tuple(CANONICAL_TARGETS) if kind == "canonical_lora" else _DEFAULT_TARGETS
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One adapter (A, B and, for DoRA, its magnitude) per layer, as Bridge builds it for a target."""
+
+    target: str  # Bridge's target name
+    base: str  # the wrapped base linear: linear_qkv / linear_proj / linear_fc1 / linear_fc2
+    module: str  # its module path under decoder.layers[.i] on disk
+    param_module: str  # ... and in memory (run_config's params_to_save)
+    sub: str  # "" or the canonical sub-adapter with its dot ("adapter_q.")
+    out: int
+    inp: int
+    dim: int
+    expert: bool
+
+    @property
+    def row_parallel(self) -> bool:
+        return self.base in ROW_PARALLEL
+
+    @property
+    def swiglu(self) -> bool:
+        """B goes through Megatron's swiglu sharded factory (every adapter on fc1; gated linear units here)."""
+        return self.base == "linear_fc1"
+
+
+def _units(spec: AdapterSpec) -> dict[str, _Unit]:
+    base = spec.base
     h, d = base.hidden_size, base.kv_channels
-    heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
+    heads, groups, f = (
+        base.num_attention_heads,
+        base.num_query_groups,
+        base.ffn_hidden_size,
+    )
+    units = {}
+    for target in spec.targets:
+        base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
+        expert = base.is_moe and base_target in EXPERT_MODULES
+        if expert:
+            mf = base.moe_ffn_hidden_size
+            out, inp = {"linear_fc1": (2 * mf, h), "linear_fc2": (h, mf)}[base_target]
+            module, param_module = EXPERT_MODULES[base_target]
+        else:
+            out, inp = _base_shape(base, base_target)
+            module = param_module = TARGET_MODULES[base_target]
+        if sub is not None:
+            out = {
+                "adapter_q": heads * d,
+                "adapter_k": groups * d,
+                "adapter_v": groups * d,
+            }.get(sub, f)
+        units[target] = _Unit(
+            target=target,
+            base=base_target,
+            module=module,
+            param_module=param_module,
+            sub="" if sub is None else sub + ".",
+            out=out,
+            inp=inp,
+            dim=spec.effective_dim(target),
+            expert=expert,
+        )
+    return units
+
+
+def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
+    """(out, in) of the dense base weight a target wraps (global, Megatron layout)."""
+    h, d = base.hidden_size, base.kv_channels
+    heads, groups, f = (
+        base.num_attention_heads,
+        base.num_query_groups,
+        base.ffn_hidden_size,
+    )
     return {
         "linear_qkv": ((heads + 2 * groups) * d, h),
         "linear_proj": (h, heads * d),
@@ -179,42 +397,124 @@ def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
     }[target]
 
 
+def _slots(spec: AdapterSpec, unit: _Unit) -> int | None:
+    """The size of the global expert axis of a unit's A and B (None: no expert axis)."""
+    return spec.base.num_experts if unit.expert and spec.expert_layout != "legacy_2d" else None
+
+
+def _layer_shapes(spec: AdapterSpec, unit: _Unit) -> dict[str, tuple[int, ...]]:
+    """Per-layer global shape of each tensor a unit saves, by its name after ``adapter.``."""
+    e = _slots(spec, unit)
+    lead = () if e is None else (e,)
+    shapes = {
+        f"{unit.sub}linear_in.weight": (*lead, unit.dim, unit.inp),
+        f"{unit.sub}linear_out.weight": (*lead, unit.out, unit.dim),
+    }
+    if spec.kind == "dora":
+        shapes["weight_magnitude"] = (unit.out,)
+    return shapes
+
+
 def adapter_keys(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor key the adapter save holds, with its global shape on disk."""
     n = spec.base.num_layers
     keys: dict[str, tuple[int, ...]] = {}
-    for target in spec.targets:
-        out, inp = _base_shape(spec.base, target)
-        for part, shape in (("linear_in", (spec.dim, inp)), ("linear_out", (out, spec.dim))):
+    for unit in _units(spec).values():
+        for part, shape in _layer_shapes(spec, unit).items():
             if spec.base.per_layer_keys:
                 for layer in range(n):
-                    keys[_key(spec, target, part, layer)] = shape
+                    keys[_key(unit, part, layer)] = shape
             else:
-                keys[_key(spec, target, part, None)] = (n, *shape)
+                keys[_key(unit, part, None)] = (n, *shape)
     return keys
 
 
-def _key(spec: AdapterSpec, target: str, part: str, layer: int | None) -> str:
+def _key(unit: _Unit, part: str, layer: int | None) -> str:
     where = "decoder.layers" if layer is None else f"decoder.layers.{layer}"
-    return f"{where}.{TARGET_MODULES[target]}.adapter.{part}.weight"
+    return f"{where}.{unit.module}.adapter.{part}"
 
 
-def global_adapters(spec: AdapterSpec) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
-    """``{(target, layer): (A [dim, in], B [out, dim])}``: the global adapter values, in the base dtype.
+def swiglu_saved_rows(rows: torch.Tensor, tp: int) -> torch.Tensor:
+    """Global rows as Megatron's swiglu sharded factory saves a column-parallel B whose local rows are
+    plain (CanonicalLoRA's up / gate B): cut the true rows into ``2·tp`` blocks ``c_0 … c_{2tp-1}``;
+    TP rank r holds ``c_{2r}, c_{2r+1}`` and the factory stores its first half at block r, its second at
+    block ``tp + r``, so the file holds ``[c_0, c_2, …, c_{2tp-2}, c_1, c_3, …, c_{2tp-1}]``."""
+    import torch
 
-    Deterministic (seeded by spec seed, target and layer), so every rank and the reference pass agree.
+    blocks = rows.chunk(2 * tp)
+    return torch.cat(blocks[0::2] + blocks[1::2])
+
+
+def rank_major_rows(rows: torch.Tensor, tp: int) -> torch.Tensor:
+    """Fused fc1 rows ``[gate; up]`` as concatenated TP-local blocks ``[gate_0, up_0, gate_1, up_1, …]``
+    (each ``f/tp`` rows): how a plain TP-sharded per-row tensor of fc1 (DoRA's magnitude) lands on disk."""
+    import torch
+
+    gate, up = (half.chunk(tp) for half in rows.chunk(2))
+    return torch.cat([block for r in range(tp) for block in (gate[r], up[r])])
+
+
+def _dtype(spec: AdapterSpec):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.base.dtype]
+
+
+def _generated(spec: AdapterSpec, base_root: Path | None) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
+    """``{(target, layer): (A, B[, magnitude])}`` in the true (model) order, in the base dtype.
+
+    Expert units hold every global slot: A ``[E, dim, in]``, B ``[E, out, dim]`` (2-D for ``legacy_2d``).
+    DoRA magnitudes need the base weights (read from ``base_root``).
     """
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.base.dtype]
+    dtype = _dtype(spec)
+    units = _units(spec)
+    base = spec.base
     result = {}
-    for target in spec.targets:
-        out, inp = _base_shape(spec.base, target)
-        for layer in range(spec.base.num_layers):
-            a = _randn((spec.dim, inp), A_STD, spec.seed, spec.kind, target, layer, "A")
-            b = _randn((out, spec.dim), B_STD, spec.seed, spec.kind, target, layer, "B")
+    for target, unit in units.items():
+        for layer in range(base.num_layers):
+            a, b = _draw(spec, unit, layer)
             result[target, layer] = (a.to(dtype), b.to(dtype))
+    if spec.kind != "dora":
+        return result
+    if base_root is None:
+        raise ValueError("DoRA magnitudes are row norms of the base weights: pass base_root")
+    weights = _base_weights(spec, Path(base_root))
+    for (target, layer), (a, b) in list(result.items()):
+        unit = units[target]
+        merged = weights[unit.base, layer].float() + spec.target_scale(target) * (b.float() @ a.float())
+        noise = _randn(
+            (unit.out,),
+            MAGNITUDE_NOISE,
+            spec.seed,
+            spec.kind,
+            target,
+            layer,
+            "magnitude",
+        )
+        result[target, layer] = (a, b, (merged.norm(dim=1) * (1 + noise)).to(dtype))
+    if any(not torch.isfinite(v).all() for values in result.values() for v in values):
+        raise RuntimeError(f"{spec.name}: non-finite adapter values")
     return result
+
+
+def _draw(spec: AdapterSpec, unit: _Unit, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded fp32 A and B of one unit and layer; experts: one draw per EP rank, per slot or one in all."""
+    import torch
+
+    a_shape, b_shape = (unit.dim, unit.inp), (unit.out, unit.dim)
+    seed = (spec.seed, spec.kind, unit.target, layer)
+    slots = _slots(spec, unit)
+    if slots is None:
+        return _randn(a_shape, A_STD, *seed, "A"), _randn(b_shape, B_STD, *seed, "B")
+    if spec.expert_layout == "per_expert":
+        owners = [("expert", e) for e in range(slots)]
+    else:  # shared: slot e holds the adapter of the EP rank that owns it
+        owners = [("ep", e // (slots // spec.ep)) for e in range(slots)]
+    a = torch.stack([_randn(a_shape, A_STD, *seed, *owner, "A") for owner in owners])
+    b = torch.stack([_randn(b_shape, B_STD, *seed, *owner, "B") for owner in owners])
+    return a, b
 
 
 def _randn(shape: tuple[int, ...], std: float, *seed: object):
@@ -224,6 +524,60 @@ def _randn(shape: tuple[int, ...], std: float, *seed: object):
     return std * torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
+def _base_weights(spec: AdapterSpec, base_root: Path) -> dict[tuple[str, int], torch.Tensor]:
+    """The targeted dense base weights, ``{(base target, layer): W}`` (global Megatron layout), read from
+    the base save with plain DCP."""
+    base = spec.base
+    iteration = int((base_root / "latest_checkpointed_iteration.txt").read_text().strip())
+    iter_dir = base_root / f"iter_{iteration:07d}"
+    bases = sorted({u.base for u in _units(spec).values()})
+    if base.per_layer_keys:
+        keys = {
+            (t, layer): f"decoder.layers.{layer}.{TARGET_MODULES[t]}.weight"
+            for t in bases
+            for layer in range(base.num_layers)
+        }
+        tensors = _read_global(iter_dir, keys.values())
+        return {k: tensors[v] for k, v in keys.items()}
+    tensors = _read_global(iter_dir, [f"decoder.layers.{TARGET_MODULES[t]}.weight" for t in bases])
+    return {
+        (t, layer): tensors[f"decoder.layers.{TARGET_MODULES[t]}.weight"][layer]
+        for t in bases
+        for layer in range(base.num_layers)
+    }
+
+
+def _stored(spec: AdapterSpec, generated: dict) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
+    """The generated values in the row order the save holds them."""
+    units = _units(spec)
+    result = {}
+    for (target, layer), (a, b, *magnitude) in generated.items():
+        unit = units[target]
+        if unit.swiglu and unit.sub:  # canonical up / gate: the swiglu factory on plain local rows
+            b = swiglu_saved_rows(b, spec.tp)
+        if magnitude and unit.swiglu:  # DoRA fc1: TP-local [gate_r; up_r] blocks, no swiglu factory
+            magnitude = [rank_major_rows(magnitude[0], spec.tp)]
+        result[target, layer] = (a, b, *magnitude)
+    return result
+
+
+def global_adapters(
+    spec: AdapterSpec, base_root: Path | None = None
+) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
+    """``{(target, layer): (A, B)}`` (DoRA: ``(A, B, magnitude)``): the global per-layer adapter values exactly
+    as the save stores them, in the base dtype.
+
+    Keys are the spec's target names (CanonicalLoRA: ``linear_q`` … ``linear_fc1_gate``). Expert targets of
+    MoE bases hold the global expert axis: A ``[E, dim, in]``, B ``[E, out, dim]`` (``legacy_2d``: 2-D).
+    Row orders are those on disk: fused QKV B interleaved per group, fused fc1 B ``[gate; up]``, canonical
+    q / k / v B head-major, canonical up / gate B as :func:`swiglu_saved_rows` permutes them, DoRA fc1
+    magnitudes as :func:`rank_major_rows`. Deterministic (seeded by spec seed, kind, target, layer and the
+    expert owner), so every rank and the reference pass agree. ``base_root`` (the base save root) is
+    needed for DoRA only: its magnitudes derive from the base weights.
+    """
+    return _stored(spec, _generated(spec, base_root))
+
+
 def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> dict[str, Any]:
     """The ``run_config.yaml`` content Megatron-Bridge writes (the parts a converter may read).
 
@@ -231,13 +585,84 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
     ``peft.params_to_save`` is a set, so the YAML carries a ``!!set`` as Bridge's files do.
     """
     base = spec.base
+    units = _units(spec).values()
     params = {
-        f"decoder.layers.{layer}.{TARGET_MODULES[t]}.adapter.{part}.weight"
-        for t in spec.targets
+        f"decoder.layers.{layer}.{u.param_module}.adapter.{part}"
+        for u in units
         for layer in range(base.num_layers)
-        for part in ("linear_in", "linear_out")
+        for part in _layer_shapes(spec, u)
     }
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[base.dtype]
+    model = {
+        "_target_": _PROVIDERS[base.family],
+        "add_qkv_bias": base.family == "qwen2",
+        "bf16": base.dtype == "bf16",
+        "ffn_hidden_size": base.ffn_hidden_size,
+        "gated_linear_unit": True,
+        "hidden_size": base.hidden_size,
+        "kv_channels": base.kv_channels,
+        "layernorm_epsilon": 1e-6,
+        "normalization": "RMSNorm",
+        "num_attention_heads": base.num_attention_heads,
+        "num_layers": base.num_layers,
+        "num_query_groups": base.num_query_groups,
+        "params_dtype": {"_call_": False, "_target_": dtype},
+        "pipeline_model_parallel_size": 1,
+        "qk_layernorm": base.qk_layernorm,
+        "rotary_base": base.rotary_base,
+        "seq_length": 64,
+        "share_embeddings_and_output_weights": base.tied,
+        "tensor_model_parallel_size": spec.tp,
+        "vocab_size": base.vocab_size,
+    }
+    if base.is_moe:
+        model.update(
+            expert_model_parallel_size=spec.ep,
+            expert_tensor_parallel_size=spec.etp,
+            moe_ffn_hidden_size=base.moe_ffn_hidden_size,
+            moe_grouped_gemm=True,
+            moe_router_pre_softmax=False,
+            moe_router_score_function="softmax",
+            moe_router_topk=base.moe_router_topk,
+            moe_token_dispatcher_type="alltoall",
+            num_moe_experts=base.num_experts,
+            sequence_parallel=spec.tp > 1,
+        )
+    common = {
+        "_target_": _PEFT_CLASSES[spec.kind],
+        "alpha": spec.alpha,
+        "dim": spec.dim,
+        "dropout": 0.0,
+        "dropout_position": "pre",
+        "exclude_modules": [],
+        "lora_A_init_method": "xavier",
+        "lora_B_init_method": "zero",
+        "params_to_save": params,
+        "target_modules": list(spec.targets),
+    }
+    if spec.kind == "dora":
+        peft = {**common, "canonical_mapping": {}}
+    elif spec.kind == "canonical_lora":
+        mapping: dict[str, set[str]] = {}
+        for target in spec.targets:
+            base_target, sub = CANONICAL_TARGETS[target]
+            mapping.setdefault(base_target, set()).add(target if sub else base_target)
+        peft = {
+            **common,
+            "canonical_mapping": mapping,
+            "normalize_moe_lora": False,
+            "share_expert_adapters": True,
+        }
+    else:
+        peft = {
+            **common,
+            "a2a_experimental": False,
+            "canonical_mapping": {},
+            "experts_shared_outer_loras": False,
+            "lora_dtype": None,
+            "normalize_moe_lora": spec.normalize_moe_lora,
+            "share_expert_adapters": spec.expert_layout != "per_expert",
+        }
     return {
         "_target_": "megatron.bridge.training.config.ConfigContainer",
         "checkpoint": {
@@ -253,46 +678,8 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
             "save_optim": False,
             "save_rng": True,
         },
-        "model": {
-            "_target_": _PROVIDERS[base.family],
-            "add_qkv_bias": base.family == "qwen2",
-            "bf16": base.dtype == "bf16",
-            "ffn_hidden_size": base.ffn_hidden_size,
-            "gated_linear_unit": True,
-            "hidden_size": base.hidden_size,
-            "kv_channels": base.kv_channels,
-            "layernorm_epsilon": 1e-6,
-            "normalization": "RMSNorm",
-            "num_attention_heads": base.num_attention_heads,
-            "num_layers": base.num_layers,
-            "num_query_groups": base.num_query_groups,
-            "params_dtype": {"_call_": False, "_target_": dtype},
-            "pipeline_model_parallel_size": 1,
-            "qk_layernorm": base.qk_layernorm,
-            "rotary_base": base.rotary_base,
-            "seq_length": 64,
-            "share_embeddings_and_output_weights": base.tied,
-            "tensor_model_parallel_size": spec.tp,
-            "vocab_size": base.vocab_size,
-        },
-        "peft": {
-            "_target_": "megatron.bridge.peft.lora.LoRA",
-            "a2a_experimental": False,
-            "alpha": spec.alpha,
-            "canonical_mapping": {},
-            "dim": spec.dim,
-            "dropout": 0.0,
-            "dropout_position": "pre",
-            "exclude_modules": [],
-            "experts_shared_outer_loras": False,
-            "lora_A_init_method": "xavier",
-            "lora_B_init_method": "zero",
-            "lora_dtype": None,
-            "normalize_moe_lora": False,
-            "params_to_save": params,
-            "share_expert_adapters": True,
-            "target_modules": list(spec.targets),
-        },
+        "model": model,
+        "peft": peft,
         "train": {
             "_target_": "megatron.bridge.training.config.TrainingConfig",
             "global_batch_size": 8,
@@ -309,8 +696,9 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
     """Write every spec's PEFT save and merged-model reference logits under ``cache_dir/<spec.name>/``.
 
     1. The bases are built (or found) with :func:`build_fixtures` in the same ``cache_dir``.
-    2. One spawn per adapter TP saves every pending spec of that TP (``dist_checkpointing.save`` at TP
-       ranks), then rank 0 writes ``run_config.yaml``, ``train_state.pt`` and the tracker files.
+    2. One spawn per adapter layout (TP, EP, expert TP; ``AdapterSpec.world_size`` ranks) saves every
+       pending spec of that layout (``dist_checkpointing.save``), then rank 0 writes ``run_config.yaml``,
+       ``train_state.pt`` and the tracker files.
     3. One single-rank spawn reads each save back, checks its tensors against :func:`global_adapters`,
        merges them into the base in Megatron's layout and runs Megatron's forward -> ``reference.pt``.
 
@@ -331,11 +719,18 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
             shutil.rmtree(cache_dir / s.name, ignore_errors=True)
             (cache_dir / s.name).mkdir(parents=True)
         jobs = {s: {"spec": s, "base_root": str(base_roots[s.base]), "save": str(result[s])} for s in todo}
-        for tp in sorted({s.tp for s in todo}):
-            _spawn(tp, "save", [jobs[s] for s in todo if s.tp == tp])
+        layouts: dict[tuple[int, int, int], list[AdapterSpec]] = {}
+        for s in todo:
+            layouts.setdefault((s.tp, s.ep, s.etp or s.tp), []).append(s)
+        for group in layouts.values():
+            _spawn(group[0].world_size, "save", [jobs[s] for s in group])
         _spawn(1, "reference", [jobs[s] for s in todo])
         for s in todo:
-            record = {**dataclasses.asdict(s), "base": dataclasses.asdict(s.base), "base_root": str(base_roots[s.base])}
+            record = {
+                **dataclasses.asdict(s),
+                "base": dataclasses.asdict(s.base),
+                "base_root": str(base_roots[s.base]),
+            }
             (cache_dir / s.name / MARKER).write_text(json.dumps(record) + "\n")
     return result
 
@@ -358,7 +753,13 @@ def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | N
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"megatron LoRA {task} workers (world={world}) exceeded {timeout:.0f}s")
-    _log.info("megatron LoRA %s: world=%d, %d job(s), %.1fs", task, world, len(jobs), time.monotonic() - start)
+    _log.info(
+        "megatron LoRA %s: world=%d, %d job(s), %.1fs",
+        task,
+        world,
+        len(jobs),
+        time.monotonic() - start,
+    )
 
 
 # --------------------------------------------------------------------------- inside workers
@@ -388,48 +789,107 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
         torch.distributed.destroy_process_group()
 
 
-def _adapter_state(spec: AdapterSpec, tp: int, tp_rank: int) -> dict[str, Any]:
-    """This TP rank's adapter ShardedTensors, as Megatron-Bridge's ParallelLinearAdapter shards them.
+def _local_rows(unit: _Unit, rows, rank: int, size: int):
+    """A rank's rows of a column-parallel output axis: fused fc1 holds ``[gate_r; up_r]``, others a chunk."""
+    import torch
 
-    fc1's B holds two chunks per rank (gate rows ``r`` and up rows ``r`` of ``2·tp``), as Megatron's
-    swiglu sharded factory writes them.
-    """
-    state: dict[str, Any] = {}
-    for (target, layer), (a, b) in global_adapters(spec).items():
-        a_axis = 1 if target in ROW_PARALLEL else 0
-        prefix = f"decoder.layers.{layer}.{TARGET_MODULES[target]}.adapter"
-        a_local = a.chunk(tp, dim=a_axis)[tp_rank]
-        state[f"{prefix}.linear_in.weight"] = _sharded(spec, target, "linear_in", layer, a_local, (a_axis, tp_rank, tp))
-        if target == "linear_fc1":
-            gate, up = (half.chunk(tp, dim=0)[tp_rank] for half in b.chunk(2, dim=0))
-            state[f"{prefix}.linear_out.weight"] = [
-                _sharded(spec, target, "linear_out", layer, gate, (0, tp_rank, 2 * tp)),
-                _sharded(spec, target, "linear_out", layer, up, (0, tp_rank + tp, 2 * tp)),
-            ]
-        else:
-            b_local = b.chunk(tp, dim=0)[tp_rank]
-            state[f"{prefix}.linear_out.weight"] = _sharded(
-                spec, target, "linear_out", layer, b_local, (0, tp_rank, tp)
-            )
-    return state
+    if unit.swiglu and not unit.sub:
+        gate, up = rows.chunk(2)
+        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
+    return rows.chunk(size)[rank]
 
 
-def _sharded(spec: AdapterSpec, target: str, part: str, layer: int, local, tp_offset: tuple[int, int, int]):
-    """One layer's local chunk as a ShardedTensor; ``tp_offset`` = (axis of the 2-D tensor, index, count)."""
+def _sharded(key: str, local, prepend: list[tuple[int, int, int]], tp_offset, replica_id):
+    """A ShardedTensor of ``local`` (2-D or 1-D) under the prepended (layer, expert) offsets; ``tp_offset``
+    is (axis of the local tensor, index, count) or None (replicated)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    axis, index, count = tp_offset
-    if spec.base.per_layer_keys:
-        offsets, prepend = [(axis, index, count)], 0
-    else:  # the stacked key: a leading layer axis, indexed by the global layer
-        offsets, prepend = [(0, layer, spec.base.num_layers), (1 + axis, index, count)], 1
+    offsets = list(prepend)
+    if tp_offset is not None:
+        axis, index, count = tp_offset
+        offsets.append((len(prepend) + axis, index, count))
     return ShardedTensor.from_rank_offsets(
-        _key(spec, target, part, None if prepend else layer),
+        key,
         local.contiguous(),
         *offsets,
-        replica_id=(0, 0, 0),
-        prepend_axis_num=prepend,
+        replica_id=replica_id,
+        prepend_axis_num=len(prepend),
     )
+
+
+def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
+    """This rank's adapter ShardedTensors, as Megatron-Bridge's (Parallel)LinearAdapter shards them.
+
+    Column-parallel bases: A and B split on axis 0; row-parallel: A on axis 1, B on axis 0 (TP, or expert
+    TP for experts). Every B of an fc1 adapter (fused or canonical up / gate) goes through megatron-core's
+    ``apply_swiglu_sharded_factory``, which stores the local rows' two halves at blocks r and TP + r of 2·TP.
+    Experts: each local slot under its global expert offset; replicas across expert-DP (and, for the 2-D
+    legacy layout, across EP) are marked by ``replica_id``. DoRA magnitudes: TP-sharded on column-parallel
+    bases, replicated across TP on row-parallel ones, no swiglu factory.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    base = spec.base
+    units = _units(spec)
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    if base.is_moe:
+        ep_rank, etp_rank = (
+            ps.get_expert_model_parallel_rank(),
+            ps.get_expert_tensor_parallel_rank(),
+        )
+        edp_rank, edp_size = (
+            ps.get_expert_data_parallel_rank(),
+            ps.get_expert_data_parallel_world_size(),
+        )
+    state: dict[str, Any] = {}
+    for (target, layer), (a, b, *magnitude) in generated.items():
+        unit = units[target]
+        prepend = [] if base.per_layer_keys else [(0, layer, base.num_layers)]
+        where = None if prepend else layer
+        slots = _slots(spec, unit)
+        if not unit.expert:
+            rank, size, replica = tp_rank, spec.tp, (0, 0, dp_rank)
+            pieces = [(None, a, b)]
+        elif slots is None:  # legacy 2-D: the same tensor on every EP rank; one main replica
+            rank, size, replica = (
+                etp_rank,
+                spec.etp,
+                (0, 0, ep_rank * edp_size + edp_rank),
+            )
+            pieces = [(None, a, b)]
+        else:
+            rank, size, replica = etp_rank, spec.etp, (0, 0, edp_rank)
+            local = slots // spec.ep
+            pieces = [(e, a[e], b[e]) for e in range(ep_rank * local, (ep_rank + 1) * local)]
+        a_axis = 1 if unit.row_parallel else 0
+        name = f"decoder.layers.{layer}.{unit.param_module}.adapter.{unit.sub}"
+        for expert, a_e, b_e in pieces:
+            offsets = prepend if expert is None else [*prepend, (len(prepend), expert, slots)]
+            suffix = "" if expert is None else f"#{expert}"
+            a_local = a_e.chunk(size, dim=a_axis)[rank]
+            key_in = _key(unit, f"{unit.sub}linear_in.weight", where)
+            state[f"{name}linear_in.weight{suffix}"] = _sharded(key_in, a_local, offsets, (a_axis, rank, size), replica)
+            key_out = _key(unit, f"{unit.sub}linear_out.weight", where)
+            b_sharded = _sharded(
+                key_out,
+                _local_rows(unit, b_e, rank, size),
+                offsets,
+                (0, rank, size),
+                replica,
+            )
+            if unit.swiglu:
+                b_sharded = apply_swiglu_sharded_factory(b_sharded, tuple(offsets))
+            state[f"{name}linear_out.weight{suffix}"] = b_sharded
+        if magnitude:
+            key_m = _key(unit, "weight_magnitude", where)
+            if unit.row_parallel:
+                m_sharded = _sharded(key_m, magnitude[0], prepend, None, (0, tp_rank, dp_rank))
+            else:
+                m_local = _local_rows(unit, magnitude[0], tp_rank, spec.tp)
+                m_sharded = _sharded(key_m, m_local, prepend, (0, tp_rank, spec.tp), (0, 0, dp_rank))
+            state[f"decoder.layers.{layer}.{unit.param_module}.adapter.weight_magnitude"] = m_sharded
+    return state
 
 
 def _train_state(spec: AdapterSpec) -> dict[str, Any]:
@@ -452,24 +912,30 @@ def _save_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     """Save like Megatron-Bridge's ``save_checkpoint`` with PEFT (adapter filter applied)."""
     import torch
     import yaml
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
-    from tools.megatron_fixtures import _build_chunks, _init_parallel, _load_into, _make_args, _rng_state, _sd_metadata
+    from tools.megatron_fixtures import (
+        _build_chunks,
+        _init_parallel,
+        _load_into,
+        _make_args,
+        _rng_state,
+        _sd_metadata,
+    )
 
     base = spec.base
-    _init_parallel(spec.tp, 1, 1)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    _init_parallel(spec.tp, 1, 1, spec.ep, spec.etp)
     model: dict[str, Any] = {}
     common: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": spec.iteration}
     if spec.combined:  # the base model re-saved at the adapter's layout, adapters beside its keys
         base_iteration = int((Path(base_root) / "latest_checkpointed_iteration.txt").read_text().strip())
-        (chunk,) = _build_chunks(base, spec.tp, 1, 1, randomize=False)
+        (chunk,) = _build_chunks(base, spec.tp, 1, 1, spec.ep, spec.etp, randomize=False)
         _load_into([chunk], str(Path(base_root) / f"iter_{base_iteration:07d}"), base)
         model.update(chunk.sharded_state_dict(metadata=dict(_sd_metadata(base))))
-        args = _make_args(base, spec.tp, 1, 1, save)
+        args = _make_args(base, spec.tp, 1, 1, save, spec.ep, spec.etp)
         args.iteration = args.train_iters = spec.iteration
         common["args"] = args
-    adapters = _adapter_state(spec, spec.tp, tp_rank)
+    adapters = _adapter_state(spec, _generated(spec, Path(base_root)))
     if model.keys() & adapters.keys():
         raise RuntimeError(f"adapter keys collide with model keys: {sorted(model.keys() & adapters.keys())[:3]}")
     model.update(adapters)
@@ -477,7 +943,12 @@ def _save_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = {"model": model, **common, "rerun_state_machine": None, "rng_state": _rng_state()}
+    state = {
+        "model": model,
+        **common,
+        "rerun_state_machine": None,
+        "rng_state": _rng_state(),
+    }
     content_metadata = {
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
@@ -507,8 +978,11 @@ def _read_global(iter_dir: Path, keys: Iterable[str]) -> dict[str, torch.Tensor]
     return state
 
 
-def _check_saved(spec: AdapterSpec, iter_dir: Path) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
-    """Read the adapter tensors back and require them to equal :func:`global_adapters` bit for bit."""
+def _check_saved(spec: AdapterSpec, iter_dir: Path, base_root: Path) -> dict[tuple[str, int], tuple]:
+    """Read the adapter tensors back and require them to equal :func:`global_adapters` bit for bit.
+
+    Returns the generated values in true (model) order, for the merge.
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -521,26 +995,78 @@ def _check_saved(spec: AdapterSpec, iter_dir: Path) -> dict[tuple[str, int], tup
         )
     tensors = _read_global(iter_dir, expected)
     problems = [f"{k}: {tuple(t.shape)} != {expected[k]}" for k, t in tensors.items() if tuple(t.shape) != expected[k]]
-    adapters = global_adapters(spec)
-    for (target, layer), pair in adapters.items():
-        for part, want in zip(("linear_in", "linear_out"), pair):
+    generated = _generated(spec, base_root)
+    units = _units(spec)
+    for (target, layer), values in _stored(spec, generated).items():
+        unit = units[target]
+        for part, want in zip(_layer_shapes(spec, unit), values):
             if spec.base.per_layer_keys:
-                got = tensors[_key(spec, target, part, layer)]
+                got = tensors[_key(unit, part, layer)]
             else:
-                got = tensors[_key(spec, target, part, None)][layer]
+                got = tensors[_key(unit, part, None)][layer]
             if got.dtype != want.dtype or not torch.equal(got, want):
                 problems.append(f"{target} layer {layer} {part}: stored values differ from the generated ones")
     if problems:
         raise RuntimeError(f"{spec.name}: saved adapter check failed: " + "; ".join(problems[:5]))
-    return adapters
+    return generated
+
+
+def _delta(spec: AdapterSpec, unit: _Unit, a, b, expert: int | None):
+    """``(alpha/rank)·B@A`` in fp32 for one unit (an expert's slot, or the shared 2-D adapter)."""
+    if expert is not None and a.dim() == 3:
+        a, b = a[expert], b[expert]
+    return spec.target_scale(unit.target) * (b.float() @ a.float())
+
+
+def _merged(spec: AdapterSpec, w, parts: dict[_Unit, tuple], expert: int | None):
+    """One base weight merged with every unit on it, fp32 (Megatron layout, true row order)."""
+    import torch
+
+    base = spec.base
+    merged = w.float()
+    deltas = {unit.sub: _delta(spec, unit, a, b, expert) for unit, (a, b, *_) in parts.items()}
+    if "" in deltas:
+        merged = merged + deltas[""]
+    elif next(iter(parts)).base == "linear_qkv":  # canonical q / k / v: interleave per query group
+        groups, columns = base.num_query_groups, w.shape[1]
+        q, k, v = _qkv_deltas(base, deltas, columns)
+        merged = merged + torch.cat(
+            [
+                q.view(groups, -1, columns),
+                k.view(groups, -1, columns),
+                v.view(groups, -1, columns),
+            ],
+            dim=1,
+        ).view(-1, columns)
+    else:  # canonical fc1: [gate; up]
+        f, columns = w.shape[0] // 2, w.shape[1]
+        gate = deltas.get("adapter_gate.", torch.zeros(f, columns))
+        up = deltas.get("adapter_up.", torch.zeros(f, columns))
+        merged = merged + torch.cat([gate, up])
+    magnitudes = [values[2] for values in parts.values() if len(values) > 2]
+    if magnitudes:  # DoRA: every output row rescaled to its magnitude
+        merged = magnitudes[0].float().unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
+    return merged
+
+
+def _qkv_deltas(base: FixtureSpec, deltas: dict, columns: int):
+    import torch
+
+    d, groups = base.kv_channels, base.num_query_groups
+    rows = {
+        "adapter_q.": base.num_attention_heads * d,
+        "adapter_k.": groups * d,
+        "adapter_v.": groups * d,
+    }
+    return [deltas.get(sub, torch.zeros(n, columns)) for sub, n in rows.items()]
 
 
 def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
-    """Megatron's own TP1/PP1 fp32 forward of the merged model -> ``cache_dir/<name>/reference.pt``.
+    """Megatron's own TP1/PP1/EP1 fp32 forward of the merged model -> ``cache_dir/<name>/reference.pt``.
 
     The base weights come from the base save (or, combined, from the combined save itself); every
-    targeted weight becomes ``(W.float() + (alpha/dim)·B.float()@A.float()).to(W.dtype)`` in Megatron's
-    layout (fused QKV rows interleaved per group, fc1 ``[gate; up]``: both exactly the global B rows).
+    targeted weight becomes ``_merged(...).to(W.dtype)`` in Megatron's layout (fused QKV rows interleaved per
+    group, fc1 ``[gate; up]``; experts slot by slot).
     """
     import torch
 
@@ -549,20 +1075,34 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     base = spec.base
     _init_parallel(1, 1, 1)
     iter_dir = Path(save) / f"iter_{spec.iteration:07d}"
-    adapters = _check_saved(spec, iter_dir)
+    generated = _check_saved(spec, iter_dir, Path(base_root))
     weights_root = Path(save) if spec.combined else Path(base_root)
     weights_iteration = int((weights_root / "latest_checkpointed_iteration.txt").read_text().strip())
     (model,) = _build_chunks(base, 1, 1, 1, randomize=False)
     _load_into([model], str(weights_root / f"iter_{weights_iteration:07d}"), base)
+    units = _units(spec)
+    by_weight: dict[tuple[str, int], dict[_Unit, tuple]] = {}
+    for (target, layer), values in generated.items():
+        by_weight.setdefault((units[target].base, layer), {})[units[target]] = values
     with torch.no_grad():
-        for (target, layer), (a, b) in adapters.items():
-            module = model.decoder.layers[layer].get_submodule(TARGET_MODULES[target])
-            w = module.weight
-            if tuple(w.shape) != (b.shape[0], a.shape[1]):
-                raise RuntimeError(
-                    f"{target} layer {layer}: base {tuple(w.shape)} vs B {tuple(b.shape)} A {tuple(a.shape)}"
-                )
-            w.copy_((w.float() + spec.scale * (b.float() @ a.float())).to(w.dtype))
+        for (base_target, layer), parts in by_weight.items():
+            unit = next(iter(parts))
+            if unit.expert:
+                experts = model.decoder.layers[layer].mlp.experts.local_experts
+                modules = [(e, experts[e].get_submodule(base_target)) for e in range(base.num_experts)]
+            else:
+                modules = [
+                    (
+                        None,
+                        model.decoder.layers[layer].get_submodule(TARGET_MODULES[base_target]),
+                    )
+                ]
+            for expert, module in modules:
+                w = module.weight
+                merged = _merged(spec, w, parts, expert)
+                if merged.shape != w.shape:
+                    raise RuntimeError(f"{base_target} layer {layer}: base {tuple(w.shape)} vs merged {merged.shape}")
+                w.copy_(merged.to(w.dtype))
     model = model.float().eval()
     gen = torch.Generator().manual_seed(base.seed)  # the base reference's input ids
     ids = torch.randint(0, base.vocab_size, (REFERENCE_BATCH, REFERENCE_SEQ), generator=gen)
