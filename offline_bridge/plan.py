@@ -56,8 +56,13 @@ def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tupl
         yield key.format(**index), tuple(axis for _, axis in combo if axis)
 
 
-def _find(reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, int], dims: Dims) -> Source | None:
-    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one."""
+def _find(
+    reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, int], dims: Dims, *, diagnose: bool = False
+) -> Source | None:
+    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one.
+
+    A key whose stacked axes have the wrong size does not match; with ``diagnose`` it raises instead.
+    """
     sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
     for pattern in patterns:
         for key, axes in _candidates(pattern, index):
@@ -65,14 +70,22 @@ def _find(reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, 
             infos = [reader.tensors.get(k) for k in keys]
             if None in infos:
                 continue
+            mismatch = next(
+                (
+                    f"{info.key} has shape {list(info.shape)}, but axis {axis} should hold the config's "
+                    f"{sizes[name][0]}={sizes[name][1]}"
+                    for info in infos
+                    for axis, name in enumerate(axes)
+                    if len(info.shape) <= axis or info.shape[axis] != sizes[name][1]
+                ),
+                None,
+            )
+            if mismatch is not None:
+                if diagnose:
+                    raise CheckpointError(mismatch)
+                continue
             parts = []
             for info in infos:
-                for axis, name in enumerate(axes):
-                    field, expected = sizes[name]
-                    if info.shape[axis] != expected:
-                        raise CheckpointError(
-                            f"{info.key} has {info.shape[axis]} along axis {axis} but the config has {field}={expected}"
-                        )
                 lead = tuple((index[name], index[name] + 1) for name in axes)
                 parts.append((info.key, (*lead, *((0, n) for n in info.shape[len(axes) :]))))
             rest = infos[0].shape[len(axes) :]
@@ -82,7 +95,7 @@ def _find(reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, 
 
 
 def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
-    source = _find(reader, rule.sources, index, dims)
+    source = _find(reader, rule.sources, index, dims) or _find(reader, rule.sources, index, dims, diagnose=True)
     if source is not None:
         return source
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}

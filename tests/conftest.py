@@ -31,15 +31,20 @@ LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fix
     FixtureSpec("llama", pp=2, first_stage_layers=1, legacy_twin=True),  # uneven pipeline split
     FixtureSpec("qwen3_moe", tp=2, ep=2, legacy_twin=True),  # expert TP = 2
 ]
-DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)
+DCP_SPEC = FixtureSpec("qwen2", dcp_twin=True)  # also saved as plain PyTorch DCP (torch_dcp)
 
 LORA_SPECS = [
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2)),  # all four targets, adapter-only save at TP2
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), combined=True),  # base and adapter keys in one save
 ]
-MISFIT_BASE = FixtureSpec(
-    "qwen3", ffn_hidden_size=128
-)  # a base the LoRA adapter does not fit  # also saved as plain PyTorch DCP (torch_dcp)
+MOE_BASE = FixtureSpec("qwen3_moe", tp=2, ep=2)
+MOE_LORA_SPECS = [  # expert adapters (fc1 / fc2) plus attention targets, written at TP2 EP2
+    AdapterSpec(MOE_BASE),  # shared: one adapter per EP rank in every local expert slot
+    AdapterSpec(MOE_BASE, expert_layout="per_expert"),
+    AdapterSpec(MOE_BASE, expert_layout="legacy_2d"),  # one 2-D adapter for all experts
+    AdapterSpec(MOE_BASE, dim=6, alpha=12, normalize_moe_lora=True),  # expert rank dim // topk
+]
+MISFIT_BASE = FixtureSpec("qwen3", ffn_hidden_size=128)  # a base the LoRA adapter does not fit
 
 MOE_SPECS = [
     FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # expert TP = TP = 2
