@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import LORA_SPECS
+from conftest import LORA_SPECS, MOE_LORA_SPECS
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -74,3 +74,33 @@ def test_peft_logits_equal_the_merged_model(exported: dict[str, Path]) -> None:
     unloaded = peft_model.merge_and_unload().state_dict()
     for name, tensor in load_file(exported["merged"] / "model.safetensors").items():
         torch.testing.assert_close(unloaded[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("expert_format", ["paramwrapper", "per-expert"])
+@pytest.mark.parametrize("index", [0, 1], ids=["shared", "per_expert"])
+def test_expert_adapters_in_peft(
+    index: int, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path
+) -> None:
+    """Qwen3-MoE expert adapters: PEFT on the converted base reproduces `convert --adapter` in both formats."""
+    spec = MOE_LORA_SPECS[index]
+    adapter = build_adapters([spec], megatron_cache)[spec]
+    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
+    merged = convert(adapter, tmp_path / "merged", progress=False)
+    result = CliRunner().invoke(
+        main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q", "--expert-format", expert_format]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    if expert_format == "paramwrapper":
+        assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
+    else:
+        assert "base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight" in keys
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft").eval()
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    input_ids, _ = reference_logits(adapter)
+    with torch.no_grad():
+        diff = (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item()
+    assert diff <= 1e-5
