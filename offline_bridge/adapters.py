@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import CheckpointError
+from .rules import Dims, fused_part_rows
 from .schema import Delta, Lora, Source
 
 __all__ = ["find_delta"]
@@ -44,13 +45,14 @@ def _pair(find: Find, prefix: str) -> tuple[Source, Source] | None:
     return None if a is None else (a, b)
 
 
-def find_delta(find: Find, pattern: str, lora: Lora | None, base: Source | None = None) -> Delta | None:
+def find_delta(find: Find, pattern: str, lora: Lora | None, dims: Dims, base: Source | None = None) -> Delta | None:
     """The adapter on the tensor of table ``pattern``, if the checkpoint holds one; shapes checked against
-    ``base`` when it is known (adapter export reads no base)."""
+    ``base`` when it is known (adapter export reads no base). CanonicalLoRA pieces may be absent (zero)."""
     if not pattern.endswith(".weight"):
         return None
     module = pattern[: -len(".weight")] + ".adapter."
-    pieces, layout = [], "plain"
+    pieces: list[tuple[Source, Source] | None] = []
+    layout = "plain"
     plain = _pair(find, module)
     if plain is not None:
         pieces = [plain]
@@ -58,32 +60,41 @@ def find_delta(find: Find, pattern: str, lora: Lora | None, base: Source | None 
         names, fused = next((v for k, v in _CANONICAL.items() if pattern.endswith(f"{k}.weight")), ((), ""))
         found = [_pair(find, module + name) for name in names]
         if any(found):
-            if not all(found):
-                raise CheckpointError(f"{module}: CanonicalLoRA adapter lacks one of {', '.join(names)}")
             pieces, layout = found, fused
     magnitude = _find_shared(find, module + "weight_magnitude")
-    if not pieces:
+    present = [p for p in pieces if p is not None]
+    if not present:
         if magnitude is not None:
             raise CheckpointError(f"{magnitude.key}: DoRA magnitude without linear_in / linear_out")
         return None
-    a0 = pieces[0][0]
+    a0 = present[0][0]
     if lora is None:
         raise CheckpointError(
             f"{a0.key}: the checkpoint holds LoRA adapters but no alpha / dim; pass --lora-alpha and --lora-dim "
             "or use a run_config.yaml with a peft: section"
         )
     rank = a0.shape[0]
-    rows = sum(b.shape[0] for _, b in pieces)
-    shapes_fit = all(
-        len(a.shape) == 2 and len(b.shape) == 2 and a.shape == a0.shape and b.shape[1] == rank for a, b in pieces
+    base_rows = base.shape[0] if base is not None else None
+    expected = fused_part_rows(layout, dims, base_rows, len(pieces)) if base_rows else [None] * len(pieces)
+    if layout == "qkv":  # the config knows q, k and v rows even without the base
+        expected = fused_part_rows(layout, dims, 0, 3)
+    fits = all(
+        len(p[0].shape) == 2
+        and len(p[1].shape) == 2
+        and p[0].shape == a0.shape
+        and p[1].shape[1] == rank
+        and rows in (None, p[1].shape[0])
+        for p, rows in zip(pieces, expected)
+        if p is not None
     )
-    if not shapes_fit or (base is not None and (rows, a0.shape[1]) != tuple(base.shape)):
-        described = "; ".join(f"{a.key} {list(a.shape)}, {b.key} {list(b.shape)}" for a, b in pieces)
-        fit = f"base {base.key} {list(base.shape)}" if base is not None else "itself"
+    if not fits or (base is not None and (sum(r for r in expected if r) != base_rows or a0.shape[1] != base.shape[1])):
+        described = "; ".join(f"{a.key} {list(a.shape)}, {b.key} {list(b.shape)}" for a, b in present)
+        fit = f"base {base.key} {list(base.shape)}" if base is not None else "the model"
         raise CheckpointError(f"LoRA adapter ({described}) does not fit {fit}")
     expert = "{e}" in pattern
     if rank != lora.dim and not (expert and lora.normalize_moe):
         raise CheckpointError(f"{a0.key}: adapter rank {rank} differs from the peft dim {lora.dim}")
+    rows = sum(p[1].shape[0] for p in present)
     if magnitude is not None and tuple(magnitude.shape) != (rows,):
         raise CheckpointError(f"{magnitude.key}: DoRA magnitude {list(magnitude.shape)} does not fit {a0.key}")
     gated = pattern.endswith("linear_fc1.weight")

@@ -48,7 +48,10 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
             (rule, b, [f"{PREFIX}{m}.lora_B.weight" for m in modules]),
         ]
     out = []
-    for (a, b), module in zip(delta.pieces, modules, strict=True):
+    for piece, module in zip(delta.pieces, modules, strict=True):
+        if piece is None:  # a CanonicalLoRA part that was not targeted
+            continue
+        a, b = piece
         b_rule = (
             SwigluRows((b.pattern,), (module,), tp=delta.tp)
             if delta.layout == "gated"
@@ -120,19 +123,19 @@ def build_adapter_plan(
         raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
     for rule, index in work:
         find = finder(reader, index, dims)
-        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora)) is not None), None)
+        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora, dims)) is not None), None)
         if delta is None:
             continue
-        where = delta.pieces[0][0].key
+        where = delta.sources()[0].key
         if delta.magnitude is not None:
             raise CheckpointError(
                 f"{delta.magnitude.key}: exporting DoRA adapters is not supported yet; merge with `convert`"
             )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
-        if delta.pieces[0][0].shape[0] != lora.dim:
+        if delta.sources()[0].shape[0] != lora.dim:
             raise CheckpointError(
-                f"{where}: rank {delta.pieces[0][0].shape[0]} differs from r={lora.dim}; merge with `convert`"
+                f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}; merge with `convert`"
             )
         for piece in _pieces(rule, delta, _modules(rule, index)):
             add(*piece)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .dtypes import DType
 from .errors import OptionError
-from .rules import Dims, rank_major_gated, swiglu_rows
+from .rules import Dims, fused_part_rows, rank_major_gated, swiglu_rows
 
 __all__ = ["merge", "resolve_device"]
 
@@ -60,7 +60,7 @@ def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
 def merge(
     weight: np.ndarray,
     weight_dtype: DType,
-    pieces: list[tuple[np.ndarray, np.ndarray]],
+    pieces: list[tuple[np.ndarray, np.ndarray] | None],
     adapter_dtype: DType,
     *,
     layout: str,
@@ -73,11 +73,16 @@ def merge(
 ) -> np.ndarray:
     """The merged weight as fp32 numpy (one rounding when the caller casts to the output dtype)."""
     target = resolve_device(device)
+    w = _tensor(weight, weight_dtype, target)
     deltas = []
-    for a, b in pieces:
-        rows = swiglu_rows(b, tp) if layout == "gated" else b
-        deltas.append(_tensor(rows, adapter_dtype, target) @ _tensor(a, adapter_dtype, target))
-    merged = _tensor(weight, weight_dtype, target) + scale * _fuse(deltas, layout, dims)
+    for piece, rows in zip(pieces, fused_part_rows(layout, dims, w.shape[0], len(pieces))):
+        if piece is None:  # an untargeted CanonicalLoRA part adds nothing
+            deltas.append(w.new_zeros(rows, w.shape[1]))
+            continue
+        a, b = piece
+        b = swiglu_rows(b, tp) if layout == "gated" else b
+        deltas.append(_tensor(b, adapter_dtype, target) @ _tensor(a, adapter_dtype, target))
+    merged = w + scale * _fuse(deltas, layout, dims)
     if magnitude is not None:  # DoRA: each output row rescaled to its learned magnitude
         m = _tensor(rank_major_gated(magnitude, tp) if gated_rows else magnitude, adapter_dtype, target)
         merged = m.unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)

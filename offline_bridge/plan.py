@@ -134,7 +134,7 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     steps = []
     for rule, index in expand(family, dims):
         source = _resolve(reader, rule, index, dims)
-        delta = find_delta(finder(reader, index, dims), source.pattern, lora, source)
+        delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)

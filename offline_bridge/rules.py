@@ -24,6 +24,7 @@ __all__ = [
     "Rule",
     "VocabRows",
     "dense_layer",
+    "fused_part_rows",
     "moe_layer",
     "only",
     "untied",
@@ -239,3 +240,10 @@ class RankMajorB(Rule):
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         stacked = array if array.ndim == 3 else np.broadcast_to(array, (self.experts, *array.shape))
         return [np.ascontiguousarray(stacked.transpose(1, 2, 0)).reshape(array.shape[-2], -1)]
+
+
+def fused_part_rows(layout: str, dims: Dims, rows: int, parts: int) -> list[int]:
+    """Rows each part adds to a fused weight of ``rows`` rows: q, k, v per the config ("qkv"), else equal parts."""
+    if layout == "qkv":
+        return [dims.num_heads * dims.head_dim] + [dims.num_query_groups * dims.head_dim] * 2
+    return [rows // parts] * parts

@@ -65,7 +65,7 @@ class Delta:
     """The adapter on one source tensor, merged in Megatron layout before the rule splits it:
     ``W + scale · fuse(B_i @ A_i)``, then for DoRA ``m / ||·||_row`` per output row."""
 
-    pieces: tuple[tuple[Source, Source], ...]  # (A [rank, in], B [out_i, rank]); one for plain LoRA
+    pieces: tuple[tuple[Source, Source] | None, ...]  # (A [rank, in], B [out_i, rank]); None: an absent piece
     layout: str  # how the pieces form the fused delta: "plain", "qkv" (per query group) or "gated" ([gate; up])
     scale: float
     magnitude: Source | None = None  # DoRA's weight_magnitude [out]
@@ -73,7 +73,8 @@ class Delta:
     gated_rows: bool = False  # a gated fc1: DoRA magnitudes come as rank-major [gate_r; up_r] blocks
 
     def sources(self) -> tuple[Source, ...]:
-        return (*(s for pair in self.pieces for s in pair), *((self.magnitude,) if self.magnitude else ()))
+        pairs = [s for pair in self.pieces if pair is not None for s in pair]
+        return (*pairs, *((self.magnitude,) if self.magnitude else ()))
 
 
 @dataclass(frozen=True)

@@ -69,12 +69,12 @@ def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tu
     delta = step.delta
     if delta is None:
         return array, step.source.dtype
-    pieces = [(_read(reader, a), _read(reader, b)) for a, b in delta.pieces]
+    pieces = [None if p is None else (_read(reader, p[0]), _read(reader, p[1])) for p in delta.pieces]
     merged = merge(
         array,
         step.source.dtype,
         pieces,
-        delta.pieces[0][0].dtype,
+        delta.sources()[0].dtype,
         layout=delta.layout,
         scale=delta.scale,
         dims=dims,

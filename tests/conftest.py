@@ -37,6 +37,12 @@ LORA_SPECS = [
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2)),  # all four targets, adapter-only save at TP2
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), combined=True),  # base and adapter keys in one save
 ]
+CANONICAL_SPECS = [  # CanonicalLoRA at TP2: q/k/v pieces, gate/up B rows in the swiglu factory's order
+    AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), kind="canonical_lora"),
+    AdapterSpec(
+        FixtureSpec("qwen3", tp=2, pp=2), kind="canonical_lora", targets=("linear_q", "linear_v", "linear_fc1_up")
+    ),
+]
 MOE_BASE = FixtureSpec("qwen3_moe", tp=2, ep=2)
 MOE_LORA_SPECS = [  # expert adapters (fc1 / fc2) plus attention targets, written at TP2 EP2
     AdapterSpec(MOE_BASE),  # shared: one adapter per EP rank in every local expert slot

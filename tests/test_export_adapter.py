@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import LORA_SPECS, MOE_LORA_SPECS
+from conftest import CANONICAL_SPECS, LORA_SPECS, MOE_LORA_SPECS
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -104,3 +104,18 @@ def test_expert_adapters_in_peft(
     with torch.no_grad():
         diff = (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("spec", CANONICAL_SPECS, ids=lambda s: s.name)
+def test_canonical_lora_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+    adapter = build_adapters([spec], megatron_cache)[spec]
+    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
+    merged = convert(adapter, tmp_path / "merged", progress=False)
+    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft").eval()
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    input_ids, _ = reference_logits(adapter)
+    with torch.no_grad():
+        assert (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item() <= 1e-5

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from click.testing import CliRunner
-from conftest import LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
+from conftest import CANONICAL_SPECS, LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
 from judge import assert_matches_megatron
 from safetensors.torch import load_file
 
@@ -24,7 +24,7 @@ SPEC = LORA_SPECS[0]
 
 @pytest.fixture(scope="session")
 def adapters(megatron_cache: Path, checkpoints: dict) -> dict:
-    return build_adapters([*LORA_SPECS, *MOE_LORA_SPECS], megatron_cache)
+    return build_adapters([*LORA_SPECS, *MOE_LORA_SPECS, *CANONICAL_SPECS], megatron_cache)
 
 
 def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
@@ -179,5 +179,12 @@ def test_cpu_device_gives_the_auto_bytes(adapters: dict, tmp_path: Path) -> None
 @pytest.mark.parametrize("spec", MOE_LORA_SPECS, ids=lambda s: s.name)
 def test_expert_adapters(spec, adapters: dict, tmp_path: Path) -> None:
     """Qwen3-MoE experts: shared slots, per-expert, legacy 2-D and normalized ranks all merge exactly."""
+    out = convert(adapters[spec], tmp_path / "merged", progress=False)
+    assert_matches_megatron(out, spec.base, adapters[spec])
+
+
+@pytest.mark.parametrize("spec", CANONICAL_SPECS, ids=lambda s: s.name)
+def test_canonical_lora(spec, adapters: dict, tmp_path: Path) -> None:
+    """CanonicalLoRA (all parts, and q / v / up only) merges into the fused weights exactly."""
     out = convert(adapters[spec], tmp_path / "merged", progress=False)
     assert_matches_megatron(out, spec.base, adapters[spec])

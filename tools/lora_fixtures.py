@@ -105,12 +105,9 @@ __all__ = [
     "swiglu_saved_rows",
 ]
 
-KINDS = ("lora",)  # "canonical_lora", "dora": next (being verified)
+KINDS = ("lora", "canonical_lora", "dora")
 EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d")
-MOE_BASE_FAMILIES = (
-    "qwen3_moe",
-    "mixtral",
-)  # homogeneous MoE blocks (every layer MoE, no shared expert)
+MOE_BASE_FAMILIES = ("qwen3_moe", "mixtral")  # homogeneous MoE blocks (every layer MoE, no shared expert)
 # Megatron-Bridge's target name -> the module path under decoder.layers.
 TARGET_MODULES = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -133,17 +130,11 @@ CANONICAL_TARGETS = {
     "linear_fc1_gate": ("linear_fc1", "adapter_gate"),
     "linear_fc2": ("linear_fc2", None),
 }
-ROW_PARALLEL = (
-    "linear_proj",
-    "linear_fc2",
-)  # A split on its input axis; the rest on axis 0
+ROW_PARALLEL = ("linear_proj", "linear_fc2")  # A split on its input axis; the rest on axis 0
 ADAPTER_DIR = "adapter"
 COMBINED_DIR = "combined"
 RUN_CONFIG = "run_config.yaml"
-A_STD, B_STD = (
-    0.1,
-    0.05,
-)  # merge delta ≈ (alpha/dim)·sqrt(dim)·A_STD·B_STD ≈ 0.03 vs base weights' 0.08
+A_STD, B_STD = 0.1, 0.05  # merge delta ≈ (alpha/dim)·sqrt(dim)·A_STD·B_STD ≈ 0.03 vs base weights' 0.08
 MAGNITUDE_NOISE = 0.2  # DoRA magnitudes: row norms of W + s·B@A times (1 + MAGNITUDE_NOISE·randn)
 MIN_LOGIT_CHANGE = 0.05  # the merge must move the reference logits at least this much (max abs)
 _PROVIDERS = {
@@ -259,12 +250,7 @@ class AdapterSpec:
     @property
     def name(self) -> str:
         """Filesystem-safe, unique per spec; never equal to a base fixture's name."""
-        parts = [
-            self.kind,
-            f"r{self.dim}a{self.alpha}",
-            f"tp{self.tp}",
-            f"s{self.seed}",
-        ]
+        parts = [self.kind, f"r{self.dim}a{self.alpha}", f"tp{self.tp}", f"s{self.seed}"]
         if self.targets != _default_targets(self.kind):
             parts.append("t" + "_".join(_TARGET_TAGS[t] for t in self.targets))
         if self.iteration != 20:
@@ -345,11 +331,7 @@ class _Unit:
 def _units(spec: AdapterSpec) -> dict[str, _Unit]:
     base = spec.base
     h, d = base.hidden_size, base.kv_channels
-    heads, groups, f = (
-        base.num_attention_heads,
-        base.num_query_groups,
-        base.ffn_hidden_size,
-    )
+    heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
     units = {}
     for target in spec.targets:
         base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
@@ -362,11 +344,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
             out, inp = _base_shape(base, base_target)
             module = param_module = TARGET_MODULES[base_target]
         if sub is not None:
-            out = {
-                "adapter_q": heads * d,
-                "adapter_k": groups * d,
-                "adapter_v": groups * d,
-            }.get(sub, f)
+            out = {"adapter_q": heads * d, "adapter_k": groups * d, "adapter_v": groups * d}.get(sub, f)
         units[target] = _Unit(
             target=target,
             base=base_target,
@@ -384,11 +362,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
 def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
     """(out, in) of the dense base weight a target wraps (global, Megatron layout)."""
     h, d = base.hidden_size, base.kv_channels
-    heads, groups, f = (
-        base.num_attention_heads,
-        base.num_query_groups,
-        base.ffn_hidden_size,
-    )
+    heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
     return {
         "linear_qkv": ((heads + 2 * groups) * d, h),
         "linear_proj": (h, heads * d),
@@ -484,15 +458,7 @@ def _generated(spec: AdapterSpec, base_root: Path | None) -> dict[tuple[str, int
     for (target, layer), (a, b) in list(result.items()):
         unit = units[target]
         merged = weights[unit.base, layer].float() + spec.target_scale(target) * (b.float() @ a.float())
-        noise = _randn(
-            (unit.out,),
-            MAGNITUDE_NOISE,
-            spec.seed,
-            spec.kind,
-            target,
-            layer,
-            "magnitude",
-        )
+        noise = _randn((unit.out,), MAGNITUDE_NOISE, spec.seed, spec.kind, target, layer, "magnitude")
         result[target, layer] = (a, b, (merged.norm(dim=1) * (1 + noise)).to(dtype))
     if any(not torch.isfinite(v).all() for values in result.values() for v in values):
         raise RuntimeError(f"{spec.name}: non-finite adapter values")
@@ -647,12 +613,7 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
         for target in spec.targets:
             base_target, sub = CANONICAL_TARGETS[target]
             mapping.setdefault(base_target, set()).add(target if sub else base_target)
-        peft = {
-            **common,
-            "canonical_mapping": mapping,
-            "normalize_moe_lora": False,
-            "share_expert_adapters": True,
-        }
+        peft = {**common, "canonical_mapping": mapping, "normalize_moe_lora": False, "share_expert_adapters": True}
     else:
         peft = {
             **common,
@@ -726,11 +687,7 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
             _spawn(group[0].world_size, "save", [jobs[s] for s in group])
         _spawn(1, "reference", [jobs[s] for s in todo])
         for s in todo:
-            record = {
-                **dataclasses.asdict(s),
-                "base": dataclasses.asdict(s.base),
-                "base_root": str(base_roots[s.base]),
-            }
+            record = {**dataclasses.asdict(s), "base": dataclasses.asdict(s.base), "base_root": str(base_roots[s.base])}
             (cache_dir / s.name / MARKER).write_text(json.dumps(record) + "\n")
     return result
 
@@ -753,13 +710,7 @@ def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | N
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"megatron LoRA {task} workers (world={world}) exceeded {timeout:.0f}s")
-    _log.info(
-        "megatron LoRA %s: world=%d, %d job(s), %.1fs",
-        task,
-        world,
-        len(jobs),
-        time.monotonic() - start,
-    )
+    _log.info("megatron LoRA %s: world=%d, %d job(s), %.1fs", task, world, len(jobs), time.monotonic() - start)
 
 
 # --------------------------------------------------------------------------- inside workers
@@ -809,11 +760,7 @@ def _sharded(key: str, local, prepend: list[tuple[int, int, int]], tp_offset, re
         axis, index, count = tp_offset
         offsets.append((len(prepend) + axis, index, count))
     return ShardedTensor.from_rank_offsets(
-        key,
-        local.contiguous(),
-        *offsets,
-        replica_id=replica_id,
-        prepend_axis_num=len(prepend),
+        key, local.contiguous(), *offsets, replica_id=replica_id, prepend_axis_num=len(prepend)
     )
 
 
@@ -834,14 +781,8 @@ def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
     units = _units(spec)
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
     if base.is_moe:
-        ep_rank, etp_rank = (
-            ps.get_expert_model_parallel_rank(),
-            ps.get_expert_tensor_parallel_rank(),
-        )
-        edp_rank, edp_size = (
-            ps.get_expert_data_parallel_rank(),
-            ps.get_expert_data_parallel_world_size(),
-        )
+        ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+        edp_rank, edp_size = ps.get_expert_data_parallel_rank(), ps.get_expert_data_parallel_world_size()
     state: dict[str, Any] = {}
     for (target, layer), (a, b, *magnitude) in generated.items():
         unit = units[target]
@@ -852,11 +793,7 @@ def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
             rank, size, replica = tp_rank, spec.tp, (0, 0, dp_rank)
             pieces = [(None, a, b)]
         elif slots is None:  # legacy 2-D: the same tensor on every EP rank; one main replica
-            rank, size, replica = (
-                etp_rank,
-                spec.etp,
-                (0, 0, ep_rank * edp_size + edp_rank),
-            )
+            rank, size, replica = etp_rank, spec.etp, (0, 0, ep_rank * edp_size + edp_rank)
             pieces = [(None, a, b)]
         else:
             rank, size, replica = etp_rank, spec.etp, (0, 0, edp_rank)
@@ -871,13 +808,7 @@ def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
             key_in = _key(unit, f"{unit.sub}linear_in.weight", where)
             state[f"{name}linear_in.weight{suffix}"] = _sharded(key_in, a_local, offsets, (a_axis, rank, size), replica)
             key_out = _key(unit, f"{unit.sub}linear_out.weight", where)
-            b_sharded = _sharded(
-                key_out,
-                _local_rows(unit, b_e, rank, size),
-                offsets,
-                (0, rank, size),
-                replica,
-            )
+            b_sharded = _sharded(key_out, _local_rows(unit, b_e, rank, size), offsets, (0, rank, size), replica)
             if unit.swiglu:
                 b_sharded = apply_swiglu_sharded_factory(b_sharded, tuple(offsets))
             state[f"{name}linear_out.weight{suffix}"] = b_sharded
@@ -914,14 +845,7 @@ def _save_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     import yaml
     from megatron.core import dist_checkpointing
 
-    from tools.megatron_fixtures import (
-        _build_chunks,
-        _init_parallel,
-        _load_into,
-        _make_args,
-        _rng_state,
-        _sd_metadata,
-    )
+    from tools.megatron_fixtures import _build_chunks, _init_parallel, _load_into, _make_args, _rng_state, _sd_metadata
 
     base = spec.base
     _init_parallel(spec.tp, 1, 1, spec.ep, spec.etp)
@@ -943,12 +867,7 @@ def _save_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    state = {
-        "model": model,
-        **common,
-        "rerun_state_machine": None,
-        "rng_state": _rng_state(),
-    }
+    state = {"model": model, **common, "rerun_state_machine": None, "rng_state": _rng_state()}
     content_metadata = {
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
@@ -1031,12 +950,7 @@ def _merged(spec: AdapterSpec, w, parts: dict[_Unit, tuple], expert: int | None)
         groups, columns = base.num_query_groups, w.shape[1]
         q, k, v = _qkv_deltas(base, deltas, columns)
         merged = merged + torch.cat(
-            [
-                q.view(groups, -1, columns),
-                k.view(groups, -1, columns),
-                v.view(groups, -1, columns),
-            ],
-            dim=1,
+            [q.view(groups, -1, columns), k.view(groups, -1, columns), v.view(groups, -1, columns)], dim=1
         ).view(-1, columns)
     else:  # canonical fc1: [gate; up]
         f, columns = w.shape[0] // 2, w.shape[1]
@@ -1053,11 +967,7 @@ def _qkv_deltas(base: FixtureSpec, deltas: dict, columns: int):
     import torch
 
     d, groups = base.kv_channels, base.num_query_groups
-    rows = {
-        "adapter_q.": base.num_attention_heads * d,
-        "adapter_k.": groups * d,
-        "adapter_v.": groups * d,
-    }
+    rows = {"adapter_q.": base.num_attention_heads * d, "adapter_k.": groups * d, "adapter_v.": groups * d}
     return [deltas.get(sub, torch.zeros(n, columns)) for sub, n in rows.items()]
 
 
@@ -1091,12 +1001,7 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
                 experts = model.decoder.layers[layer].mlp.experts.local_experts
                 modules = [(e, experts[e].get_submodule(base_target)) for e in range(base.num_experts)]
             else:
-                modules = [
-                    (
-                        None,
-                        model.decoder.layers[layer].get_submodule(TARGET_MODULES[base_target]),
-                    )
-                ]
+                modules = [(None, model.decoder.layers[layer].get_submodule(TARGET_MODULES[base_target]))]
             for expert, module in modules:
                 w = module.weight
                 merged = _merged(spec, w, parts, expert)
