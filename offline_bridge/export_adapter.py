@@ -6,7 +6,8 @@ The family tables say which HF modules a Megatron tensor becomes; the adapter fo
 - CanonicalLoRA pieces are already per part (gate/up B rows put back in true order);
 - experts go to transformers-5's fused `gate_up_proj` / `down_proj` as PEFT ParamWrapper tensors, or per
   expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`.
-Anything PEFT cannot express (DoRA magnitudes, experts with normalized ranks, embeddings) is refused.
+DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Anything PEFT cannot express
+(experts with normalized ranks, embeddings) is refused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from .inputs import lora_settings
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
-from .rules import Copy, Dims, ExpertMajorA, GatedMLP, RankMajorB, Repeat, Rule, SwigluRows, VocabRows
+from .rules import (
+    Copy,
+    Dims,
+    ExpertMajorA,
+    GatedMLP,
+    RankMajorB,
+    RankMajorGatedMLP,
+    Repeat,
+    Rule,
+    SwigluRows,
+    VocabRows,
+)
 from .run_config import load_run_config
 from .schema import Delta, Lora, Source
 from .writer import staged_output, write_json, write_weights
@@ -127,10 +139,6 @@ def build_adapter_plan(
         if delta is None:
             continue
         where = delta.sources()[0].key
-        if delta.magnitude is not None:
-            raise CheckpointError(
-                f"{delta.magnitude.key}: exporting DoRA adapters is not supported yet; merge with `convert`"
-            )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
         if delta.sources()[0].shape[0] != lora.dim:
@@ -139,6 +147,10 @@ def build_adapter_plan(
             )
         for piece in _pieces(rule, delta, _modules(rule, index)):
             add(*piece)
+        if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
+            m = delta.magnitude
+            m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
+            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in _modules(rule, index)])
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:
         raise CheckpointError(
@@ -152,10 +164,12 @@ def build_adapter_plan(
 
 def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, Any]:
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
-    modules, parameters = set(), set()
+    modules, parameters, dora = set(), set(), False
     for step in plan.steps:
         if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
             parameters.add(f"mlp.experts.{step.rule.targets[0]}")
+        elif step.targets[0].name.endswith(".lora_magnitude_vector"):
+            dora = True
         else:
             modules.update(t.name.removeprefix(PREFIX).rsplit(".", 2)[0].rsplit(".", 1)[-1] for t in step.targets)
     return {
@@ -172,7 +186,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
         "rank_pattern": {},
         "target_modules": sorted(modules) or None,
         "task_type": "CAUSAL_LM",
-        "use_dora": False,
+        "use_dora": dora,
         "use_rslora": False,
     }
 

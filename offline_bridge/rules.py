@@ -247,3 +247,13 @@ def fused_part_rows(layout: str, dims: Dims, rows: int, parts: int) -> list[int]
     if layout == "qkv":
         return [dims.num_heads * dims.head_dim] + [dims.num_query_groups * dims.head_dim] * 2
     return [rows // parts] * parts
+
+
+@dataclass(frozen=True)
+class RankMajorGatedMLP(GatedMLP):
+    """Gated fc1 rows stored rank-major, `[gate_t; up_t]` per TP rank (DoRA magnitudes) → gate, up."""
+
+    tp: int = 1
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return super().apply(rank_major_gated(array, self.tp), dims)

@@ -37,6 +37,7 @@ LORA_SPECS = [
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2)),  # all four targets, adapter-only save at TP2
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), combined=True),  # base and adapter keys in one save
 ]
+DORA_SPEC = AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), kind="dora", alpha=64)  # magnitudes, fc1 rank-major
 CANONICAL_SPECS = [  # CanonicalLoRA at TP2: q/k/v pieces, gate/up B rows in the swiglu factory's order
     AdapterSpec(FixtureSpec("qwen3", tp=2, pp=2), kind="canonical_lora"),
     AdapterSpec(

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import CANONICAL_SPECS, LORA_SPECS, MOE_LORA_SPECS
+from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MOE_LORA_SPECS
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -106,8 +106,8 @@ def test_expert_adapters_in_peft(
     assert diff <= 1e-5
 
 
-@pytest.mark.parametrize("spec", CANONICAL_SPECS, ids=lambda s: s.name)
-def test_canonical_lora_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", [*CANONICAL_SPECS, DORA_SPEC], ids=lambda s: s.name)
+def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
     adapter = build_adapters([spec], megatron_cache)[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)

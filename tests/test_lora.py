@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from click.testing import CliRunner
-from conftest import CANONICAL_SPECS, LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
+from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
 from judge import assert_matches_megatron
 from safetensors.torch import load_file
 
@@ -24,7 +24,7 @@ SPEC = LORA_SPECS[0]
 
 @pytest.fixture(scope="session")
 def adapters(megatron_cache: Path, checkpoints: dict) -> dict:
-    return build_adapters([*LORA_SPECS, *MOE_LORA_SPECS, *CANONICAL_SPECS], megatron_cache)
+    return build_adapters([*LORA_SPECS, *MOE_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC], megatron_cache)
 
 
 def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
@@ -188,3 +188,9 @@ def test_canonical_lora(spec, adapters: dict, tmp_path: Path) -> None:
     """CanonicalLoRA (all parts, and q / v / up only) merges into the fused weights exactly."""
     out = convert(adapters[spec], tmp_path / "merged", progress=False)
     assert_matches_megatron(out, spec.base, adapters[spec])
+
+
+def test_dora(adapters: dict, tmp_path: Path) -> None:
+    """DoRA: rows rescaled to the learned magnitudes (fc1's rank-major order undone) match Megatron."""
+    out = convert(adapters[DORA_SPEC], tmp_path / "merged", progress=False)
+    assert_matches_megatron(out, DORA_SPEC.base, adapters[DORA_SPEC])
