@@ -7,7 +7,7 @@ The family tables say which HF modules a Megatron tensor becomes; the adapter fo
 - experts go to transformers-5's fused `gate_up_proj` / `down_proj` as PEFT ParamWrapper tensors, or per
   expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`.
 DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Anything PEFT cannot express
-(experts with normalized ranks, embeddings) is refused.
+(router LoRA, experts with normalized ranks, embeddings) is refused.
 """
 
 from __future__ import annotations
@@ -139,6 +139,11 @@ def build_adapter_plan(
         if delta is None:
             continue
         where = delta.sources()[0].key
+        if rule.sources[0].endswith("mlp.router.weight"):
+            raise CheckpointError(
+                f"{where}: transformers 5's MoE router is not an nn.Linear, so PEFT cannot hold its LoRA; "
+                "merge with `convert`"
+            )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
         if delta.sources()[0].shape[0] != lora.dim:
