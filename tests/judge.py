@@ -37,3 +37,18 @@ def assert_matches_megatron(
     assert logits.shape == expected.shape
     err = (logits - expected).abs().max().item()
     assert err <= atol, f"{out_dir}: max |logits - megatron| = {err:.3g} > {atol}"
+
+
+def convert_fails(src: Path, out: Path, *extra: str) -> str:
+    """Run `offline-bridge convert`, expect exit 2 with a one-line error, and no output (complete or partial)."""
+    from click.testing import CliRunner
+
+    from offline_bridge.cli import main
+
+    result = CliRunner().invoke(main, ["convert", str(src), str(out), "--quiet", *[str(e) for e in extra]])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return lines[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import PARITY_SPECS
+from judge import convert_fails
 
 from offline_bridge.cli import main
 
@@ -25,17 +26,6 @@ def ckpt(checkpoints: dict, tmp_path: Path) -> Path:
 
 def iteration_dir(root: Path) -> Path:
     return root / "iter_0000010"
-
-
-def convert_fails(src: Path, out: Path, *extra: str) -> str:
-    """Run the CLI, expect exit 2 with a one-line error, and no output (complete or partial) left."""
-    result = CliRunner().invoke(main, ["convert", str(src), str(out), "--quiet", *extra])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert not out.exists() or not any(out.iterdir())
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 def test_missing_directory(tmp_path: Path) -> None:

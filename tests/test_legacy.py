@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import LEGACY_SPECS
-from judge import assert_matches_megatron
+from judge import assert_matches_megatron, convert_fails
 
 from offline_bridge import convert
-from offline_bridge.cli import main
 from tools.megatron_fixtures import FixtureSpec, legacy_root
 
 
@@ -34,15 +32,6 @@ def test_legacy_equals_torch_dist_twin(spec: FixtureSpec, checkpoints: dict, tmp
 def legacy(checkpoints: dict, tmp_path: Path) -> Path:
     """A private copy of the TP2 PP2 VPP2 legacy save root that a test may damage."""
     return Path(shutil.copytree(legacy_root(checkpoints[LEGACY_SPECS[0]]), tmp_path / "legacy"))
-
-
-def convert_fails(src: Path, out: Path) -> str:
-    result = CliRunner().invoke(main, ["convert", str(src), str(out), "--quiet"])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 def test_missing_rank_file(legacy: Path, tmp_path: Path) -> None:

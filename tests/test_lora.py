@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from click.testing import CliRunner
 from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
-from judge import assert_matches_megatron
+from judge import assert_matches_megatron, convert_fails
 from safetensors.torch import load_file
 
 from offline_bridge import convert
@@ -101,14 +101,6 @@ def adapter_copy(adapters: dict, tmp_path: Path) -> Path:
 def _edit_run_config(root: Path, edit) -> None:
     file = next(root.glob("iter_*/run_config.yaml"))
     file.write_text(edit(file.read_text()))
-
-
-def convert_fails(*args: str) -> str:
-    result = CliRunner().invoke(main, ["convert", *[str(a) for a in args], "--quiet"])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_missing_base(adapter_copy: Path, tmp_path: Path) -> None:

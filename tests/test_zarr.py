@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from judge import assert_matches_megatron
+from judge import assert_matches_megatron, convert_fails
 
 import offline_bridge
-from offline_bridge.cli import main
 from offline_bridge.errors import CheckpointError
 from offline_bridge.readers import ZarrReader, open_reader
 from offline_bridge.readers import zarr as zarr_reader
@@ -115,17 +113,6 @@ def test_reads_only_the_chunks_a_box_needs(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # --------------------------------------------------------------------------- bad input
-
-
-def convert_fails(src: Path, out: Path, *extra: str) -> str:
-    """Run the CLI, expect exit 2 with a one-line error, and no output (complete or partial) left."""
-    result = CliRunner().invoke(main, ["convert", str(src), str(out), "--quiet", *extra])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert not out.exists() or not any(out.iterdir())
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    return lines[0]
 
 
 def test_missing_chunk_file(ckpt: Path, tmp_path: Path) -> None:
