@@ -52,6 +52,15 @@ def exported(megatron_cache: Path, checkpoints: dict, tmp_path_factory: pytest.T
     return {"base": base, "merged": merged, "peft": tmp / "peft", "adapter": adapter}
 
 
+def assert_same_weights(unloaded: torch.nn.Module, merged: torch.nn.Module) -> None:
+    """PEFT's merge_and_unload gives the tensors `convert --adapter` wrote, within fp32 rounding."""
+    ours = merged.state_dict()
+    theirs = unloaded.state_dict()
+    assert theirs.keys() == ours.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(theirs[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_adapter_files(exported: dict[str, Path]) -> None:
     config = json.loads((exported["peft"] / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", SPEC.dim, SPEC.alpha)
@@ -104,6 +113,7 @@ def test_expert_adapters_in_peft(
     with torch.no_grad():
         diff = (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item()
     assert diff <= 1e-5
+    assert_same_weights(peft_model.merge_and_unload(), reference)
 
 
 @pytest.mark.parametrize("spec", [*CANONICAL_SPECS, DORA_SPEC], ids=lambda s: s.name)
@@ -119,3 +129,4 @@ def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints
     input_ids, _ = reference_logits(adapter)
     with torch.no_grad():
         assert (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item() <= 1e-5
+    assert_same_weights(peft_model.merge_and_unload(), reference)
