@@ -64,10 +64,8 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import logging
 import os
 import shutil
-import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,8 +159,6 @@ _TARGET_TAGS = {
     "linear_fc1_gate": "gate",
 }
 _LAYOUT_TAGS = {"per_expert": "perexpert", "legacy_2d": "legacy2d"}
-
-_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -696,21 +692,10 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
 
 
 def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | None = None) -> None:
-    """Run ``_worker`` on ``world`` ranks; re-raise worker errors, kill on timeout."""
-    import torch.multiprocessing as mp
+    """megatron_fixtures' spawner, running this module's workers."""
+    from tools.megatron_fixtures import _spawn as spawn
 
-    from tools.megatron_fixtures import _free_port
-
-    timeout = timeout if timeout is not None else 180 + 60 * len(jobs)
-    ctx = mp.spawn(_worker, args=(world, _free_port(), task, jobs), nprocs=world, join=False)
-    start = time.monotonic()
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() - start > timeout:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"megatron LoRA {task} workers (world={world}) exceeded {timeout:.0f}s")
-    _log.info("megatron LoRA %s: world=%d, %d job(s), %.1fs", task, world, len(jobs), time.monotonic() - start)
+    spawn(world, task, jobs, timeout, worker=_worker)
 
 
 # --------------------------------------------------------------------------- inside workers

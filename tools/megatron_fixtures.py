@@ -537,12 +537,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | None = None) -> None:
-    """Run ``_worker`` on ``world`` ranks; re-raise worker errors, kill on timeout."""
+def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | None = None, worker: Any = None) -> None:
+    """Run ``worker`` (default: this module's ``_worker``) on ``world`` ranks; re-raise worker errors, kill on
+    timeout. Other fixture modules pass their own module-level worker."""
     import torch.multiprocessing as mp
 
     timeout = timeout if timeout is not None else 180 + 60 * len(jobs)
-    ctx = mp.spawn(_worker, args=(world, _free_port(), task, jobs), nprocs=world, join=False)
+    ctx = mp.spawn(worker or _worker, args=(world, _free_port(), task, jobs), nprocs=world, join=False)
     start = time.monotonic()
     while not ctx.join(timeout=1.0):  # join raises ProcessRaisedException on worker errors
         if time.monotonic() - start > timeout:
