@@ -33,6 +33,20 @@ def is_model_key(key: str) -> bool:
     return not key.startswith(_NON_MODEL_PREFIXES) and "_extra_state" not in key and not key.startswith("chained_")
 
 
+def load_common_pt(directory: Path) -> dict[str, Any] | None:
+    """`common.pt` (Megatron's non-sharded state) through the allow-list unpickler; None if absent."""
+    from ..errors import CheckpointError
+    from ..torch_save import load_torch_file
+
+    file = directory / "common.pt"
+    if not file.is_file():
+        return None
+    state = load_torch_file(str(file))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: common state is a {type(state).__name__}, expected a dict")
+    return state
+
+
 def full_box(shape: tuple[int, ...]) -> Box:
     return tuple((0, n) for n in shape)
 

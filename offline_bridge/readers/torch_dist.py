@@ -18,8 +18,8 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef, safe_loads
-from ..torch_save import TorchArchive, load_torch_file
-from .base import Box, CheckpointReader, TensorInfo, full_box
+from ..torch_save import TorchArchive
+from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
 from .coverage import check_tiling
 
 __all__ = ["TorchDistReader"]
@@ -67,10 +67,8 @@ class TorchDistReader(CheckpointReader):
     @cached_property
     def common_state(self) -> dict[str, Any]:
         """Megatron's non-sharded state: `common.pt` (core <= 0.18) or the `common_state` object (0.19)."""
-        common_file = self.path / "common.pt"
-        if common_file.is_file():
-            state = load_torch_file(str(common_file))
-        else:
+        state = load_common_pt(self.path)
+        if state is None:
             keys = [key for key in self._objects if key.startswith("common_state")]
             if keys:
                 state = self._load_object(keys[0])

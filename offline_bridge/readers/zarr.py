@@ -23,8 +23,7 @@ import numpy as np
 
 from ..dtypes import DType, by_torch_name
 from ..errors import CheckpointError
-from ..torch_save import load_torch_file
-from .base import Box, CheckpointReader, TensorInfo, full_box
+from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
 
 __all__ = ["ZarrReader"]
 
@@ -194,13 +193,7 @@ class ZarrReader(CheckpointReader):
     @cached_property
     def common_state(self) -> dict[str, Any]:
         """Megatron's non-sharded state, `common.pt`, through the allow-list unpickler."""
-        common_file = self.path / "common.pt"
-        if not common_file.is_file():
-            return {}
-        state = load_torch_file(str(common_file))
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{common_file}: common state is a {type(state).__name__}, expected a dict")
-        return state
+        return load_common_pt(self.path) or {}
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         array = self._arrays.get(key)
