@@ -10,6 +10,7 @@ base (so stacked, per-layer and per-expert layouts resolve like the base does):
 | CanonicalLoRA on `linear_fc1` | `adapter_{gate,up}.linear_{in,out}.weight` | `[gate; up]` |
 | DoRA | LoRA keys + `weight_magnitude` | LoRA, then rows rescaled to the magnitude |
 | legacy shared experts | `experts.experts.<fc>.adapter.*` without an expert axis | one adapter for every expert |
+| `experts_shared_outer_loras` | fc1 A / fc2 B without, the other side with an expert axis | `B[e] @ A` / `B @ A[e]` |
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ _CANONICAL = {
 }
 
 
-def _find_shared(find: Find, pattern: str) -> Source | None:
-    """An adapter key, or its legacy form shared by all experts (no expert axis)."""
+def _find_shared(find: Find, pattern: str, ndim: int = 1) -> Source | None:
+    """An adapter key, or its form shared by all experts (no expert axis: the legacy 2-D layout, or one side
+    of `experts_shared_outer_loras`). A tensor of ``ndim`` dims per expert that reads as fewer once an
+    expert axis is taken off has none (rank == number of experts would otherwise look like one)."""
     found = find((pattern,))
-    if found is None and ".experts.{e}." in pattern:
-        found = find((pattern.replace(".experts.{e}.", ".experts.experts."),))
+    if ".experts.{e}." in pattern and (found is None or len(found.shape) < ndim):
+        found = find((pattern.replace(".experts.{e}.", ".experts.experts."),)) or found
     return found
 
 
 def _pair(find: Find, prefix: str) -> tuple[Source, Source] | None:
-    a, b = _find_shared(find, prefix + "linear_in.weight"), _find_shared(find, prefix + "linear_out.weight")
+    a, b = (_find_shared(find, prefix + f"linear_{side}.weight", ndim=2) for side in ("in", "out"))
     if (a is None) != (b is None):
         raise CheckpointError(f"{(a or b).key}: LoRA adapter has only one of linear_in / linear_out")
     return None if a is None else (a, b)

@@ -5,13 +5,17 @@ The family tables say which HF modules a Megatron tensor becomes; the adapter fo
 - its B is split by the same rule as the weight (QKV per query group, fc1 halves), rank as feature dim;
 - CanonicalLoRA pieces are already per part (gate/up B rows put back in true order);
 - experts go to transformers-5's fused `gate_up_proj` / `down_proj` as PEFT ParamWrapper tensors, or per
-  expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`.
+  expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`;
+- the router goes to `mlp.gate.weight`, a plain 2-D parameter in transformers 5 (no nn.Linear), as a
+  ParamWrapper target: its delta is `B @ A` like a Linear's; dense and shared-expert MLPs of MoE models
+  likewise (see `_parameter_target`).
 DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Anything PEFT cannot express
-(router LoRA, experts with normalized ranks, embeddings) is refused.
+(experts with normalized ranks, embeddings, DoRA on the router) is refused.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,23 @@ __all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapt
 
 ADAPTER_FILE = "adapter_model"
 PREFIX = "base_model.model."
+
+
+# Leaf names PEFT cannot wrap as modules: the router (a bare `weight` in transformers 5), and on MoE models
+# the v4 expert names, which PEFT's transformers-5 conversion re-aims at the fused experts wherever they appear
+# in target_modules — so dense and shared-expert MLPs of a MoE model are targeted by parameter as well.
+_ROUTER_LEAF = "gate"
+_V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+
+
+def _parameter_target(module: str, dims: Dims) -> str | None:
+    """The `target_parameters` entry (`mlp.gate.weight`) for an HF module PEFT must reach by parameter
+    (through `lora.ParamWrapper`, whose delta on a 2-D weight is `B @ A` like a Linear's), else None."""
+    leaf = module.rsplit(".", 1)[-1]
+    if leaf == _ROUTER_LEAF or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
+        return _LAYER.split(module)[-1] + ".weight"
+    return None
 
 
 def _modules(rule: Rule, index: dict[str, int]) -> list[str]:
@@ -101,8 +122,9 @@ def _paramwrapper(
         owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
         inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
         name = f"{PREFIX}{owner}{inner}"
-        out.append((ExpertMajorA((a.pattern,), (parameter,), experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
-        out.append((RankMajorB((b.pattern,), (parameter,), experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
+        target = (f"mlp.experts.{parameter}",)
+        out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
+        out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
     return out
 
 
@@ -139,10 +161,11 @@ def build_adapter_plan(
         if delta is None:
             continue
         where = delta.sources()[0].key
-        if rule.sources[0].endswith("mlp.router.weight"):
+        modules = _modules(rule, index)
+        if delta.magnitude is not None and any(_parameter_target(m, dims) for m in modules):
             raise CheckpointError(
-                f"{where}: transformers 5's MoE router is not an nn.Linear, so PEFT cannot hold its LoRA; "
-                "merge with `convert`"
+                f"{where}: DoRA on {', '.join(modules)}, which PEFT reaches only as a ParamWrapper parameter "
+                "(no DoRA there); merge with `convert`"
             )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
@@ -150,7 +173,7 @@ def build_adapter_plan(
             raise CheckpointError(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}; merge with `convert`"
             )
-        for piece in _pieces(rule, delta, _modules(rule, index)):
+        for piece in _pieces(rule, delta, modules):
             add(*piece)
         if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
             m = delta.magnitude
@@ -172,11 +195,16 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     modules, parameters, dora = set(), set(), False
     for step in plan.steps:
         if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
-            parameters.add(f"mlp.experts.{step.rule.targets[0]}")
+            parameters.add(step.rule.targets[0])
         elif step.targets[0].name.endswith(".lora_magnitude_vector"):
             dora = True
         else:
-            modules.update(t.name.removeprefix(PREFIX).rsplit(".", 2)[0].rsplit(".", 1)[-1] for t in step.targets)
+            for module in (t.name.removeprefix(PREFIX).rsplit(".", 2)[0] for t in step.targets):
+                parameter = _parameter_target(module, plan.dims)
+                if parameter:
+                    parameters.add(parameter)
+                else:
+                    modules.add(module.rsplit(".", 1)[-1])
     return {
         "target_parameters": sorted(parameters) or None,
         "alpha_pattern": {},

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MOE_LORA_SPECS
+from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MLA_LORA_SPECS, MOE_LORA_SPECS, SHARED_OUTER_SPEC
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -85,13 +85,27 @@ def test_peft_logits_equal_the_merged_model(exported: dict[str, Path]) -> None:
         torch.testing.assert_close(unloaded[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def assert_peft_reproduces(base: Path, peft_dir: Path, merged: Path, adapter: Path) -> None:
+    """Real PEFT on the converted base gives the logits and, merged and unloaded, the tensors of `convert`."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, peft_dir).eval()
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    input_ids, _ = reference_logits(adapter)
+    with torch.no_grad():
+        diff = (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    assert_same_weights(peft_model.merge_and_unload(), reference)
+
+
 @pytest.mark.parametrize("expert_format", ["paramwrapper", "per-expert"])
-@pytest.mark.parametrize("index", [0, 1], ids=["shared", "per_expert"])
+@pytest.mark.parametrize(
+    "spec", [*MOE_LORA_SPECS[:2], SHARED_OUTER_SPEC], ids=["shared", "per_expert", "shared_outer_and_router"]
+)
 def test_expert_adapters_in_peft(
-    index: int, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path
+    spec, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path
 ) -> None:
-    """Qwen3-MoE expert adapters: PEFT on the converted base reproduces `convert --adapter` in both formats."""
-    spec = MOE_LORA_SPECS[index]
+    """Qwen3-MoE expert adapters (and a router LoRA onto `mlp.gate.weight`, a ParamWrapper target): PEFT on
+    the converted base reproduces `convert --adapter` in both expert formats."""
     adapter = build_adapters([spec], megatron_cache)[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
@@ -101,19 +115,34 @@ def test_expert_adapters_in_peft(
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    router = ["mlp.gate.weight"] if "router" in spec.targets else []
     if expert_format == "paramwrapper":
-        assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", *router]
         assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
     else:
+        assert config["target_parameters"] == (router or None)
         assert "base_model.model.model.layers.0.mlp.experts.3.up_proj.lora_B.weight" in keys
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft").eval()
-    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    input_ids, _ = reference_logits(adapter)
-    with torch.no_grad():
-        diff = (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item()
-    assert diff <= 1e-5
-    assert_same_weights(peft_model.merge_and_unload(), reference)
+    assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
+
+
+@pytest.mark.parametrize("spec", MLA_LORA_SPECS, ids=lambda s: s.name)
+def test_mla_router_and_shared_experts_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+    """DeepSeek-V3: MLA projections are nn.Linear (target_modules); the router (no nn.Linear) and the shared
+    experts (whose v4 names PEFT would re-aim at the fused experts) are ParamWrapper parameters."""
+    adapter = build_adapters([spec], megatron_cache)[spec]
+    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
+    merged = convert(adapter, tmp_path / "merged", progress=False)
+    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    q = ["q_a_proj", "q_b_proj"] if spec.base.q_lora_rank else ["q_proj"]
+    shared = [f"mlp.shared_experts.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj")]
+    assert config["target_modules"] == sorted([*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    assert config["target_parameters"] == ["mlp.gate.weight", *shared]
+    keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.1.mlp.gate.lora_B.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.shared_experts.up_proj.lora_A.weight" in keys
+    assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
 
 
 @pytest.mark.parametrize("spec", [*CANONICAL_SPECS, DORA_SPEC], ids=lambda s: s.name)
@@ -123,10 +152,4 @@ def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints
     merged = convert(adapter, tmp_path / "merged", progress=False)
     result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
     assert result.exit_code == 0, result.output
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(model, tmp_path / "peft").eval()
-    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    input_ids, _ = reference_logits(adapter)
-    with torch.no_grad():
-        assert (peft_model(input_ids).logits - reference(input_ids).logits).abs().max().item() <= 1e-5
-    assert_same_weights(peft_model.merge_and_unload(), reference)
+    assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)

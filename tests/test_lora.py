@@ -11,7 +11,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from click.testing import CliRunner
-from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, MISFIT_BASE, MOE_LORA_SPECS
+from conftest import (
+    CANONICAL_SPECS,
+    DORA_SPEC,
+    LORA_SPECS,
+    MISFIT_BASE,
+    MLA_LORA_SPECS,
+    MOE_LORA_SPECS,
+    SHARED_OUTER_SPEC,
+)
 from judge import assert_matches_megatron, convert_fails
 from safetensors.torch import load_file
 
@@ -24,7 +32,8 @@ SPEC = LORA_SPECS[0]
 
 @pytest.fixture(scope="session")
 def adapters(megatron_cache: Path, checkpoints: dict) -> dict:
-    return build_adapters([*LORA_SPECS, *MOE_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC], megatron_cache)
+    specs = [*LORA_SPECS, *MOE_LORA_SPECS, SHARED_OUTER_SPEC, *MLA_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC]
+    return build_adapters(specs, megatron_cache)
 
 
 def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
@@ -46,8 +55,10 @@ def test_adapter_option_gives_the_same_bytes(adapters: dict, checkpoints: dict, 
         assert path.read_bytes() == (b / path.name).read_bytes(), path.name
 
 
-def _dcp(iteration_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def _dcp(iteration_dir: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Global tensors read by torch's own DCP reader (``keys`` None: every tensor)."""
     metadata = dcp.FileSystemReader(iteration_dir).read_metadata().state_dict_metadata
+    keys = [k for k, v in metadata.items() if hasattr(v, "size")] if keys is None else keys
     tensors = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in keys}
     dcp.load(tensors, checkpoint_id=iteration_dir, no_dist=True)
     return tensors
@@ -186,3 +197,62 @@ def test_dora(adapters: dict, tmp_path: Path) -> None:
     """DoRA: rows rescaled to the learned magnitudes (fc1's rank-major order undone) match Megatron."""
     out = convert(adapters[DORA_SPEC], tmp_path / "merged", progress=False)
     assert_matches_megatron(out, DORA_SPEC.base, adapters[DORA_SPEC])
+
+
+@pytest.mark.parametrize("spec", MLA_LORA_SPECS, ids=lambda s: s.name)
+def test_mla_router_and_shared_expert_adapters(spec, adapters: dict, tmp_path: Path) -> None:
+    """DeepSeek-V3: every MLA projection (with and without q LoRA), the router and the shared experts."""
+    out = convert(adapters[spec], tmp_path / "merged", progress=False)
+    # transformers' forward does not use the MTP layer (HF layer num_layers); the adapter leaves it alone
+    assert_matches_megatron(out, spec.base, adapters[spec], extra=rf"model\.layers\.{spec.base.num_layers}\..*")
+
+
+def test_shared_outer_expert_adapters(adapters: dict, tmp_path: Path) -> None:
+    """experts_shared_outer_loras: fc1 A and fc2 B shared by all experts, the other side per expert; plus the
+    router of a Qwen3-MoE base."""
+    out = convert(adapters[SHARED_OUTER_SPEC], tmp_path / "merged", progress=False)
+    assert_matches_megatron(out, SHARED_OUTER_SPEC.base, adapters[SHARED_OUTER_SPEC])
+
+
+# Megatron module under decoder.layers[.i]. -> its HF tensors under model.layers.{i}. (fc1: gate, up halves)
+HF_NAMES = {
+    "self_attention.linear_q_proj": ("self_attn.q_proj.weight",),
+    "self_attention.linear_q_down_proj": ("self_attn.q_a_proj.weight",),
+    "self_attention.linear_q_up_proj": ("self_attn.q_b_proj.weight",),
+    "self_attention.linear_kv_down_proj": ("self_attn.kv_a_proj_with_mqa.weight",),
+    "self_attention.linear_kv_up_proj": ("self_attn.kv_b_proj.weight",),
+    "self_attention.linear_proj": ("self_attn.o_proj.weight",),
+    "mlp.router": ("mlp.gate.weight",),
+    "mlp.shared_experts.linear_fc1": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
+    "mlp.shared_experts.linear_fc2": ("mlp.shared_experts.down_proj.weight",),
+    "mlp.experts.experts.linear_fc1": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+    "mlp.experts.experts.linear_fc2": ("mlp.experts.{e}.down_proj.weight",),
+}
+
+
+@pytest.mark.parametrize("spec", [*MLA_LORA_SPECS, SHARED_OUTER_SPEC], ids=lambda s: s.name)
+def test_new_targets_are_w_plus_sba(spec, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
+    """MLA projections, router, shared experts and shared-outer experts: each merged HF tensor equals
+    W + s·B@A computed here from torch's own reading of both checkpoints (layer by layer, expert by expert)."""
+    out = convert(adapters[spec], tmp_path / "merged", progress=False)
+    hf = load_file(out / "model.safetensors")
+    lora = _dcp(next(adapters[spec].glob("iter_*")))
+    base = _dcp(checkpoints[spec.base] / "iter_0000010")
+    scale = spec.alpha / spec.dim
+    checked: set[str] = set()
+    for a_key in (k for k in lora if k.endswith(".adapter.linear_in.weight")):
+        module = a_key.removesuffix(".adapter.linear_in.weight")
+        a, b, w = lora[a_key], lora[module + ".adapter.linear_out.weight"], base[module + ".weight"]
+        per_layer = module.split(".")[2].isdigit()
+        path = module.split(".", 3)[3] if per_layer else module.removeprefix("decoder.layers.")
+        for layer in [int(module.split(".")[2])] if per_layer else range(spec.base.num_layers):
+            a_l, b_l, w_l = (t if per_layer else t[layer] for t in (a, b, w))
+            experts = range(w_l.shape[0]) if "experts.experts" in path else [None]
+            for e in experts:  # an expert takes its slot of a side that has one, the shared side as it is
+                a_e, b_e, w_e = (t if e is None or t.dim() == 2 else t[e] for t in (a_l, b_l, w_l))
+                merged = w_e.float() + scale * (b_e.float() @ a_e.float())
+                names = [f"model.layers.{layer}.{n.format(e=e)}" for n in HF_NAMES[path]]
+                for name, part in zip(names, merged.chunk(len(names))):
+                    assert torch.equal(hf[name], part.to(hf[name].dtype)), name
+        checked.add(path)
+    assert len(checked) == len(spec.targets), checked  # every target's module was found and compared

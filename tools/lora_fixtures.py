@@ -43,6 +43,10 @@ mlp.linear_fc1                     [L, dim, h] / 0      [L, 2f, dim] / 0        
 mlp.linear_fc2                     [L, dim, f] / 1      [L, h, dim] / 0
 mlp.experts.experts.linear_fc1     [L, E, de, h] / 0    [L, E, 2mf, de] / 0     per expert [gate; up]
 mlp.experts.experts.linear_fc2     [L, E, de, mf] / 1   [L, E, h, de] / 0
+mlp.router                         [L, dim, h] / 0      [L, E, dim] / 0         (replicated base)
+self_attention.linear_q*/kv*       [L, dim, in] / 0     [L, out, dim] / 0       MLA: as the base weight
+mlp.shared_experts.linear_fc1      [L, dim, h] / 0      [L, 2sf, dim] / 0       [gate; up] (swiglu)
+mlp.shared_experts.linear_fc2      [L, dim, sf] / 1     [L, h, dim] / 0
 =================================  ===================  ======================  ===========================
 
 (h hidden, nd heads·head_dim, f ffn, qkv = (heads + 2·groups)·head_dim, E experts, mf moe ffn, de the
@@ -50,7 +54,10 @@ expert rank.) Experts: the E axis is sharded over EP (each EP rank holds E/EP sl
 offsets), the TP axis over expert TP. ``expert_layout="shared"`` (Bridge >= v0.6 default) writes one adapter
 per EP rank into every local slot; ``"per_expert"`` distinct adapters per slot (same keys and shapes);
 ``"legacy_2d"`` (Bridge <= v0.5) one adapter for all experts, without the E axis: A ``[L, de, in]``, B
-``[L, out, de]``. CanonicalLoRA replaces the qkv / fc1 adapters by ``adapter.adapter_{q,k,v}.linear_*``
+``[L, out, de]``; ``"shared_outer"`` (``experts_shared_outer_loras``, expert TP 1) fc1 A ``[L, de, h]`` and
+fc2 B ``[L, h, de]`` shared by all experts (replicated across EP), fc2 A and fc1 B per expert. The router and
+shared experts (sf their ffn) wrap MoE layers only; a base with dense and MoE layers (DeepSeek-V3) has
+per-layer keys. CanonicalLoRA replaces the qkv / fc1 adapters by ``adapter.adapter_{q,k,v}.linear_*``
 (A ``[L, dim, h]``, B ``[L, heads·d | groups·d, dim]`` in HF head-major row order) and
 ``adapter.adapter_{up,gate}.linear_*`` (B ``[L, f, dim]`` in the swiglu factory's permuted row order, see
 :func:`swiglu_saved_rows`). DoRA adds ``adapter.weight_magnitude`` ``[L, out]``: TP axis 0 for
@@ -104,8 +111,9 @@ __all__ = [
 ]
 
 KINDS = ("lora", "canonical_lora", "dora")
-EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d")
+EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d", "shared_outer")
 MOE_BASE_FAMILIES = ("qwen3_moe", "mixtral")  # homogeneous MoE blocks (every layer MoE, no shared expert)
+MLA_BASE_FAMILIES = ("deepseek_v3",)  # MLA projections, router and shared experts (no routed-expert adapters)
 # Megatron-Bridge's target name -> the module path under decoder.layers.
 TARGET_MODULES = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -113,6 +121,21 @@ TARGET_MODULES = {
     "linear_fc1": "mlp.linear_fc1",
     "linear_fc2": "mlp.linear_fc2",
 }
+ROUTER = {"router": "mlp.router"}  # TopKRouter: replicated across TP; on MoE layers only
+# DeepSeek-V3 targets (Bridge matches `*.`-patterns against the full module name).
+MLA_TARGETS = {
+    "linear_q_proj": "self_attention.linear_q_proj",  # bases without q_lora_rank
+    "linear_q_down_proj": "self_attention.linear_q_down_proj",
+    "linear_q_up_proj": "self_attention.linear_q_up_proj",
+    "linear_kv_down_proj": "self_attention.linear_kv_down_proj",
+    "linear_kv_up_proj": "self_attention.linear_kv_up_proj",
+    "linear_proj": "self_attention.linear_proj",
+    **ROUTER,
+    "*.shared_experts.linear_fc1": "mlp.shared_experts.linear_fc1",
+    "*.shared_experts.linear_fc2": "mlp.shared_experts.linear_fc2",
+}
+MODULES = {**TARGET_MODULES, **MLA_TARGETS}
+MOE_ONLY = ("router", "*.shared_experts.linear_fc1", "*.shared_experts.linear_fc2")  # on MoE layers only
 # On MoE bases linear_fc1 / linear_fc2 name the experts: (module path on disk, module path in memory).
 EXPERT_MODULES = {
     "linear_fc1": ("mlp.experts.experts.linear_fc1", "mlp.experts.linear_fc1"),
@@ -128,7 +151,8 @@ CANONICAL_TARGETS = {
     "linear_fc1_gate": ("linear_fc1", "adapter_gate"),
     "linear_fc2": ("linear_fc2", None),
 }
-ROW_PARALLEL = ("linear_proj", "linear_fc2")  # A split on its input axis; the rest on axis 0
+ROW_PARALLEL = ("linear_proj", "linear_fc2", "*.shared_experts.linear_fc2")  # A split on its input axis
+SWIGLU = ("linear_fc1", "*.shared_experts.linear_fc1")  # B through the swiglu factory (gated linear units)
 ADAPTER_DIR = "adapter"
 COMBINED_DIR = "combined"
 RUN_CONFIG = "run_config.yaml"
@@ -141,6 +165,7 @@ _PROVIDERS = {
     "qwen3": "megatron.bridge.models.qwen.qwen_provider.Qwen3ModelProvider",
     "qwen3_moe": "megatron.bridge.models.qwen.qwen_provider.Qwen3MoEModelProvider",
     "mixtral": "megatron.bridge.models.mixtral.mixtral_provider.MixtralModelProvider",
+    "deepseek_v3": "megatron.bridge.models.deepseek.deepseek_provider.DeepSeekV3ModelProvider",
 }
 _PEFT_CLASSES = {
     "lora": "megatron.bridge.peft.lora.LoRA",
@@ -157,8 +182,16 @@ _TARGET_TAGS = {
     "linear_v": "v",
     "linear_fc1_up": "up",
     "linear_fc1_gate": "gate",
+    "router": "router",
+    "linear_q_proj": "qp",
+    "linear_q_down_proj": "qd",
+    "linear_q_up_proj": "qu",
+    "linear_kv_down_proj": "kvd",
+    "linear_kv_up_proj": "kvu",
+    "*.shared_experts.linear_fc1": "sfc1",
+    "*.shared_experts.linear_fc2": "sfc2",
 }
-_LAYOUT_TAGS = {"per_expert": "perexpert", "legacy_2d": "legacy2d"}
+_LAYOUT_TAGS = {"per_expert": "perexpert", "legacy_2d": "legacy2d", "shared_outer": "sharedouter"}
 
 
 @dataclass(frozen=True)
@@ -168,14 +201,17 @@ class AdapterSpec:
     ``kind``: ``"lora"`` (dense or MoE bases), ``"canonical_lora"`` or ``"dora"`` (dense bases). ``targets``
     are Bridge's target names; CanonicalLoRA's are those of :data:`CANONICAL_TARGETS` (the LoRA default
     becomes all seven). On MoE bases (:data:`MOE_BASE_FAMILIES`) ``linear_fc1`` / ``linear_fc2`` target the
-    experts, ``linear_qkv`` / ``linear_proj`` the attention.
+    experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 bases
+    (:data:`MLA_BASE_FAMILIES`) the targets are those of :data:`MLA_TARGETS` (the default becomes every one
+    the base has): MLA projections on every layer, router and shared experts on the MoE layers.
 
     ``combined`` writes one save root holding the base model keys and the adapter keys together (at the
     adapter's layout, PP1; ``common.pt`` then carries Megatron-LM ``args`` too and ``run_config.yaml`` names
     no pretrained checkpoint) instead of an adapter-only save.
 
     MoE fields: ``ep`` (None = the base's EP) and ``etp`` (None = ``tp``) are the adapter's training layout;
-    ``expert_layout`` one of :data:`EXPERT_LAYOUTS`; ``normalize_moe_lora`` gives expert adapters rank
+    ``expert_layout`` one of :data:`EXPERT_LAYOUTS` (``"shared_outer"``: Bridge's ``experts_shared_outer_loras``,
+    fc1 A and fc2 B shared by all experts, the other side per expert; expert TP 1); ``normalize_moe_lora`` gives expert adapters rank
     ``dim // moe_router_topk``, rounded up to a multiple of ``etp`` for column-parallel fc1 only (as Bridge's
     ``align_expert_dim_for_tp``), and scale ``alpha / that rank`` (see :meth:`effective_dim`).
     """
@@ -191,7 +227,7 @@ class AdapterSpec:
     combined: bool = False
     ep: int | None = None  # expert_model_parallel_size of the adapter save; None = the base's ep
     etp: int | None = None  # expert_tensor_parallel_size; None = tp (MoE bases only)
-    expert_layout: str = "shared"  # "shared" | "per_expert" | "legacy_2d" (MoE bases only)
+    expert_layout: str = "shared"  # "shared" | "per_expert" | "legacy_2d" | "shared_outer" (MoE bases only)
     normalize_moe_lora: bool = False  # MoE bases only
 
     def __post_init__(self) -> None:
@@ -199,18 +235,22 @@ class AdapterSpec:
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "canonical_lora" and self.targets == _DEFAULT_TARGETS:
-            object.__setattr__(self, "targets", tuple(CANONICAL_TARGETS))
         base = self.base
-        if base.family in MOE_BASE_FAMILIES:
+        if self.targets == _DEFAULT_TARGETS:
+            object.__setattr__(self, "targets", _default_targets(self.kind, base))
+        if base.family in MOE_BASE_FAMILIES + MLA_BASE_FAMILIES:
             if self.kind != "lora":
                 raise ValueError(f"{self.kind} adapters are written for dense bases only ({DENSE_FAMILIES})")
-            if not all(base.moe_layer_pattern) or base.moe_shared_expert_intermediate_size or base.mtp_num_layers:
+            if base.family in MOE_BASE_FAMILIES and (
+                not all(base.moe_layer_pattern) or base.moe_shared_expert_intermediate_size or base.mtp_num_layers
+            ):
                 raise ValueError("MoE adapters need a homogeneous base: every layer MoE, no shared expert, no MTP")
             if base.singleton_local_shards:
                 raise ValueError("MoE adapters are not written for singleton_local_shards bases")
             object.__setattr__(self, "ep", base.ep if self.ep is None else self.ep)
             object.__setattr__(self, "etp", self.tp if self.etp is None else self.etp)
+            if self.expert_layout == "shared_outer" and self.etp != 1:
+                raise ValueError("shared_outer expert adapters are written at expert TP 1 (Bridge's packed side)")
         elif base.family in DENSE_FAMILIES:
             if self.ep not in (None, 1) or self.etp is not None:
                 raise ValueError("ep and etp apply only to MoE bases")
@@ -218,8 +258,11 @@ class AdapterSpec:
                 raise ValueError("expert_layout and normalize_moe_lora apply only to MoE bases")
             object.__setattr__(self, "ep", 1)
         else:
-            raise ValueError(f"adapters are written for {DENSE_FAMILIES + MOE_BASE_FAMILIES} bases, not {base.family}")
-        names = tuple(CANONICAL_TARGETS if self.kind == "canonical_lora" else TARGET_MODULES)
+            raise ValueError(
+                f"adapters are written for {DENSE_FAMILIES + MOE_BASE_FAMILIES + MLA_BASE_FAMILIES} bases, "
+                f"not {base.family}"
+            )
+        names = _target_names(self.kind, base)
         unknown = set(self.targets) - set(names)
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ValueError(f"{self.kind} targets must be distinct names from {names}, got {self.targets}")
@@ -247,7 +290,7 @@ class AdapterSpec:
     def name(self) -> str:
         """Filesystem-safe, unique per spec; never equal to a base fixture's name."""
         parts = [self.kind, f"r{self.dim}a{self.alpha}", f"tp{self.tp}", f"s{self.seed}"]
-        if self.targets != _default_targets(self.kind):
+        if self.targets != _default_targets(self.kind, self.base):
             parts.append("t" + "_".join(_TARGET_TAGS[t] for t in self.targets))
         if self.iteration != 20:
             parts.append(f"it{self.iteration}")
@@ -296,8 +339,25 @@ class AdapterSpec:
 _DEFAULT_TARGETS = next(f.default for f in dataclasses.fields(AdapterSpec) if f.name == "targets")
 
 
-def _default_targets(kind: str) -> tuple[str, ...]:
-    return tuple(CANONICAL_TARGETS) if kind == "canonical_lora" else _DEFAULT_TARGETS
+def _target_names(kind: str, base: FixtureSpec) -> tuple[str, ...]:
+    """Every target an adapter of ``kind`` may name on ``base``."""
+    if kind == "canonical_lora":
+        return tuple(CANONICAL_TARGETS)
+    if base.family in MLA_BASE_FAMILIES:
+        unused = ("linear_q_down_proj", "linear_q_up_proj") if base.q_lora_rank is None else ("linear_q_proj",)
+        return tuple(t for t in MLA_TARGETS if t not in unused)
+    return tuple(TARGET_MODULES) + (tuple(ROUTER) if base.is_moe else ())
+
+
+def _default_targets(kind: str, base: FixtureSpec) -> tuple[str, ...]:
+    if kind == "lora" and base.family not in MLA_BASE_FAMILIES:
+        return _DEFAULT_TARGETS
+    return _target_names(kind, base)
+
+
+def _per_layer(base: FixtureSpec) -> bool:
+    """Keys ``decoder.layers.{i}.*`` without the layer axis: asked for, or layers of different kinds."""
+    return base.per_layer_keys or len(set(base.moe_layer_pattern)) > 1
 
 
 @dataclass(frozen=True)
@@ -305,7 +365,7 @@ class _Unit:
     """One adapter (A, B and, for DoRA, its magnitude) per layer, as Bridge builds it for a target."""
 
     target: str  # Bridge's target name
-    base: str  # the wrapped base linear: linear_qkv / linear_proj / linear_fc1 / linear_fc2
+    base: str  # the wrapped base: a key of MODULES (linear_qkv, ..., router, *.shared_experts.linear_fc1)
     module: str  # its module path under decoder.layers[.i] on disk
     param_module: str  # ... and in memory (run_config's params_to_save)
     sub: str  # "" or the canonical sub-adapter with its dot ("adapter_q.")
@@ -313,6 +373,7 @@ class _Unit:
     inp: int
     dim: int
     expert: bool
+    layers: tuple[int, ...]  # the decoder layers holding the wrapped base
 
     @property
     def row_parallel(self) -> bool:
@@ -321,7 +382,7 @@ class _Unit:
     @property
     def swiglu(self) -> bool:
         """B goes through Megatron's swiglu sharded factory (every adapter on fc1; gated linear units here)."""
-        return self.base == "linear_fc1"
+        return self.base in SWIGLU
 
 
 def _units(spec: AdapterSpec) -> dict[str, _Unit]:
@@ -329,6 +390,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
     h, d = base.hidden_size, base.kv_channels
     heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
     units = {}
+    moe_layers = tuple(i for i, moe in enumerate(base.moe_layer_pattern) if moe)
     for target in spec.targets:
         base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
         expert = base.is_moe and base_target in EXPERT_MODULES
@@ -338,7 +400,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
             module, param_module = EXPERT_MODULES[base_target]
         else:
             out, inp = _base_shape(base, base_target)
-            module = param_module = TARGET_MODULES[base_target]
+            module = param_module = MODULES[base_target]
         if sub is not None:
             out = {"adapter_q": heads * d, "adapter_k": groups * d, "adapter_v": groups * d}.get(sub, f)
         units[target] = _Unit(
@@ -351,34 +413,54 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
             inp=inp,
             dim=spec.effective_dim(target),
             expert=expert,
+            layers=moe_layers if expert or base_target in MOE_ONLY else tuple(range(base.num_layers)),
         )
     return units
 
 
 def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
-    """(out, in) of the dense base weight a target wraps (global, Megatron layout)."""
+    """(out, in) of the non-expert base weight a target wraps (global, Megatron layout)."""
     h, d = base.hidden_size, base.kv_channels
     heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
+    if base.family in MLA_BASE_FAMILIES:
+        q_head, latent, rope = base.qk_head_dim + base.qk_pos_emb_head_dim, base.kv_lora_rank, base.qk_pos_emb_head_dim
+        shared = base.moe_shared_expert_intermediate_size
+        return {
+            "linear_q_proj": (heads * q_head, h),
+            "linear_q_down_proj": (base.q_lora_rank, h),
+            "linear_q_up_proj": (heads * q_head, base.q_lora_rank),
+            "linear_kv_down_proj": (latent + rope, h),
+            "linear_kv_up_proj": (heads * (base.qk_head_dim + base.v_head_dim), latent),
+            "linear_proj": (h, heads * base.v_head_dim),
+            "router": (base.num_experts, h),
+            "*.shared_experts.linear_fc1": (2 * shared, h),
+            "*.shared_experts.linear_fc2": (h, shared),
+        }[target]
     return {
         "linear_qkv": ((heads + 2 * groups) * d, h),
         "linear_proj": (h, heads * d),
         "linear_fc1": (2 * f, h),
         "linear_fc2": (h, f),
+        "router": (base.num_experts, h),
     }[target]
 
 
-def _slots(spec: AdapterSpec, unit: _Unit) -> int | None:
-    """The size of the global expert axis of a unit's A and B (None: no expert axis)."""
-    return spec.base.num_experts if unit.expert and spec.expert_layout != "legacy_2d" else None
+def _slots(spec: AdapterSpec, unit: _Unit, side: str) -> int | None:
+    """The size of the global expert axis of a unit's A (``side="in"``) or B (``"out"``); None: no expert
+    axis (non-experts, the legacy 2-D layout, the shared side of ``shared_outer``: fc1's A, fc2's B)."""
+    if not unit.expert or spec.expert_layout == "legacy_2d":
+        return None
+    if spec.expert_layout == "shared_outer" and (side == "in") == (unit.base == "linear_fc1"):
+        return None
+    return spec.base.num_experts
 
 
 def _layer_shapes(spec: AdapterSpec, unit: _Unit) -> dict[str, tuple[int, ...]]:
     """Per-layer global shape of each tensor a unit saves, by its name after ``adapter.``."""
-    e = _slots(spec, unit)
-    lead = () if e is None else (e,)
+    lead_in, lead_out = ((e,) if (e := _slots(spec, unit, side)) else () for side in ("in", "out"))
     shapes = {
-        f"{unit.sub}linear_in.weight": (*lead, unit.dim, unit.inp),
-        f"{unit.sub}linear_out.weight": (*lead, unit.out, unit.dim),
+        f"{unit.sub}linear_in.weight": (*lead_in, unit.dim, unit.inp),
+        f"{unit.sub}linear_out.weight": (*lead_out, unit.out, unit.dim),
     }
     if spec.kind == "dora":
         shapes["weight_magnitude"] = (unit.out,)
@@ -391,8 +473,8 @@ def adapter_keys(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     keys: dict[str, tuple[int, ...]] = {}
     for unit in _units(spec).values():
         for part, shape in _layer_shapes(spec, unit).items():
-            if spec.base.per_layer_keys:
-                for layer in range(n):
+            if _per_layer(spec.base):
+                for layer in unit.layers:
                     keys[_key(unit, part, layer)] = shape
             else:
                 keys[_key(unit, part, None)] = (n, *shape)
@@ -433,17 +515,16 @@ def _dtype(spec: AdapterSpec):
 def _generated(spec: AdapterSpec, base_root: Path | None) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
     """``{(target, layer): (A, B[, magnitude])}`` in the true (model) order, in the base dtype.
 
-    Expert units hold every global slot: A ``[E, dim, in]``, B ``[E, out, dim]`` (2-D for ``legacy_2d``).
-    DoRA magnitudes need the base weights (read from ``base_root``).
+    Expert units hold every global slot: A ``[E, dim, in]``, B ``[E, out, dim]`` (2-D for ``legacy_2d``, and
+    for the shared side of ``shared_outer``). DoRA magnitudes need the base weights (read from ``base_root``).
     """
     import torch
 
     dtype = _dtype(spec)
     units = _units(spec)
-    base = spec.base
     result = {}
     for target, unit in units.items():
-        for layer in range(base.num_layers):
+        for layer in unit.layers:
             a, b = _draw(spec, unit, layer)
             result[target, layer] = (a.to(dtype), b.to(dtype))
     if spec.kind != "dora":
@@ -465,18 +546,19 @@ def _draw(spec: AdapterSpec, unit: _Unit, layer: int) -> tuple[torch.Tensor, tor
     """Seeded fp32 A and B of one unit and layer; experts: one draw per EP rank, per slot or one in all."""
     import torch
 
-    a_shape, b_shape = (unit.dim, unit.inp), (unit.out, unit.dim)
     seed = (spec.seed, spec.kind, unit.target, layer)
-    slots = _slots(spec, unit)
-    if slots is None:
-        return _randn(a_shape, A_STD, *seed, "A"), _randn(b_shape, B_STD, *seed, "B")
-    if spec.expert_layout == "per_expert":
-        owners = [("expert", e) for e in range(slots)]
-    else:  # shared: slot e holds the adapter of the EP rank that owns it
-        owners = [("ep", e // (slots // spec.ep)) for e in range(slots)]
-    a = torch.stack([_randn(a_shape, A_STD, *seed, *owner, "A") for owner in owners])
-    b = torch.stack([_randn(b_shape, B_STD, *seed, *owner, "B") for owner in owners])
-    return a, b
+    drawn = []
+    for side, shape, std, tag in (("in", (unit.dim, unit.inp), A_STD, "A"), ("out", (unit.out, unit.dim), B_STD, "B")):
+        slots = _slots(spec, unit, side)
+        if slots is None:
+            drawn.append(_randn(shape, std, *seed, tag))
+            continue
+        if spec.expert_layout == "shared":  # slot e holds the adapter of the EP rank that owns it
+            owners = [("ep", e // (slots // spec.ep)) for e in range(slots)]
+        else:
+            owners = [("expert", e) for e in range(slots)]
+        drawn.append(torch.stack([_randn(shape, std, *seed, *owner, tag) for owner in owners]))
+    return drawn[0], drawn[1]
 
 
 def _randn(shape: tuple[int, ...], std: float, *seed: object):
@@ -551,7 +633,7 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
     params = {
         f"decoder.layers.{layer}.{u.param_module}.adapter.{part}"
         for u in units
-        for layer in range(base.num_layers)
+        for layer in u.layers
         for part in _layer_shapes(spec, u)
     }
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[base.dtype]
@@ -615,10 +697,10 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
             **common,
             "a2a_experimental": False,
             "canonical_mapping": {},
-            "experts_shared_outer_loras": False,
+            "experts_shared_outer_loras": spec.expert_layout == "shared_outer",
             "lora_dtype": None,
             "normalize_moe_lora": spec.normalize_moe_lora,
-            "share_expert_adapters": spec.expert_layout != "per_expert",
+            "share_expert_adapters": spec.expert_layout in ("shared", "legacy_2d"),
         }
     return {
         "_target_": "megatron.bridge.training.config.ConfigContainer",
@@ -752,51 +834,30 @@ def _sharded(key: str, local, prepend: list[tuple[int, int, int]], tp_offset, re
 def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
     """This rank's adapter ShardedTensors, as Megatron-Bridge's (Parallel)LinearAdapter shards them.
 
-    Column-parallel bases: A and B split on axis 0; row-parallel: A on axis 1, B on axis 0 (TP, or expert
-    TP for experts). Every B of an fc1 adapter (fused or canonical up / gate) goes through megatron-core's
-    ``apply_swiglu_sharded_factory``, which stores the local rows' two halves at blocks r and TP + r of 2·TP.
-    Experts: each local slot under its global expert offset; replicas across expert-DP (and, for the 2-D
-    legacy layout, across EP) are marked by ``replica_id``. DoRA magnitudes: TP-sharded on column-parallel
-    bases, replicated across TP on row-parallel ones, no swiglu factory.
+    Column-parallel and replicated bases (router, MLA down-projections): A and B split on axis 0;
+    row-parallel: A on axis 1, B on axis 0 (TP, or expert TP for experts). Every B of an fc1 adapter (fused
+    or canonical up / gate, shared experts too) goes through megatron-core's ``apply_swiglu_sharded_factory``,
+    which stores the local rows' two halves at blocks r and TP + r of 2·TP. Experts: each local slot under
+    its global expert offset; replicas across expert-DP (and, for a side shared by all experts — legacy 2-D,
+    the shared side of ``shared_outer`` — across EP) are marked by ``replica_id``. DoRA magnitudes:
+    TP-sharded on column-parallel bases, replicated across TP on row-parallel ones, no swiglu factory.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
     base = spec.base
     units = _units(spec)
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    if base.is_moe:
-        ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
-        edp_rank, edp_size = ps.get_expert_data_parallel_rank(), ps.get_expert_data_parallel_world_size()
+    per_layer = _per_layer(base)
     state: dict[str, Any] = {}
     for (target, layer), (a, b, *magnitude) in generated.items():
         unit = units[target]
-        prepend = [] if base.per_layer_keys else [(0, layer, base.num_layers)]
-        where = None if prepend else layer
-        slots = _slots(spec, unit)
-        if not unit.expert:
-            rank, size, replica = tp_rank, spec.tp, (0, 0, dp_rank)
-            pieces = [(None, a, b)]
-        elif slots is None:  # legacy 2-D: the same tensor on every EP rank; one main replica
-            rank, size, replica = etp_rank, spec.etp, (0, 0, ep_rank * edp_size + edp_rank)
-            pieces = [(None, a, b)]
-        else:
-            rank, size, replica = etp_rank, spec.etp, (0, 0, edp_rank)
-            local = slots // spec.ep
-            pieces = [(e, a[e], b[e]) for e in range(ep_rank * local, (ep_rank + 1) * local)]
-        a_axis = 1 if unit.row_parallel else 0
+        prepend = [] if per_layer else [(0, layer, base.num_layers)]
+        where = layer if per_layer else None
         name = f"decoder.layers.{layer}.{unit.param_module}.adapter.{unit.sub}"
-        for expert, a_e, b_e in pieces:
-            offsets = prepend if expert is None else [*prepend, (len(prepend), expert, slots)]
-            suffix = "" if expert is None else f"#{expert}"
-            a_local = a_e.chunk(size, dim=a_axis)[rank]
-            key_in = _key(unit, f"{unit.sub}linear_in.weight", where)
-            state[f"{name}linear_in.weight{suffix}"] = _sharded(key_in, a_local, offsets, (a_axis, rank, size), replica)
-            key_out = _key(unit, f"{unit.sub}linear_out.weight", where)
-            b_sharded = _sharded(key_out, _local_rows(unit, b_e, rank, size), offsets, (0, rank, size), replica)
-            if unit.swiglu:
-                b_sharded = apply_swiglu_sharded_factory(b_sharded, tuple(offsets))
-            state[f"{name}linear_out.weight{suffix}"] = b_sharded
+        for part, tensor in (("linear_in.weight", a), ("linear_out.weight", b)):
+            key = _key(unit, unit.sub + part, where)
+            for suffix, sharded in _shards(spec, unit, key, part, tensor, prepend):
+                state[name + part + suffix] = sharded
         if magnitude:
             key_m = _key(unit, "weight_magnitude", where)
             if unit.row_parallel:
@@ -806,6 +867,38 @@ def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
                 m_sharded = _sharded(key_m, m_local, prepend, (0, tp_rank, spec.tp), (0, 0, dp_rank))
             state[f"decoder.layers.{layer}.{unit.param_module}.adapter.weight_magnitude"] = m_sharded
     return state
+
+
+def _shards(spec: AdapterSpec, unit: _Unit, key: str, part: str, tensor, prepend: list) -> list[tuple[str, Any]]:
+    """(state-dict suffix, ShardedTensor) of this rank for one global A or B of a layer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    if not unit.expert:
+        rank, size = ps.get_tensor_model_parallel_rank(), spec.tp
+        replica, pieces = (0, 0, ps.get_data_parallel_rank()), [(None, tensor)]
+    else:
+        rank, size = ps.get_expert_tensor_parallel_rank(), spec.etp
+        ep_rank, edp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank()
+        if tensor.dim() == 2:  # one tensor for all experts, the same on every EP rank; one main replica
+            replica = (0, 0, ep_rank * ps.get_expert_data_parallel_world_size() + edp_rank)
+            pieces = [(None, tensor)]
+        else:
+            local = tensor.shape[0] // spec.ep
+            replica = (0, 0, edp_rank)
+            pieces = [(e, tensor[e]) for e in range(ep_rank * local, (ep_rank + 1) * local)]
+    result = []
+    for expert, value in pieces:
+        offsets = prepend if expert is None else [*prepend, (len(prepend), expert, tensor.shape[0])]
+        if part == "linear_out.weight":
+            sharded = _sharded(key, _local_rows(unit, value, rank, size), offsets, (0, rank, size), replica)
+            if unit.swiglu:
+                sharded = apply_swiglu_sharded_factory(sharded, tuple(offsets))
+        else:
+            axis = 1 if unit.row_parallel else 0
+            sharded = _sharded(key, value.chunk(size, dim=axis)[rank], offsets, (axis, rank, size), replica)
+        result.append(("" if expert is None else f"#{expert}", sharded))
+    return result
 
 
 def _train_state(spec: AdapterSpec) -> dict[str, Any]:
@@ -904,7 +997,7 @@ def _check_saved(spec: AdapterSpec, iter_dir: Path, base_root: Path) -> dict[tup
     for (target, layer), values in _stored(spec, generated).items():
         unit = units[target]
         for part, want in zip(_layer_shapes(spec, unit), values):
-            if spec.base.per_layer_keys:
+            if _per_layer(spec.base):
                 got = tensors[_key(unit, part, layer)]
             else:
                 got = tensors[_key(unit, part, None)][layer]
@@ -916,9 +1009,9 @@ def _check_saved(spec: AdapterSpec, iter_dir: Path, base_root: Path) -> dict[tup
 
 
 def _delta(spec: AdapterSpec, unit: _Unit, a, b, expert: int | None):
-    """``(alpha/rank)·B@A`` in fp32 for one unit (an expert's slot, or the shared 2-D adapter)."""
-    if expert is not None and a.dim() == 3:
-        a, b = a[expert], b[expert]
+    """``(alpha/rank)·B@A`` in fp32 for one unit (an expert's slots, or the 2-D side shared by all experts)."""
+    if expert is not None:
+        a, b = (t[expert] if t.dim() == 3 else t for t in (a, b))
     return spec.target_scale(unit.target) * (b.float() @ a.float())
 
 
@@ -986,7 +1079,7 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
                 experts = model.decoder.layers[layer].mlp.experts.local_experts
                 modules = [(e, experts[e].get_submodule(base_target)) for e in range(base.num_experts)]
             else:
-                modules = [(None, model.decoder.layers[layer].get_submodule(TARGET_MODULES[base_target]))]
+                modules = [(None, model.decoder.layers[layer].get_submodule(unit.param_module))]
             for expert, module in modules:
                 w = module.weight
                 merged = _merged(spec, w, parts, expert)
@@ -998,8 +1091,12 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     ids = torch.randint(0, base.vocab_size, (REFERENCE_BATCH, REFERENCE_SEQ), generator=gen)
     pos = torch.arange(REFERENCE_SEQ).unsqueeze(0).expand(REFERENCE_BATCH, -1)
     mask = torch.triu(torch.ones(REFERENCE_SEQ, REFERENCE_SEQ), diagonal=1).bool()[None, None]
-    with torch.no_grad():
-        logits = model(ids, position_ids=pos, attention_mask=mask)
+    heads: list[torch.Tensor] = []  # with MTP layers the output layer runs once per head, the main one last
+    hook = model.output_layer.register_forward_hook(lambda m, i, out: heads.append(out[0].transpose(0, 1).clone()))
+    with torch.no_grad():  # GPTModel needs labels to run its MTP layers
+        model(ids, position_ids=pos, attention_mask=mask, **({"labels": ids} if base.mtp_num_layers else {}))
+    hook.remove()
+    logits = heads[-1]
     expected = (REFERENCE_BATCH, REFERENCE_SEQ, base.padded_vocab_size)
     if tuple(logits.shape) != expected or logits.dtype != torch.float32 or not torch.isfinite(logits).all():
         raise RuntimeError(f"unexpected logits {tuple(logits.shape)} {logits.dtype}, want finite {expected}")
