@@ -29,6 +29,8 @@ def resolve_device(name: str) -> Any:
         device = torch.device(name)
     except RuntimeError as exc:
         raise OptionError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device {name}: merges run on cpu or cuda[:N] only")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
     return device

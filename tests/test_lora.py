@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from offline_bridge import convert
 from offline_bridge.cli import main
+from offline_bridge.errors import OptionError
+from offline_bridge.lora_merge import resolve_device
 from tools.lora_fixtures import build_adapters
 
 SPEC = LORA_SPECS[0]
@@ -173,6 +175,23 @@ def test_cuda_device_without_a_gpu(adapters: dict, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` takes the GPU when torch sees one (simulated here: no GPU on CI), `cuda:N` keeps its index, and
+    anything but cpu / cuda is refused."""
+    resolve_device.cache_clear()
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    resolve_device.cache_clear()
+    try:
+        assert resolve_device("auto") == torch.device("cuda")
+        assert resolve_device("cuda:1") == torch.device("cuda", 1)
+        for bad in ("meta", "tpu", "cuda:x"):
+            with pytest.raises(OptionError, match="--device"):
+                resolve_device(bad)
+    finally:
+        resolve_device.cache_clear()
+
+
 def test_cpu_device_gives_the_auto_bytes(adapters: dict, tmp_path: Path) -> None:
     auto = convert(adapters[SPEC], tmp_path / "auto", progress=False)
     cpu = convert(adapters[SPEC], tmp_path / "cpu", device="cpu", progress=False)
@@ -203,7 +222,8 @@ def test_dora(adapters: dict, tmp_path: Path) -> None:
 def test_mla_router_and_shared_expert_adapters(spec, adapters: dict, tmp_path: Path) -> None:
     """DeepSeek-V3: every MLA projection (with and without q LoRA), the router and the shared experts."""
     out = convert(adapters[spec], tmp_path / "merged", progress=False)
-    # transformers' forward does not use the MTP layer (HF layer num_layers); the adapter leaves it alone
+    # transformers' forward does not use the MTP layer (HF layer num_layers): test_new_targets_are_w_plus_sba
+    # checks its merged tensors
     assert_matches_megatron(out, spec.base, adapters[spec], extra=rf"model\.layers\.{spec.base.num_layers}\..*")
 
 
@@ -243,9 +263,14 @@ def test_new_targets_are_w_plus_sba(spec, adapters: dict, checkpoints: dict, tmp
     for a_key in (k for k in lora if k.endswith(".adapter.linear_in.weight")):
         module = a_key.removesuffix(".adapter.linear_in.weight")
         a, b, w = lora[a_key], lora[module + ".adapter.linear_out.weight"], base[module + ".weight"]
-        per_layer = module.split(".")[2].isdigit()
-        path = module.split(".", 3)[3] if per_layer else module.removeprefix("decoder.layers.")
-        for layer in [int(module.split(".")[2])] if per_layer else range(spec.base.num_layers):
+        parts = module.split(".")
+        per_layer = parts[2].isdigit()
+        if parts[0] == "mtp":  # mtp.layers.{k}.transformer_layer.<path> is HF layer num_layers + k
+            layers, path = [spec.base.num_layers + int(parts[2])], ".".join(parts[4:])
+        else:
+            layers = [int(parts[2])] if per_layer else range(spec.base.num_layers)
+            path = ".".join(parts[3:] if per_layer else parts[2:])
+        for layer in layers:
             a_l, b_l, w_l = (t if per_layer else t[layer] for t in (a, b, w))
             experts = range(w_l.shape[0]) if "experts.experts" in path else [None]
             for e in experts:  # an expert takes its slot of a side that has one, the shared side as it is

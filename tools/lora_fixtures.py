@@ -360,6 +360,18 @@ def _per_layer(base: FixtureSpec) -> bool:
     return base.per_layer_keys or len(set(base.moe_layer_pattern)) > 1
 
 
+def _stacked(base: FixtureSpec, layer: int) -> bool:
+    """Whether a layer's adapter lives in a stacked ``[L, ...]`` key (MTP layers never do)."""
+    return layer < base.num_layers and not _per_layer(base)
+
+
+def _prefix(base: FixtureSpec, layer: int) -> str:
+    """Where layer ``layer`` lives; ``num_layers + k`` is MTP depth k's transformer layer."""
+    if layer < base.num_layers:
+        return f"decoder.layers.{layer}"
+    return f"mtp.layers.{layer - base.num_layers}.transformer_layer"
+
+
 @dataclass(frozen=True)
 class _Unit:
     """One adapter (A, B and, for DoRA, its magnitude) per layer, as Bridge builds it for a target."""
@@ -391,6 +403,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
     heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
     units = {}
     moe_layers = tuple(i for i, moe in enumerate(base.moe_layer_pattern) if moe)
+    mtp_layers = tuple(range(base.num_layers, base.num_layers + (base.mtp_num_layers or 0)))  # MoE layers too
     for target in spec.targets:
         base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
         expert = base.is_moe and base_target in EXPERT_MODULES
@@ -413,7 +426,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
             inp=inp,
             dim=spec.effective_dim(target),
             expert=expert,
-            layers=moe_layers if expert or base_target in MOE_ONLY else tuple(range(base.num_layers)),
+            layers=(moe_layers if expert or base_target in MOE_ONLY else tuple(range(base.num_layers))) + mtp_layers,
         )
     return units
 
@@ -469,20 +482,21 @@ def _layer_shapes(spec: AdapterSpec, unit: _Unit) -> dict[str, tuple[int, ...]]:
 
 def adapter_keys(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
     """Every tensor key the adapter save holds, with its global shape on disk."""
-    n = spec.base.num_layers
+    base = spec.base
     keys: dict[str, tuple[int, ...]] = {}
     for unit in _units(spec).values():
         for part, shape in _layer_shapes(spec, unit).items():
-            if _per_layer(spec.base):
-                for layer in unit.layers:
-                    keys[_key(unit, part, layer)] = shape
-            else:
-                keys[_key(unit, part, None)] = (n, *shape)
+            for layer in unit.layers:
+                if _stacked(base, layer):
+                    keys[_key(base, unit, part, None)] = (base.num_layers, *shape)
+                else:
+                    keys[_key(base, unit, part, layer)] = shape
     return keys
 
 
-def _key(unit: _Unit, part: str, layer: int | None) -> str:
-    where = "decoder.layers" if layer is None else f"decoder.layers.{layer}"
+def _key(base: FixtureSpec, unit: _Unit, part: str, layer: int | None) -> str:
+    """The on-disk key of a unit's tensor at ``layer`` (None: the stacked key of the decoder layers)."""
+    where = "decoder.layers" if layer is None else _prefix(base, layer)
     return f"{where}.{unit.module}.adapter.{part}"
 
 
@@ -631,7 +645,7 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
     base = spec.base
     units = _units(spec).values()
     params = {
-        f"decoder.layers.{layer}.{u.param_module}.adapter.{part}"
+        f"{_prefix(base, layer)}.{u.param_module}.adapter.{part}"
         for u in units
         for layer in u.layers
         for part in _layer_shapes(spec, u)
@@ -847,25 +861,25 @@ def _adapter_state(spec: AdapterSpec, generated: dict) -> dict[str, Any]:
     base = spec.base
     units = _units(spec)
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-    per_layer = _per_layer(base)
     state: dict[str, Any] = {}
     for (target, layer), (a, b, *magnitude) in generated.items():
         unit = units[target]
-        prepend = [] if per_layer else [(0, layer, base.num_layers)]
-        where = layer if per_layer else None
-        name = f"decoder.layers.{layer}.{unit.param_module}.adapter.{unit.sub}"
+        stacked = _stacked(base, layer)
+        prepend = [(0, layer, base.num_layers)] if stacked else []
+        where = None if stacked else layer
+        name = f"{_prefix(base, layer)}.{unit.param_module}.adapter.{unit.sub}"
         for part, tensor in (("linear_in.weight", a), ("linear_out.weight", b)):
-            key = _key(unit, unit.sub + part, where)
+            key = _key(base, unit, unit.sub + part, where)
             for suffix, sharded in _shards(spec, unit, key, part, tensor, prepend):
                 state[name + part + suffix] = sharded
         if magnitude:
-            key_m = _key(unit, "weight_magnitude", where)
+            key_m = _key(base, unit, "weight_magnitude", where)
             if unit.row_parallel:
                 m_sharded = _sharded(key_m, magnitude[0], prepend, None, (0, tp_rank, dp_rank))
             else:
                 m_local = _local_rows(unit, magnitude[0], tp_rank, spec.tp)
                 m_sharded = _sharded(key_m, m_local, prepend, (0, tp_rank, spec.tp), (0, 0, dp_rank))
-            state[f"decoder.layers.{layer}.{unit.param_module}.adapter.weight_magnitude"] = m_sharded
+            state[f"{_prefix(base, layer)}.{unit.param_module}.adapter.weight_magnitude"] = m_sharded
     return state
 
 
@@ -997,10 +1011,10 @@ def _check_saved(spec: AdapterSpec, iter_dir: Path, base_root: Path) -> dict[tup
     for (target, layer), values in _stored(spec, generated).items():
         unit = units[target]
         for part, want in zip(_layer_shapes(spec, unit), values):
-            if _per_layer(spec.base):
-                got = tensors[_key(unit, part, layer)]
+            if _stacked(spec.base, layer):
+                got = tensors[_key(spec.base, unit, part, None)][layer]
             else:
-                got = tensors[_key(unit, part, None)][layer]
+                got = tensors[_key(spec.base, unit, part, layer)]
             if got.dtype != want.dtype or not torch.equal(got, want):
                 problems.append(f"{target} layer {layer} {part}: stored values differ from the generated ones")
     if problems:
@@ -1075,11 +1089,12 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     with torch.no_grad():
         for (base_target, layer), parts in by_weight.items():
             unit = next(iter(parts))
+            owner = model.get_submodule(_prefix(base, layer))
             if unit.expert:
-                experts = model.decoder.layers[layer].mlp.experts.local_experts
+                experts = owner.mlp.experts.local_experts
                 modules = [(e, experts[e].get_submodule(base_target)) for e in range(base.num_experts)]
             else:
-                modules = [(None, model.decoder.layers[layer].get_submodule(unit.param_module))]
+                modules = [(None, owner.get_submodule(unit.param_module))]
             for expert, module in modules:
                 w = module.weight
                 merged = _merged(spec, w, parts, expert)
