@@ -52,9 +52,10 @@ MOE_LORA_SPECS = [  # expert adapters (fc1 / fc2) plus attention targets, writte
     AdapterSpec(MOE_BASE, dim=6, alpha=12, normalize_moe_lora=True),  # expert rank dim // topk
 ]
 MISFIT_BASE = FixtureSpec("qwen3", ffn_hidden_size=128)  # a base the LoRA adapter does not fit
-# experts_shared_outer_loras (fc1 A and fc2 B shared by all experts) plus a router adapter, at TP2 EP2 expert TP1
+# experts_shared_outer_loras (fc1 A and fc2 B shared by all experts) plus a router adapter, at TP2 EP2 expert TP1;
+# rank 4 = num_experts, so a shared A [L, r, h] also looks like [L, E, h]
 SHARED_OUTER_SPEC = AdapterSpec(
-    MOE_BASE, targets=("linear_fc1", "linear_fc2", "router"), etp=1, expert_layout="shared_outer"
+    MOE_BASE, dim=4, alpha=8, targets=("linear_fc1", "linear_fc2", "router"), etp=1, expert_layout="shared_outer"
 )
 DEEPSEEK_BASE = FixtureSpec("deepseek_v3", tp=2, ep=2)  # also in MOE_SPECS
 MLA_LORA_SPECS = [  # every MLA projection, the router and the shared experts (dense layer 0; the MTP layer too)

@@ -99,6 +99,8 @@ __all__ = [
     "COMBINED_DIR",
     "EXPERT_LAYOUTS",
     "KINDS",
+    "MLA_BASE_FAMILIES",
+    "MLA_TARGETS",
     "MOE_BASE_FAMILIES",
     "TARGET_MODULES",
     "AdapterSpec",
