@@ -9,8 +9,9 @@ The family tables say which HF modules a Megatron tensor becomes; the adapter fo
 - the router goes to `mlp.gate.weight`, a plain 2-D parameter in transformers 5 (no nn.Linear), as a
   ParamWrapper target: its delta is `B @ A` like a Linear's; dense and shared-expert MLPs of MoE models
   likewise (see `_parameter_target`).
-DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Anything PEFT cannot express
-(experts with normalized ranks, embeddings, DoRA on the router) is refused.
+DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Expert ranks that differ from `r`
+(`normalize_moe_lora`) go to `rank_pattern` (ParamWrapper only). Anything PEFT cannot express (such ranks
+in the per-expert layout, embeddings, DoRA on ParamWrapper targets) is refused.
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def build_adapter_plan(
             )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
-        if delta.sources()[0].shape[0] != lora.dim:
+        if delta.sources()[0].shape[0] != lora.dim:  # PEFT's v4 conversion fuses gate/up experts at rank 2·r
             raise CheckpointError(
-                f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}; merge with `convert`"
+                f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
+                "(v4) layout cannot carry; use --expert-format paramwrapper (rank_pattern) or merge with `convert`"
             )
         for piece in _pieces(rule, delta, modules):
             add(*piece)
@@ -192,10 +194,14 @@ def build_adapter_plan(
 
 def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, Any]:
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
-    modules, parameters, dora = set(), set(), False
+    modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
         if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
             parameters.add(step.rule.targets[0])
+            if isinstance(step.rule, ExpertMajorA):  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
+                rank = step.targets[0].shape[0] // plan.dims.num_experts
+                if rank != lora.dim:
+                    ranks[re.escape(step.rule.targets[0])] = rank
         elif step.targets[0].name.endswith(".lora_magnitude_vector"):
             dora = True
         else:
@@ -216,7 +222,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
         "lora_dropout": 0.0,
         "peft_type": "LORA",
         "r": lora.dim,
-        "rank_pattern": {},
+        "rank_pattern": ranks,
         "target_modules": sorted(modules) or None,
         "task_type": "CAUSAL_LM",
         "use_dora": dora,

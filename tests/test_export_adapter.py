@@ -153,3 +153,27 @@ def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints
     result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
     assert result.exit_code == 0, result.output
     assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
+
+
+def test_normalized_expert_ranks(megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+    """normalize_moe_lora: expert ranks dim // topk (fc1 rounded up to expert TP) go to rank_pattern and PEFT
+    scales them by alpha / that rank, as Bridge does; the per-expert (v4) layout cannot carry them."""
+    spec = MOE_LORA_SPECS[3]
+    adapter = build_adapters([spec], megatron_cache)[spec]
+    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
+    merged = convert(adapter, tmp_path / "merged", progress=False)
+    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == spec.dim
+    assert config["rank_pattern"] == {
+        r"mlp\.experts\.gate_up_proj": spec.effective_dim("linear_fc1"),
+        r"mlp\.experts\.down_proj": spec.effective_dim("linear_fc2"),
+    }
+    assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
+
+    result = CliRunner().invoke(
+        main, ["export-adapter", str(adapter), str(tmp_path / "v4"), "-q", "--expert-format", "per-expert"]
+    )
+    assert result.exit_code == 2 and "rank_pattern" in result.stderr, result.output
+    assert not (tmp_path / "v4").exists()
