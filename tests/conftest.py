@@ -58,7 +58,7 @@ SHARED_OUTER_SPEC = AdapterSpec(
     MOE_BASE, dim=4, alpha=8, targets=("linear_fc1", "linear_fc2", "router"), etp=1, expert_layout="shared_outer"
 )
 DEEPSEEK_BASE = FixtureSpec("deepseek_v3", tp=2, ep=2)  # also in MOE_SPECS
-MLA_LORA_SPECS = [  # every MLA projection, the router and the shared experts (dense layer 0; the MTP layer too)
+MLA_LORA_SPECS = [  # MLA projections, router, linear_fc1/fc2 on dense, shared and routed experts (MTP layer too)
     AdapterSpec(DEEPSEEK_BASE),
     AdapterSpec(FixtureSpec("deepseek_v3", tp=2, ep=2, q_lora_rank=None)),  # linear_q_proj
 ]

@@ -125,23 +125,38 @@ def test_expert_adapters_in_peft(
     assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
 
 
-@pytest.mark.parametrize("spec", MLA_LORA_SPECS, ids=lambda s: s.name)
-def test_mla_router_and_shared_experts_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
-    """DeepSeek-V3: MLA projections are nn.Linear (target_modules); the router (no nn.Linear) and the shared
-    experts (whose v4 names PEFT would re-aim at the fused experts) are ParamWrapper parameters."""
+@pytest.mark.parametrize(
+    ("spec", "expert_format"),
+    [(MLA_LORA_SPECS[0], "paramwrapper"), (MLA_LORA_SPECS[0], "per-expert"), (MLA_LORA_SPECS[1], "paramwrapper")],
+    ids=["q_lora", "q_lora_per_expert", "no_q_lora"],
+)
+def test_deepseek_v3_in_peft(spec, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+    """DeepSeek-V3 with Bridge's default targets: MLA projections are nn.Linear (target_modules); the router (no
+    nn.Linear) and the dense and shared-expert MLPs (whose names PEFT would re-aim at the fused experts) are
+    ParamWrapper parameters; routed experts in either expert format."""
     adapter = build_adapters([spec], megatron_cache)[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
-    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
+    result = CliRunner().invoke(
+        main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q", "--expert-format", expert_format]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     q = ["q_a_proj", "q_b_proj"] if spec.base.q_lora_rank else ["q_proj"]
-    shared = [f"mlp.shared_experts.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj")]
-    assert config["target_modules"] == sorted([*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
-    assert config["target_parameters"] == ["mlp.gate.weight", *shared]
+    mlp = [f"mlp.{kind}{m}.weight" for kind in ("", "shared_experts.") for m in ("down_proj", "gate_proj", "up_proj")]
+    attention = [*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    if expert_format == "paramwrapper":
+        assert config["target_modules"] == sorted(attention)
+        assert config["target_parameters"] == sorted(
+            ["mlp.gate.weight", *mlp, "mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+        )
+    else:  # per-expert gate_proj / up_proj / down_proj: PEFT's own conversion takes them to the fused experts
+        assert config["target_modules"] == sorted([*attention, "down_proj", "gate_proj", "up_proj"])
+        assert config["target_parameters"] == sorted(["mlp.gate.weight", *mlp])
     keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.1.mlp.gate.lora_B.weight" in keys
     assert "base_model.model.model.layers.1.mlp.shared_experts.up_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight" in keys
     assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
 
 

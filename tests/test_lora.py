@@ -220,7 +220,8 @@ def test_dora(adapters: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", MLA_LORA_SPECS, ids=lambda s: s.name)
 def test_mla_router_and_shared_expert_adapters(spec, adapters: dict, tmp_path: Path) -> None:
-    """DeepSeek-V3: every MLA projection (with and without q LoRA), the router and the shared experts."""
+    """DeepSeek-V3 with Bridge's default targets: every MLA projection (with and without q LoRA), the router, and
+    linear_fc1 / linear_fc2 on the dense layer, the shared experts and the routed experts."""
     out = convert(adapters[spec], tmp_path / "merged", progress=False)
     # transformers' forward does not use the MTP layer (HF layer num_layers): test_new_targets_are_w_plus_sba
     # checks its merged tensors
@@ -243,6 +244,8 @@ HF_NAMES = {
     "self_attention.linear_kv_up_proj": ("self_attn.kv_b_proj.weight",),
     "self_attention.linear_proj": ("self_attn.o_proj.weight",),
     "mlp.router": ("mlp.gate.weight",),
+    "mlp.linear_fc1": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2": ("mlp.down_proj.weight",),
     "mlp.shared_experts.linear_fc1": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
     "mlp.shared_experts.linear_fc2": ("mlp.shared_experts.down_proj.weight",),
     "mlp.experts.experts.linear_fc1": ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
@@ -252,7 +255,8 @@ HF_NAMES = {
 
 @pytest.mark.parametrize("spec", [*MLA_LORA_SPECS, SHARED_OUTER_SPEC], ids=lambda s: s.name)
 def test_new_targets_are_w_plus_sba(spec, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
-    """MLA projections, router, shared experts and shared-outer experts: each merged HF tensor equals
+    """MLA projections, router, dense / shared / routed experts of DeepSeek-V3 and shared-outer experts: each
+    merged HF tensor equals
     W + s·B@A computed here from torch's own reading of both checkpoints (layer by layer, expert by expert)."""
     out = convert(adapters[spec], tmp_path / "merged", progress=False)
     hf = load_file(out / "model.safetensors")
@@ -280,4 +284,12 @@ def test_new_targets_are_w_plus_sba(spec, adapters: dict, checkpoints: dict, tmp
                 for name, part in zip(names, merged.chunk(len(names))):
                     assert torch.equal(hf[name], part.to(hf[name].dtype)), name
         checked.add(path)
-    assert len(checked) == len(spec.targets), checked  # every target's module was found and compared
+    experts = {"mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2", "mlp.router"}
+    if spec.base.family == "deepseek_v3":  # linear_fc1 / linear_fc2 wrap dense, shared and routed experts alike
+        q = ["linear_q_down_proj", "linear_q_up_proj"] if spec.base.q_lora_rank else ["linear_q_proj"]
+        attention = {f"self_attention.{m}" for m in [*q, "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]}
+        dense = {
+            f"mlp.{m}" for m in ("linear_fc1", "linear_fc2", "shared_experts.linear_fc1", "shared_experts.linear_fc2")
+        }
+        experts |= attention | dense
+    assert checked == experts

@@ -277,7 +277,11 @@ class AdapterSpec:
                 raise ValueError(f"num_experts={base.num_experts} is not divisible by ep={self.ep}")
             if self.normalize_moe_lora and self.dim % base.moe_router_topk:
                 raise ValueError(f"normalize_moe_lora needs dim={self.dim} divisible by topk={base.moe_router_topk}")
-        for unit in _units(self).values():
+        units = _units(self).values()
+        wrapped = [(unit.module, unit.sub, layer) for unit in units for layer in unit.layers]
+        if len(wrapped) != len(set(wrapped)):
+            raise ValueError(f"targets {self.targets} wrap a module twice (linear_fc1 takes the shared experts too)")
+        for unit in units:
             size = self.etp if unit.expert else self.tp
             # row-parallel: A's input and B's output axes; column-parallel: the rank and B's output (swiglu
             # halves: every rank's rows are cut in two)
@@ -310,7 +314,7 @@ class AdapterSpec:
 
     @property
     def scale(self) -> float:
-        """alpha / dim: the scale of every non-expert adapter (experts: :meth:`target_scale`)."""
+        """alpha / dim: the scale of every non-expert adapter (experts: alpha / :meth:`effective_dim`)."""
         return self.alpha / self.dim
 
     @property
@@ -324,7 +328,7 @@ class AdapterSpec:
         return world_size(self.tp, 1, self.ep, self.etp) if self.base.is_moe else self.tp
 
     def effective_dim(self, target: str) -> int:
-        """The rank of a target's adapter: ``dim``, or for experts under ``normalize_moe_lora``
+        """The rank of a target's adapter on routed experts: ``dim``, or under ``normalize_moe_lora``
         ``dim // topk``, rounded up to a multiple of ``etp`` when the base is column-parallel (fc1)."""
         if not (self.normalize_moe_lora and self.base.is_moe and target in EXPERT_MODULES):
             return self.dim
@@ -332,10 +336,6 @@ class AdapterSpec:
         if target in ROW_PARALLEL:
             return dim
         return -(-dim // self.etp) * self.etp
-
-    def target_scale(self, target: str) -> float:
-        """alpha / effective rank of the target's adapter."""
-        return self.alpha / self.effective_dim(target)
 
 
 _DEFAULT_TARGETS = next(f.default for f in dataclasses.fields(AdapterSpec) if f.name == "targets")
@@ -347,14 +347,16 @@ def _target_names(kind: str, base: FixtureSpec) -> tuple[str, ...]:
         return tuple(CANONICAL_TARGETS)
     if base.family in MLA_BASE_FAMILIES:
         unused = ("linear_q_down_proj", "linear_q_up_proj") if base.q_lora_rank is None else ("linear_q_proj",)
-        return tuple(t for t in MLA_TARGETS if t not in unused)
+        return tuple(t for t in MLA_TARGETS if t not in unused) + tuple(EXPERT_MODULES)
     return tuple(TARGET_MODULES) + (tuple(ROUTER) if base.is_moe else ())
 
 
 def _default_targets(kind: str, base: FixtureSpec) -> tuple[str, ...]:
+    """Bridge's defaults; on DeepSeek-V3 every MLA projection, the router and linear_fc1 / linear_fc2 (which
+    wrap the dense, shared-expert and routed-expert MLPs alike)."""
     if kind == "lora" and base.family not in MLA_BASE_FAMILIES:
         return _DEFAULT_TARGETS
-    return _target_names(kind, base)
+    return tuple(t for t in _target_names(kind, base) if not t.startswith("*."))
 
 
 def _per_layer(base: FixtureSpec) -> bool:
@@ -378,6 +380,7 @@ def _prefix(base: FixtureSpec, layer: int) -> str:
 class _Unit:
     """One adapter (A, B and, for DoRA, its magnitude) per layer, as Bridge builds it for a target."""
 
+    name: str  # the key in _units (the target name, or <target>@<module kind>)
     target: str  # Bridge's target name
     base: str  # the wrapped base: a key of MODULES (linear_qkv, ..., router, *.shared_experts.linear_fc1)
     module: str  # its module path under decoder.layers[.i] on disk
@@ -400,36 +403,55 @@ class _Unit:
 
 
 def _units(spec: AdapterSpec) -> dict[str, _Unit]:
+    """Every adapter the spec's targets create, by name: the target's, or ``<target>@shared_experts`` /
+    ``<target>@experts`` where Bridge's name match wraps several kinds of module (``linear_fc1`` on
+    DeepSeek-V3: the dense layers' MLP, the shared experts and the routed experts)."""
     base = spec.base
     h, d = base.hidden_size, base.kv_channels
     heads, groups, f = base.num_attention_heads, base.num_query_groups, base.ffn_hidden_size
-    units = {}
-    moe_layers = tuple(i for i, moe in enumerate(base.moe_layer_pattern) if moe)
     mtp_layers = tuple(range(base.num_layers, base.num_layers + (base.mtp_num_layers or 0)))  # MoE layers too
+    moe_layers = tuple(i for i, moe in enumerate(base.moe_layer_pattern) if moe) + mtp_layers
+    dense_layers = tuple(i for i, moe in enumerate(base.moe_layer_pattern) if not moe)
+    units = {}
     for target in spec.targets:
         base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
-        expert = base.is_moe and base_target in EXPERT_MODULES
-        if expert:
-            mf = base.moe_ffn_hidden_size
-            out, inp = {"linear_fc1": (2 * mf, h), "linear_fc2": (h, mf)}[base_target]
-            module, param_module = EXPERT_MODULES[base_target]
+        if base.is_moe and base_target in EXPERT_MODULES:
+            kinds = [(target, base_target, moe_layers, True)]
+            if base.family in MLA_BASE_FAMILIES:
+                shared_layers = moe_layers if base.moe_shared_expert_intermediate_size else ()
+                kinds = [
+                    (target, base_target, dense_layers, False),
+                    (f"{target}@shared_experts", f"*.shared_experts.{base_target}", shared_layers, False),
+                    (f"{target}@experts", base_target, moe_layers, True),
+                ]
         else:
-            out, inp = _base_shape(base, base_target)
-            module = param_module = MODULES[base_target]
-        if sub is not None:
-            out = {"adapter_q": heads * d, "adapter_k": groups * d, "adapter_v": groups * d}.get(sub, f)
-        units[target] = _Unit(
-            target=target,
-            base=base_target,
-            module=module,
-            param_module=param_module,
-            sub="" if sub is None else sub + ".",
-            out=out,
-            inp=inp,
-            dim=spec.effective_dim(target),
-            expert=expert,
-            layers=(moe_layers if expert or base_target in MOE_ONLY else tuple(range(base.num_layers))) + mtp_layers,
-        )
+            all_layers = tuple(range(base.num_layers)) + mtp_layers
+            kinds = [(target, base_target, moe_layers if base_target in MOE_ONLY else all_layers, False)]
+        for name, wrapped, layers, expert in kinds:
+            if not layers:
+                continue
+            if expert:
+                mf = base.moe_ffn_hidden_size
+                out, inp = {"linear_fc1": (2 * mf, h), "linear_fc2": (h, mf)}[wrapped]
+                module, param_module = EXPERT_MODULES[wrapped]
+            else:
+                out, inp = _base_shape(base, wrapped)
+                module = param_module = MODULES[wrapped]
+            if sub is not None:
+                out = {"adapter_q": heads * d, "adapter_k": groups * d, "adapter_v": groups * d}.get(sub, f)
+            units[name] = _Unit(
+                name=name,
+                target=target,
+                base=wrapped,
+                module=module,
+                param_module=param_module,
+                sub="" if sub is None else sub + ".",
+                out=out,
+                inp=inp,
+                dim=spec.effective_dim(target) if expert else spec.dim,
+                expert=expert,
+                layers=layers,
+            )
     return units
 
 
@@ -441,6 +463,8 @@ def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
         q_head, latent, rope = base.qk_head_dim + base.qk_pos_emb_head_dim, base.kv_lora_rank, base.qk_pos_emb_head_dim
         shared = base.moe_shared_expert_intermediate_size
         return {
+            "linear_fc1": (2 * f, h),
+            "linear_fc2": (h, f),
             "linear_q_proj": (heads * q_head, h),
             "linear_q_down_proj": (base.q_lora_rank, h),
             "linear_q_up_proj": (heads * q_head, base.q_lora_rank),
@@ -550,7 +574,7 @@ def _generated(spec: AdapterSpec, base_root: Path | None) -> dict[tuple[str, int
     weights = _base_weights(spec, Path(base_root))
     for (target, layer), (a, b) in list(result.items()):
         unit = units[target]
-        merged = weights[unit.base, layer].float() + spec.target_scale(target) * (b.float() @ a.float())
+        merged = weights[unit.base, layer].float() + spec.alpha / unit.dim * (b.float() @ a.float())
         noise = _randn((unit.out,), MAGNITUDE_NOISE, spec.seed, spec.kind, target, layer, "magnitude")
         result[target, layer] = (a, b, (merged.norm(dim=1) * (1 + noise)).to(dtype))
     if any(not torch.isfinite(v).all() for values in result.values() for v in values):
@@ -562,7 +586,7 @@ def _draw(spec: AdapterSpec, unit: _Unit, layer: int) -> tuple[torch.Tensor, tor
     """Seeded fp32 A and B of one unit and layer; experts: one draw per EP rank, per slot or one in all."""
     import torch
 
-    seed = (spec.seed, spec.kind, unit.target, layer)
+    seed = (spec.seed, spec.kind, unit.name, layer)
     drawn = []
     for side, shape, std, tag in (("in", (unit.dim, unit.inp), A_STD, "A"), ("out", (unit.out, unit.dim), B_STD, "B")):
         slots = _slots(spec, unit, side)
@@ -1028,7 +1052,7 @@ def _delta(spec: AdapterSpec, unit: _Unit, a, b, expert: int | None):
     """``(alpha/rank)·B@A`` in fp32 for one unit (an expert's slots, or the 2-D side shared by all experts)."""
     if expert is not None:
         a, b = (t[expert] if t.dim() == 3 else t for t in (a, b))
-    return spec.target_scale(unit.target) * (b.float() @ a.float())
+    return spec.alpha / unit.dim * (b.float() @ a.float())
 
 
 def _merged(spec: AdapterSpec, w, parts: dict[_Unit, tuple], expert: int | None):
@@ -1087,21 +1111,21 @@ def _reference_job(spec: AdapterSpec, base_root: str, save: str) -> None:
     units = _units(spec)
     by_weight: dict[tuple[str, int], dict[_Unit, tuple]] = {}
     for (target, layer), values in generated.items():
-        by_weight.setdefault((units[target].base, layer), {})[units[target]] = values
+        by_weight.setdefault((units[target].module, layer), {})[units[target]] = values
     with torch.no_grad():
-        for (base_target, layer), parts in by_weight.items():
+        for (module_path, layer), parts in by_weight.items():
             unit = next(iter(parts))
             owner = model.get_submodule(_prefix(base, layer))
             if unit.expert:
                 experts = owner.mlp.experts.local_experts
-                modules = [(e, experts[e].get_submodule(base_target)) for e in range(base.num_experts)]
+                modules = [(e, experts[e].get_submodule(unit.base)) for e in range(base.num_experts)]
             else:
                 modules = [(None, owner.get_submodule(unit.param_module))]
             for expert, module in modules:
                 w = module.weight
                 merged = _merged(spec, w, parts, expert)
                 if merged.shape != w.shape:
-                    raise RuntimeError(f"{base_target} layer {layer}: base {tuple(w.shape)} vs merged {merged.shape}")
+                    raise RuntimeError(f"{module_path} layer {layer}: base {tuple(w.shape)} vs merged {merged.shape}")
                 w.copy_(merged.to(w.dtype))
     model = model.float().eval()
     gen = torch.Generator().manual_seed(base.seed)  # the base reference's input ids
