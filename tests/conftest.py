@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.lora_fixtures import AdapterSpec  # noqa: E402
+from tools.lora_fixtures import AdapterSpec, build_adapters  # noqa: E402
 from tools.megatron_fixtures import FixtureSpec, build_fixtures  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (2, 2, 1), (1, 2, 2)]
@@ -96,3 +96,10 @@ def megatron_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
 def checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
     """Every spec's save root, written by megatron-core in one batch (process start-up dominates)."""
     return build_fixtures([*PARITY_SPECS, BASE_SPEC, *MOE_SPECS, *LEGACY_SPECS, DCP_SPEC, MISFIT_BASE], megatron_cache)
+
+
+@pytest.fixture(scope="session")
+def adapters(megatron_cache: Path, checkpoints: dict[FixtureSpec, Path]) -> dict[AdapterSpec, Path]:
+    """Every adapter spec's save root, written in one batch (one spawn per layout, one reference pass)."""
+    specs = [*LORA_SPECS, *MOE_LORA_SPECS, SHARED_OUTER_SPEC, *MLA_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC]
+    return build_adapters(specs, megatron_cache)

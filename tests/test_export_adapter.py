@@ -17,16 +17,15 @@ from transformers import AutoModelForCausalLM
 
 from offline_bridge import convert
 from offline_bridge.cli import main
-from tools.lora_fixtures import build_adapters
 from tools.megatron_fixtures import reference_logits
 
 SPEC = LORA_SPECS[0]
 
 
 @pytest.fixture(scope="session")
-def exported(megatron_cache: Path, checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def exported(adapters: dict, checkpoints: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The converted base, the merged model, and the adapter exported with the base checkpoint out of reach."""
-    adapter = build_adapters([SPEC], megatron_cache)[SPEC]
+    adapter = adapters[SPEC]
     tmp = tmp_path_factory.mktemp("export")
     base = convert(checkpoints[SPEC.base], tmp / "base", progress=False)
     merged = convert(adapter, tmp / "merged", progress=False)
@@ -101,12 +100,10 @@ def assert_peft_reproduces(base: Path, peft_dir: Path, merged: Path, adapter: Pa
 @pytest.mark.parametrize(
     "spec", [*MOE_LORA_SPECS[:2], SHARED_OUTER_SPEC], ids=["shared", "per_expert", "shared_outer_and_router"]
 )
-def test_expert_adapters_in_peft(
-    spec, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path
-) -> None:
+def test_expert_adapters_in_peft(spec, expert_format: str, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
     """Qwen3-MoE expert adapters (and a router LoRA onto `mlp.gate.weight`, a ParamWrapper target): PEFT on
     the converted base reproduces `convert --adapter` in both expert formats."""
-    adapter = build_adapters([spec], megatron_cache)[spec]
+    adapter = adapters[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
     result = CliRunner().invoke(
@@ -130,11 +127,11 @@ def test_expert_adapters_in_peft(
     [(MLA_LORA_SPECS[0], "paramwrapper"), (MLA_LORA_SPECS[0], "per-expert"), (MLA_LORA_SPECS[1], "paramwrapper")],
     ids=["q_lora", "q_lora_per_expert", "no_q_lora"],
 )
-def test_deepseek_v3_in_peft(spec, expert_format: str, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+def test_deepseek_v3_in_peft(spec, expert_format: str, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
     """DeepSeek-V3 with Bridge's default targets: MLA projections are nn.Linear (target_modules); the router (no
     nn.Linear) and the dense and shared-expert MLPs (whose names PEFT would re-aim at the fused experts) are
     ParamWrapper parameters; routed experts in either expert format."""
-    adapter = build_adapters([spec], megatron_cache)[spec]
+    adapter = adapters[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
     result = CliRunner().invoke(
@@ -161,8 +158,8 @@ def test_deepseek_v3_in_peft(spec, expert_format: str, megatron_cache: Path, che
 
 
 @pytest.mark.parametrize("spec", [*CANONICAL_SPECS, DORA_SPEC], ids=lambda s: s.name)
-def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
-    adapter = build_adapters([spec], megatron_cache)[spec]
+def test_canonical_lora_and_dora_in_peft(spec, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
+    adapter = adapters[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
     result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
@@ -170,11 +167,11 @@ def test_canonical_lora_and_dora_in_peft(spec, megatron_cache: Path, checkpoints
     assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
 
 
-def test_normalized_expert_ranks(megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+def test_normalized_expert_ranks(adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
     """normalize_moe_lora: expert ranks dim // topk (fc1 rounded up to expert TP) go to rank_pattern and PEFT
     scales them by alpha / that rank, as Bridge does; the per-expert (v4) layout cannot carry them."""
     spec = MOE_LORA_SPECS[3]
-    adapter = build_adapters([spec], megatron_cache)[spec]
+    adapter = adapters[spec]
     base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
     merged = convert(adapter, tmp_path / "merged", progress=False)
     result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])

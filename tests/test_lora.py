@@ -27,15 +27,8 @@ from offline_bridge import convert
 from offline_bridge.cli import main
 from offline_bridge.errors import OptionError
 from offline_bridge.lora_merge import resolve_device
-from tools.lora_fixtures import build_adapters
 
 SPEC = LORA_SPECS[0]
-
-
-@pytest.fixture(scope="session")
-def adapters(megatron_cache: Path, checkpoints: dict) -> dict:
-    specs = [*LORA_SPECS, *MOE_LORA_SPECS, SHARED_OUTER_SPEC, *MLA_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC]
-    return build_adapters(specs, megatron_cache)
 
 
 def test_adapter_only_finds_its_base(adapters: dict, tmp_path: Path) -> None:
