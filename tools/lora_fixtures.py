@@ -204,17 +204,19 @@ class AdapterSpec:
     are Bridge's target names; CanonicalLoRA's are those of :data:`CANONICAL_TARGETS` (the LoRA default
     becomes all seven). On MoE bases (:data:`MOE_BASE_FAMILIES`) ``linear_fc1`` / ``linear_fc2`` target the
     experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 bases
-    (:data:`MLA_BASE_FAMILIES`) the targets are those of :data:`MLA_TARGETS` (the default becomes every one
-    the base has): MLA projections on every layer, router and shared experts on the MoE layers.
+    (:data:`MLA_BASE_FAMILIES`) the targets are those of :data:`MLA_TARGETS` plus ``linear_fc1`` /
+    ``linear_fc2``, which (as Bridge's name match does) wrap the dense layers' MLP, the shared experts and the
+    routed experts; the default is every one the base has but the ``*.shared_experts.*`` patterns. The MTP
+    layer carries the adapters of a MoE layer (keys ``mtp.layers.{k}.transformer_layer.<module>.adapter.*``).
 
     ``combined`` writes one save root holding the base model keys and the adapter keys together (at the
     adapter's layout, PP1; ``common.pt`` then carries Megatron-LM ``args`` too and ``run_config.yaml`` names
     no pretrained checkpoint) instead of an adapter-only save.
 
     MoE fields: ``ep`` (None = the base's EP) and ``etp`` (None = ``tp``) are the adapter's training layout;
-    ``expert_layout`` one of :data:`EXPERT_LAYOUTS` (``"shared_outer"``: Bridge's ``experts_shared_outer_loras``,
-    fc1 A and fc2 B shared by all experts, the other side per expert; expert TP 1); ``normalize_moe_lora`` gives expert adapters rank
-    ``dim // moe_router_topk``, rounded up to a multiple of ``etp`` for column-parallel fc1 only (as Bridge's
+    ``expert_layout`` one of :data:`EXPERT_LAYOUTS` (``"shared_outer"``: Bridge's
+    ``experts_shared_outer_loras``, fc1 A and fc2 B shared by all experts, the other side per expert; expert
+    TP 1); ``normalize_moe_lora`` gives expert adapters rank ``dim // moe_router_topk``, rounded up to a multiple of ``etp`` for column-parallel fc1 only (as Bridge's
     ``align_expert_dim_for_tp``), and scale ``alpha / that rank`` (see :meth:`effective_dim`).
     """
 
