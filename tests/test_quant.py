@@ -30,8 +30,9 @@ HF_MODULES = {
     "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.linear_fc2": ("mlp.down_proj",),
 }
-# FP8 tolerance (formats/quant.md): FP8 weights and static FP8 inputs against the bf16 conversion
-FP8_COSINE, FP8_MAX_REL = 0.98, 0.25
+# FP8 tolerance (formats/quant.md): logits of FP8 weights and static FP8 inputs against the bf16 conversion,
+# cosine similarity per token (median) and over the whole batch
+FP8_TOKEN_COSINE, FP8_COSINE = 0.98, 0.95
 
 
 @pytest.fixture(scope="module")
@@ -123,35 +124,41 @@ def test_moe_grouped_amax_fans_out_per_ep_block(quant_checkpoints, tmp_path):
                 assert all(amax[f"{prefix}.{e}.{m}.weight_quantizer._amax"] == top for m in parts)
 
 
-def test_fp8_export_loads_and_matches_bf16(quant_checkpoints, tmp_path):
-    root = quant_checkpoints[DENSE]
+@pytest.mark.parametrize("spec", [DENSE, MOE], ids=["dense-per-channel", "moe-per-tensor"])
+def test_fp8_export_loads_and_matches_bf16(quant_checkpoints, tmp_path, spec):
+    root = quant_checkpoints[spec]
     bf16, fp8 = tmp_path / "bf16", tmp_path / "fp8"
     convert(root, bf16, dtype="bf16", progress=False)
     convert(root, fp8, dtype="bf16", export_fp8=True, progress=False)
     stored = load_file(fp8 / "model.safetensors")
     amax = load_file(fp8 / AMAX_FILE)
     reference = load_file(bf16 / "model.safetensors")
-    quantized = [k.removesuffix(".weight_scale") for k in stored if k.endswith(".weight_scale")]
-    assert len(quantized) == 7 * DENSE.base.num_layers
+    quantized = sorted(k.removesuffix(".weight_scale") for k in stored if k.endswith(".weight_scale"))
+    fp8_weights = sorted(k.removesuffix(".weight") for k, v in stored.items() if v.dtype == torch.float8_e4m3fn)
+    linears = 4 if spec.base.is_moe else 7  # experts stay unquantized (transformers fuses them)
+    assert quantized == fp8_weights and len(quantized) == linears * spec.base.num_layers
     for module in quantized:
         weight, scale = stored[f"{module}.weight"], stored[f"{module}.weight_scale"]
-        assert weight.dtype == torch.float8_e4m3fn and scale.shape == (weight.shape[0], 1)
-        torch.testing.assert_close(scale, amax[f"{module}.weight_quantizer._amax"] / 448, rtol=0, atol=0)
+        weight_amax = amax[f"{module}.weight_quantizer._amax"]
+        assert scale.shape == ((1,) if weight_amax.dim() == 0 else (weight.shape[0], 1))
+        torch.testing.assert_close(scale, (weight_amax / 448).reshape(scale.shape), rtol=0, atol=0)
         assert stored[f"{module}.input_scale"] == amax[f"{module}.input_quantizer._amax"] / 448
         # the FP8 value is the bf16 weight / scale rounded to E4M3 (3 mantissa bits: within 2^-4 relative)
         exact = reference[f"{module}.weight"].float() / scale
         assert ((weight.float() - exact).abs() <= exact.abs() * 2**-4 + 2**-9).all(), module
     config = json.loads((fp8 / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
-    assert sorted(config["config_groups"]["group_0"]["targets"]) == sorted(quantized)
+    assert sorted(config["config_groups"]["group_0"]["targets"]) == quantized
 
     model = load_clean(fp8)
     plain = load_clean(bf16)
-    assert model.model.layers[0].self_attn.q_proj.quantization_scheme.weights.strategy == "channel"
-    gen = torch.Generator().manual_seed(DENSE.base.seed)  # the calibration batch
-    ids = torch.randint(0, DENSE.base.vocab_size, (CALIBRATION_BATCH, CALIBRATION_SEQ), generator=gen)
+    strategy = "tensor" if spec.weight_axis is None else "channel"
+    assert model.model.layers[0].self_attn.q_proj.quantization_scheme.weights.strategy == strategy
+    gen = torch.Generator().manual_seed(spec.base.seed)  # the calibration batch
+    ids = torch.randint(0, spec.base.vocab_size, (CALIBRATION_BATCH, CALIBRATION_SEQ), generator=gen)
     with torch.no_grad():
         got, want = model(ids).logits.float(), plain(ids).logits
-    cosine = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
-    assert cosine >= FP8_COSINE and (got - want).abs().max() <= FP8_MAX_REL * want.abs().max()
+    per_token = torch.nn.functional.cosine_similarity(got, want, dim=-1)
+    overall = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
+    assert per_token.median() >= FP8_TOKEN_COSINE and overall >= FP8_COSINE, (per_token.median(), overall)
     assert not torch.equal(got, want)  # the FP8 path really ran

@@ -11,9 +11,9 @@ Two ways, both through megatron-core's own `dist_checkpointing.save` on spawned 
   written with the key names and sharding ModelOpt's megatron plugin uses: per-layer keys, a scalar
   `[1]` per linear replicated over TP, and for the experts one quantizer per EP rank's block of local
   experts (`mlp.experts.linear_fc1.weight_quantizer._amax`, global shape `[ep]`, EP rank r at offset r),
-  as Megatron-Bridge's `MoeAmaxFanoutMapping` expects. Weight amax is the max |w| of what the quantizer
-  covers (all-reduced over (expert) TP, as ModelOpt's calibration syncs it); input amax values are
-  seeded stand-ins for calibrated ones, distinct per layer, linear and EP rank.
+  as Megatron-Bridge's `MoeAmaxFanoutMapping` expects. Amax are max-calibrated like ModelOpt's: weight
+  amax the max |w| of what the quantizer covers, input amax the max |input| over a calibration forward
+  (Megatron's own, at the save layout), all-reduced over (expert) TP.
 
 Layout: ``cache_dir/<spec.name>/ckpt`` (a save root) and a ``COMPLETE`` marker.
 """
@@ -34,7 +34,6 @@ from tools.megatron_fixtures import (
     MARKER,
     FixtureSpec,
     _build_chunks,
-    _crc_seed,
     _init_parallel,
     _make_args,
     _model_state,
@@ -115,31 +114,59 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
         torch.distributed.destroy_process_group()
 
 
+def _calibration_forward(model, spec: QuantSpec) -> None:
+    """Megatron's forward of the calibration batch (eval mode: MoE with TP wants sequence parallel in training)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.base.seed)
+    ids = torch.randint(0, spec.base.vocab_size, (CALIBRATION_BATCH, CALIBRATION_SEQ), generator=gen)
+    pos = torch.arange(CALIBRATION_SEQ).unsqueeze(0).expand(CALIBRATION_BATCH, -1)
+    mask = torch.triu(torch.ones(CALIBRATION_SEQ, CALIBRATION_SEQ), diagonal=1).bool()[None, None]
+    model.eval()
+    with torch.no_grad():
+        model(ids, position_ids=pos, attention_mask=mask)
+
+
 def _modelopt_quantize(model, spec: QuantSpec):
     """Real ModelOpt: FP8 static quantizers (per-tensor, or per-channel weights), max-calibrated."""
     import copy
 
     import modelopt.torch.quantization as mtq
-    import torch
 
     config = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
     for entry in config["quant_cfg"]:
         if entry["quantizer_name"] == "*weight_quantizer":
             entry["cfg"]["axis"] = spec.weight_axis
-    gen = torch.Generator().manual_seed(spec.base.seed)
-    ids = torch.randint(0, spec.base.vocab_size, (CALIBRATION_BATCH, CALIBRATION_SEQ), generator=gen)
-    pos = torch.arange(CALIBRATION_SEQ).unsqueeze(0).expand(CALIBRATION_BATCH, -1)
-    mask = torch.triu(torch.ones(CALIBRATION_SEQ, CALIBRATION_SEQ), diagonal=1).bool()[None, None]
+    return mtq.quantize(model, config, lambda m: _calibration_forward(m, spec))
 
-    def calibrate(m) -> None:
-        with torch.no_grad():
-            m(ids, position_ids=pos, attention_mask=mask)
 
-    return mtq.quantize(model, config, calibrate)
+def _input_maxima(model, spec: QuantSpec) -> dict[str, Any]:
+    """max |input| of every linear over the calibration batch (this rank's shard), by module name."""
+    import torch
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str, module, args) -> None:
+        if args[0].numel():  # an expert may get no tokens
+            seen[name] = torch.maximum(seen.get(name, torch.zeros(())), args[0].detach().abs().max().float())
+
+    hooks = [
+        module.register_forward_pre_hook(lambda m, a, name=name: record(name, m, a))
+        for name, module in model.named_modules()
+        if name.endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"))
+    ]
+    _calibration_forward(model, spec)
+    for hook in hooks:
+        hook.remove()
+    return seen
 
 
 def _grouped_amax(model, spec: QuantSpec) -> dict[str, Any]:
-    """ShardedTensors of per-tensor amax in ModelOpt's key names; experts: one quantizer per EP rank."""
+    """ShardedTensors of per-tensor amax in ModelOpt's key names; experts: one quantizer per EP rank.
+
+    Weight amax: max |w|; input amax: max |input| over the calibration batch; both all-reduced (MAX) over
+    the (expert) TP group, as ModelOpt's max calibration syncs them.
+    """
     import torch
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -147,30 +174,34 @@ def _grouped_amax(model, spec: QuantSpec) -> dict[str, Any]:
     tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True)
     ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
     etp_rank, edp_rank = ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank()
+    inputs = _input_maxima(model, spec)
     out: dict[str, Any] = {}
 
-    def amax(weights: list, group, *seed: object) -> tuple[torch.Tensor, torch.Tensor]:
-        value = torch.stack([w.detach().float().abs().max() for w in weights]).max().reshape(1)
+    def synced(values: list, group) -> torch.Tensor:
+        value = torch.stack([v.detach().float().abs().max() for v in values]).max().reshape(1)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
-        gen = torch.Generator().manual_seed(_crc_seed(spec.base.seed, *seed))
-        return value, 1 + 3 * torch.rand(1, generator=gen)
+        return value
 
     for layer in model.decoder.layers:
         prefix = f"decoder.layers.{layer.layer_number - 1}."
         for name in ("self_attention.linear_qkv", "self_attention.linear_proj"):
-            linear = layer.get_submodule(name)
-            weight, inp = amax([linear.weight], ps.get_tensor_model_parallel_group(), prefix, name)
-            for kind, value in (("weight", weight), ("input", inp)):
+            group = ps.get_tensor_model_parallel_group()
+            amax = {"weight": [layer.get_submodule(name).weight], "input": [inputs[prefix + name]]}
+            for kind, values in amax.items():
                 key = f"{prefix}{name}.{kind}_quantizer._amax"
-                out[key] = ShardedTensor.from_rank_offsets(key, value, replica_id=(0, tp_rank, dp_rank))
+                out[key] = ShardedTensor.from_rank_offsets(key, synced(values, group), replica_id=(0, tp_rank, dp_rank))
+        experts = layer.mlp.experts.local_experts
         for name in ("linear_fc1", "linear_fc2"):
-            weights = [expert.get_submodule(name).weight for expert in layer.mlp.experts.local_experts]
             group = ps.get_expert_tensor_parallel_group()
-            weight, inp = amax(weights, group, prefix, name, ep_rank)
-            for kind, value in (("weight", weight), ("input", inp)):
+            local = [f"{prefix}mlp.experts.local_experts.{j}.{name}" for j in range(len(experts))]
+            amax = {
+                "weight": [expert.get_submodule(name).weight for expert in experts],
+                "input": [inputs.get(n, torch.zeros(())) for n in local],
+            }
+            for kind, values in amax.items():
                 key = f"{prefix}mlp.experts.{name}.{kind}_quantizer._amax"
                 out[key] = ShardedTensor.from_rank_offsets(
-                    key, value, (0, ep_rank, ep), replica_id=(0, etp_rank, edp_rank)
+                    key, synced(values, group), (0, ep_rank, ep), replica_id=(0, etp_rank, edp_rank)
                 )
     return out
 
