@@ -229,12 +229,25 @@ def _weight_bits(modes: Mapping[str, Any]) -> Any:
     return None
 
 
+def _stored_algo(plan: Plan) -> str | None:
+    """ "FP8" when this directory's weights are ModelOpt's FP8 layout (per-tensor `weight_scale`, an
+    `input_scale` each), else None: consumers that read `hf_quant_config.json` must not take the
+    unquantized (or per-channel) weights of this directory for ModelOpt FP8."""
+    names = {t.name: t for t in plan.targets()}
+    scales = [t for n, t in names.items() if n.endswith(".weight_scale")]
+    plain = all(t.shape == (1,) and _module(t.name) + ".input_scale" in names for t in scales)
+    return "FP8" if scales and plain else None
+
+
 def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path) -> None:
-    """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json` (the settings found)."""
+    """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
+    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`)."""
     steps, files = layout(list(quant.steps), 2**62, stem=Path(AMAX_FILE).stem)
     write_weights(Plan(tuple(steps), tuple(files), FLOAT32, plan.dims), reader, out_dir, progress=False)
     names = [t.name for step in quant.steps for t in step.targets]
-    quantized = {_module(_module(n)) for n in names if n.endswith(".weight_quantizer._amax")}
+    calibrated = {_module(_module(n)) for n in names if n.endswith(".weight_quantizer._amax")}
+    stored = {_module(t.name) for t in plan.targets() if t.dtype == FP8}
+    linears = _linears(plan, family)
     modes = _modes(quant.state)
     args = vars(quant.args) if quant.args is not None else {}
     write_json(
@@ -242,12 +255,16 @@ def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointRead
         {
             "producer": {"name": "modelopt", "version": (quant.state or {}).get("modelopt_version")},
             "quantization": {
-                "quant_algo": "FP8" if _weight_bits(modes) == [4, 3] else None,
+                "quant_algo": _stored_algo(plan),
                 "kv_cache_quant_algo": None,
-                "exclude_modules": sorted(m for m in _linears(plan, family) if m not in quantized),
+                "exclude_modules": sorted(m for m in linears if m not in stored),
             },
-            "amax_file": AMAX_FILE,
-            "amax_tensors": len(names),
+            "calibration": {
+                "quant_algo": "FP8" if _weight_bits(modes) == [4, 3] else None,
+                "exclude_modules": sorted(m for m in linears if m not in calibrated),
+                "amax_file": AMAX_FILE,
+                "amax_tensors": len(names),
+            },
             "modelopt_state": modes,
             "megatron_args": {k: _jsonable(v) for k, v in sorted(args.items()) if "quant" in k or k.startswith("fp8")},
         },

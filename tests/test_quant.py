@@ -85,8 +85,8 @@ def test_dense_amax_fans_out_and_splits_per_channel(quant_checkpoints, tmp_path)
     assert set(amax) == expected_names
     config = json.loads((out / CONFIG_FILE).read_text())
     assert config["producer"] == {"name": "modelopt", "version": version("nvidia-modelopt")}
-    assert config["quantization"]["quant_algo"] == "FP8"
-    assert config["quantization"]["exclude_modules"] == ["lm_head"]
+    assert config["calibration"]["quant_algo"] == "FP8" and config["calibration"]["exclude_modules"] == ["lm_head"]
+    assert config["quantization"]["quant_algo"] is None  # the weights written here are not quantized
     assert config["modelopt_state"]["quantize"]["quant_cfg"]  # ModelOpt's own config, as saved
 
 
@@ -146,6 +146,8 @@ def test_fp8_export_loads_and_matches_bf16(quant_checkpoints, tmp_path, spec):
         # the FP8 value is the bf16 weight / scale rounded to E4M3 (3 mantissa bits: within 2^-4 relative)
         exact = reference[f"{module}.weight"].float() / scale
         assert ((weight.float() - exact).abs() <= exact.abs() * 2**-4 + 2**-9).all(), module
+    stored_algo = json.loads((fp8 / CONFIG_FILE).read_text())["quantization"]["quant_algo"]
+    assert stored_algo == ("FP8" if spec.weight_axis is None else None)  # ModelOpt's name for per-tensor FP8
     config = json.loads((fp8 / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
     assert sorted(config["config_groups"]["group_0"]["targets"]) == quantized
