@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from offline_bridge import convert
 from offline_bridge.quant import AMAX_FILE, CONFIG_FILE
 from tests.judge import load_clean
-from tools.megatron_fixtures import FixtureSpec
+from tools.megatron_fixtures import FixtureSpec, legacy_root
 from tools.quant_fixtures import CALIBRATION_BATCH, CALIBRATION_SEQ, QuantSpec, build_quant_fixtures
 
-DENSE = QuantSpec(FixtureSpec("qwen3", tp=2, dtype="bf16"), weight_axis=0)  # real ModelOpt, per-channel weights
+DENSE = QuantSpec(FixtureSpec("qwen3", tp=2, dtype="bf16", legacy_twin=True), weight_axis=0)  # real ModelOpt
 MOE = QuantSpec(FixtureSpec("qwen3_moe", tp=2, ep=2), source="grouped")  # one quantizer per EP rank
 # Megatron linear -> HF modules, and the HF module prefix of experts
 HF_MODULES = {
@@ -122,6 +122,16 @@ def test_moe_grouped_amax_fans_out_per_ep_block(quant_checkpoints, tmp_path):
             for parts in (("gate_proj", "up_proj"), ("down_proj",)):  # fc1 covers gate and up
                 top = max(weights[f"{prefix}.{j}.{m}.weight"].abs().max() for j in block for m in parts)
                 assert all(amax[f"{prefix}.{e}.{m}.weight_quantizer._amax"] == top for m in parts)
+
+
+def test_legacy_format_gives_the_same_amax(quant_checkpoints, tmp_path):
+    """The `--ckpt-format torch` save of the same quantized model: per-rank buffers, per-channel rows joined."""
+    root = quant_checkpoints[DENSE]
+    _, from_dist = convert_pair(root, tmp_path / "dist")
+    _, from_legacy = convert_pair(legacy_root(root), tmp_path / "legacy")
+    assert from_legacy.keys() == from_dist.keys()
+    for name, value in from_dist.items():
+        assert torch.equal(from_legacy[name], value), name
 
 
 @pytest.mark.parametrize("spec", [DENSE, MOE], ids=["dense-per-channel", "moe-per-tensor"])

@@ -15,7 +15,8 @@ Two ways, both through megatron-core's own `dist_checkpointing.save` on spawned 
   amax the max |w| of what the quantizer covers, input amax the max |input| over a calibration forward
   (Megatron's own, at the save layout), all-reduced over (expert) TP.
 
-Layout: ``cache_dir/<spec.name>/ckpt`` (a save root) and a ``COMPLETE`` marker.
+Layout: ``cache_dir/<spec.name>/ckpt`` (a save root; with ``base.legacy_twin`` also ``legacy/``, the
+`--ckpt-format torch` save of the same quantized model) and a ``COMPLETE`` marker.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.megatron_fixtures import (
+    LEGACY_DIR,
     MARKER,
     FixtureSpec,
     _build_chunks,
@@ -38,6 +40,7 @@ from tools.megatron_fixtures import (
     _make_args,
     _model_state,
     _rng_state,
+    _save_legacy,
     _sd_metadata,
 )
 
@@ -234,7 +237,12 @@ def _save_job(spec: QuantSpec, save: str) -> None:
         from modelopt.torch.opt.plugins.mcore_dist_checkpointing import save_sharded_modelopt_state
 
         save_sharded_modelopt_state([model], str(iter_dir))
+    roots = [Path(save)]
+    if base.legacy_twin:  # quantizer buffers in the per-rank state dicts
+        roots.append(Path(save).parent / LEGACY_DIR)
+        _save_legacy([model], args, roots[-1], base.iteration, base.pp, base.ep)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{base.iteration}\n")
+        for root in roots:
+            (root / "latest_checkpointed_iteration.txt").write_text(f"{base.iteration}\n")
     torch.distributed.barrier()
