@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BASE_SPEC
+from judge import convert_fails, load_clean
 from safetensors.torch import load_file
 
 from offline_bridge import convert
 from offline_bridge.quant import AMAX_FILE, CONFIG_FILE
-from tests.judge import load_clean
 from tools.megatron_fixtures import FixtureSpec, legacy_root
 from tools.quant_fixtures import CALIBRATION_BATCH, CALIBRATION_SEQ, QuantSpec, build_quant_fixtures
 
@@ -174,3 +175,8 @@ def test_fp8_export_loads_and_matches_bf16(quant_checkpoints, tmp_path, spec):
     overall = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0)
     assert per_token.median() >= FP8_TOKEN_COSINE and overall >= FP8_COSINE, (per_token.median(), overall)
     assert not torch.equal(got, want)  # the FP8 path really ran
+
+
+def test_export_fp8_needs_amax(checkpoints, tmp_path):
+    line = convert_fails(checkpoints[BASE_SPEC], tmp_path / "out", "--export-fp8")
+    assert "--export-fp8 needs ModelOpt amax" in line
