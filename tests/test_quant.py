@@ -24,7 +24,7 @@ from tools.quant_fixtures import CALIBRATION_BATCH, CALIBRATION_SEQ, QuantSpec, 
 
 DENSE = QuantSpec(FixtureSpec("qwen3", tp=2, dtype="bf16", legacy_twin=True), weight_axis=0)  # real ModelOpt
 MOE = QuantSpec(FixtureSpec("qwen3_moe", tp=2, ep=2), source="grouped")  # one quantizer per EP rank
-# Megatron linear -> HF modules, and the HF module prefix of experts
+# Megatron linear -> the HF modules of its weight (experts: under mlp.experts.{e}.)
 HF_MODULES = {
     "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attention.linear_proj": ("self_attn.o_proj",),
@@ -53,7 +53,7 @@ def megatron_amax(root: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_pair(root: Path, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def convert_with_amax(root: Path, tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     out = tmp_path / "hf"
     convert(root, out, progress=False)
     return out, load_file(out / AMAX_FILE)
@@ -66,7 +66,7 @@ def hf_weights(out: Path) -> dict[str, torch.Tensor]:
 def test_dense_amax_fans_out_and_splits_per_channel(quant_checkpoints, tmp_path):
     root = quant_checkpoints[DENSE]
     megatron = megatron_amax(root)
-    out, amax = convert_pair(root, tmp_path)
+    out, amax = convert_with_amax(root, tmp_path)
     weights = hf_weights(out)
     expected_names = set()
     for key, value in megatron.items():
@@ -95,7 +95,7 @@ def test_moe_grouped_amax_fans_out_per_ep_block(quant_checkpoints, tmp_path):
     root = quant_checkpoints[MOE]
     base = MOE.base
     megatron = megatron_amax(root)
-    out, amax = convert_pair(root, tmp_path)
+    out, amax = convert_with_amax(root, tmp_path)
     weights = hf_weights(out)
     per_rank = base.num_experts // base.ep
     expected_names = set()
@@ -128,8 +128,8 @@ def test_moe_grouped_amax_fans_out_per_ep_block(quant_checkpoints, tmp_path):
 def test_legacy_format_gives_the_same_amax(quant_checkpoints, tmp_path):
     """The `--ckpt-format torch` save of the same quantized model: per-rank buffers, per-channel rows joined."""
     root = quant_checkpoints[DENSE]
-    _, from_dist = convert_pair(root, tmp_path / "dist")
-    _, from_legacy = convert_pair(legacy_root(root), tmp_path / "legacy")
+    _, from_dist = convert_with_amax(root, tmp_path / "dist")
+    _, from_legacy = convert_with_amax(legacy_root(root), tmp_path / "legacy")
     assert from_legacy.keys() == from_dist.keys()
     for name, value in from_dist.items():
         assert torch.equal(from_legacy[name], value), name
