@@ -58,6 +58,11 @@ def main() -> None:
 @click.option("--lora-alpha", type=float, help="LoRA alpha (default: run_config.yaml peft.alpha).")
 @click.option("--lora-dim", type=int, help="LoRA rank (default: run_config.yaml peft.dim).")
 @click.option("--device", default="auto", show_default=True, help="Where LoRA merges run: auto, cpu or cuda[:N].")
+@click.option(
+    "--export-fp8",
+    is_flag=True,
+    help="Write linears with ModelOpt amax as FP8-E4M3 + weight_scale / input_scale (compressed-tensors).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:

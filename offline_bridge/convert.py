@@ -11,6 +11,7 @@ from .families import family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
 from .plan import Plan, build_plan, parse_size
+from .quant import find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
 from .writer import staged_output, write_json, write_weights
@@ -47,6 +48,7 @@ def convert(
     lora_alpha: float | None = None,
     lora_dim: int | None = None,
     device: str = "auto",
+    export_fp8: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -66,6 +68,8 @@ def convert(
         base: the base checkpoint when ``ckpt_dir`` is adapter-only (default: from its run_config.yaml).
         lora_alpha, lora_dim: override the run_config.yaml `peft:` values (needed when there is none).
         device: where LoRA merges run: "auto" (GPU if present), "cpu" or "cuda[:N]".
+        export_fp8: write linears that have ModelOpt amax as FP8-E4M3 with scales (compressed-tensors);
+            without it, amax tensors only go to the `quant_amax.safetensors` side file.
         overwrite: replace a non-empty ``out_dir``.
         progress: show a progress bar on stderr.
 
@@ -92,6 +96,9 @@ def convert(
         target_dtype = target_dtype or _auto_dtype(reader)
         config = finalize_config(config, target_dtype, vocab_size=vocab_size)
         plan: Plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
+        quant = find_quant(family, reader, plan.dims)
+        if export_fp8:
+            plan, config["quantization_config"] = fp8_plan(plan, quant, reader, shard_limit)
         log.info(
             "%s: %d tensors, %d files, %d bytes",
             family.name,
@@ -101,6 +108,8 @@ def convert(
         )
         with staged_output(out_dir, overwrite=overwrite) as staging:
             write_weights(plan, reader, staging, progress=progress, device=device)
+            if quant is not None:
+                write_quant(quant, plan, family, reader, staging)
             write_json(staging / "config.json", config)
             if model_dir is not None:
                 copy_side_files(model_dir, staging)

@@ -13,7 +13,7 @@ from .adapters import find_delta
 from .dtypes import DType
 from .errors import CheckpointError, OptionError
 from .families import Family
-from .readers.base import CheckpointReader, is_model_key
+from .readers.base import CheckpointReader, is_model_key, is_quantizer_key
 from .rules import Dims, Rule
 from .schema import Delta, FilePlan, Lora, Plan, Source, Step, Target
 
@@ -154,7 +154,7 @@ def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family)
     """Every model tensor in the checkpoint must land somewhere: nothing is dropped silently."""
     sources = [s for step in steps for s in (step.source, *(step.delta.sources() if step.delta else ()))]
     used = {key for source in sources for key, _ in source.parts}
-    unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
+    unused = sorted(k for k in reader.tensors if is_model_key(k) and not is_quantizer_key(k) and k not in used)
     if unused:
         shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
         raise CheckpointError(

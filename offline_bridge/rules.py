@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DType
 from .errors import CheckpointError
 
 __all__ = [
@@ -108,6 +109,10 @@ class Rule:
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         return [array]
+
+    def output_dtype(self, source: DType) -> DType:
+        """The dtype of `apply`'s outputs: the source's, since rules only move bytes (FP8 export computes)."""
+        return source
 
 
 @dataclass(frozen=True)

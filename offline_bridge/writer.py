@@ -112,7 +112,7 @@ def write_weights(
                 for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
                     if out.shape != target.shape:
                         raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-                    _pwrite(fds[target.file], cast(out, dtype, target.dtype), target.offset)
+                    _pwrite(fds[target.file], cast(out, step.rule.output_dtype(dtype), target.dtype), target.offset)
                     bar.update(target.nbytes)
     finally:
         for fd in fds.values():

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..dtypes import DType
 
-__all__ = ["Box", "CheckpointReader", "TensorInfo", "full_box", "is_model_key"]
+__all__ = ["Box", "CheckpointReader", "TensorInfo", "full_box", "is_model_key", "is_quantizer_key"]
 
 Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
@@ -31,6 +31,11 @@ _NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "common_state", "rerun_state_m
 def is_model_key(key: str) -> bool:
     """Model weights, as opposed to optimizer state, rng state and `_extra_state` bytes (never read)."""
     return not key.startswith(_NON_MODEL_PREFIXES) and "_extra_state" not in key and not key.startswith("chained_")
+
+
+def is_quantizer_key(key: str) -> bool:
+    """ModelOpt quantizer state (`<linear>.weight_quantizer._amax`, ...): exported by `quant`, not the mapping."""
+    return "_quantizer." in key
 
 
 def load_common_pt(directory: Path) -> dict[str, Any] | None:

@@ -53,6 +53,10 @@ _TP_RULES: tuple[tuple[str, int | str], ...] = (
     ("eh_proj.weight", 0),
     ("linear_proj.weight", 1),
     ("linear_fc2.weight", 1),
+    # ModelOpt per-channel weight amax [rows, 1] of column-parallel linears; fc1's stays rank-major
+    # [gate_0; up_0; gate_1; ...], as torch_dist holds it (see formats/quant.md). Scalars are replicated.
+    ("linear_qkv.weight_quantizer._amax", 0),
+    ("linear_fc1.weight_quantizer._amax", 0),
 )
 
 
@@ -170,9 +174,9 @@ class LegacyReader(CheckpointReader):
     def _ref(self, shard: _Shard) -> TensorRef:
         return self._states[shard.file][shard.model][shard.name]
 
-    def _tp_rule(self, key: str) -> int | str | None:
-        """How this tensor's TP shards join (see `_TP_RULES`); None when replicated."""
-        if self._experts_replicated and ".mlp.experts." in key:
+    def _tp_rule(self, key: str, ndim: int) -> int | str | None:
+        """How this tensor's TP shards join (see `_TP_RULES`); None when replicated (always for scalars)."""
+        if ndim == 0 or (self._experts_replicated and ".mlp.experts." in key):
             return None
         rule = next((rule for suffix, rule in _TP_RULES if key.endswith(suffix)), None)
         return 0 if rule == "gated" and not self._gated else rule
@@ -187,7 +191,7 @@ class LegacyReader(CheckpointReader):
                 )
         dtype: DType = refs[0].storage.dtype
         shape = list(refs[0].shape)
-        rule = self._tp_rule(key)
+        rule = self._tp_rule(key, len(refs[0].shape))
         if rule is not None and len(refs) > 1:
             axis = 0 if rule == "gated" else rule
             shape[axis] = sum(r.shape[axis] for r in refs)
@@ -206,7 +210,7 @@ class LegacyReader(CheckpointReader):
         if shards is None:
             raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
         parts = [self._archives[s.file].array(self._ref(s)) for s in sorted(shards, key=lambda s: s.tp)]
-        rule = self._tp_rule(key)
+        rule = self._tp_rule(key, parts[0].ndim)
         if rule is None or len(parts) == 1:
             for shard, other in zip(shards[1:], parts[1:]):
                 if not np.array_equal(parts[0], other):
