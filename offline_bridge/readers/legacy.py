@@ -67,6 +67,8 @@ class _Shard:
 class LegacyReader(CheckpointReader):
     """Reader of an iteration directory of `mp_rank_*/model_optim_rng.pt` files."""
 
+    format = "torch"
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
@@ -108,6 +110,7 @@ class LegacyReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: expert_tensor_parallel_size={etp} with TP={tp_size} is not supported")
         self._gated = bool(getattr(self._args, "swiglu", False))
         self._experts_replicated = etp == 1 and tp_size > 1
+        self.ranks = coords  # (tp, pp, ep) -> index of its rank directory, for `inspect`
         self._shards = self._catalog(states, coords, tp_size, pp_size, ep_size)
         self._tensors = {key: self._info(key, shards) for key, shards in self._shards.items()}
 
@@ -166,6 +169,16 @@ class LegacyReader(CheckpointReader):
                     f"{key}: expected one shard per TP rank 0..{tp_size - 1}, found ranks {[s.tp for s in found]} in {files}"
                 )
         return dict(shards)
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per rank file (`model0`, `model1`, ...): the virtual pipeline size."""
+        return max(len(_models(state, archive.source)) for state, archive in zip(self._states, self._archives))
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """One piece per TP shard (their placement in the global tensor depends on the TP rule)."""
+        shape = self._tensors[key].shape
+        return [((0,) * len(shape), tuple(self._ref(s).shape)) for s in self._shards[key]]
 
     def _ref(self, shard: _Shard) -> TensorRef:
         return self._states[shard.file][shard.model][shard.name]

@@ -59,6 +59,7 @@ class TorchDistReader(CheckpointReader):
             for key, info in self._tensors.items()
             if key.startswith(self._prefix)
         }
+        self.format = "torch_dcp" if self._prefix else "torch_dist"
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -78,6 +79,19 @@ class TorchDistReader(CheckpointReader):
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: common state is a {type(state).__name__}, expected a dict")
         return state
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return self._chunks[self._prefix + key]
+
+    def chunk_file(self, key: str, offsets: tuple[int, ...]) -> str | None:
+        """The `.distcp` file holding a chunk (named `__<writer rank>_<n>.distcp`)."""
+        storage = self._storage.get((self._prefix + key, offsets))
+        return None if storage is None else str(storage.relative_path)
+
+    @property
+    def objects(self) -> list[str]:
+        """Keys of the non-tensor entries (ShardedObjects such as `rng_state/shard_0.1_2.2`)."""
+        return list(self._objects)
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         info = self._tensors.get(key)

@@ -162,6 +162,8 @@ class _Array:
 class ZarrReader(CheckpointReader):
     """Reader of a zarr iteration directory (`metadata.json`, one array directory per key, `common.pt`)."""
 
+    format = "zarr"
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         marker = self.path / "metadata.json"
@@ -194,6 +196,13 @@ class ZarrReader(CheckpointReader):
     def common_state(self) -> dict[str, Any]:
         """Megatron's non-sharded state, `common.pt`, through the allow-list unpickler."""
         return load_common_pt(self.path) or {}
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        array = self._arrays[key]
+        return [
+            (tuple(i * c for i, c in zip(index, array.chunks)), array.chunks)
+            for index in array.indices(full_box(array.shape))
+        ]
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         array = self._arrays.get(key)
