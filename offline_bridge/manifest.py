@@ -29,6 +29,7 @@ __all__ = [
     "MANIFEST",
     "TensorHashes",
     "args_digest",
+    "canonical",
     "describe_sources",
     "fingerprint",
     "load_manifest",
@@ -66,16 +67,16 @@ class TensorHashes:
             self.digests[target.name] = digest
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """A JSON-able form whose text does not depend on set order or object identity."""
     if isinstance(value, Mapping):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        return sorted((_canonical(v) for v in value), key=repr)
+        return sorted((canonical(v) for v in value), key=repr)
     if isinstance(value, argparse.Namespace) or hasattr(value, "__dict__"):
-        return {"type": type(value).__name__, **_canonical(vars(value))}
+        return {"type": type(value).__name__, **canonical(vars(value))}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
@@ -86,7 +87,7 @@ def args_digest(args: argparse.Namespace | None) -> str | None:
     if args is None:
         return None
     try:
-        text = json.dumps(_canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
+        text = json.dumps(canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
     except RecursionError:
         raise CheckpointError("the checkpoint's args nest too deeply (a self-referencing pickle?)") from None
     return hashlib.sha256(text.encode()).hexdigest()
@@ -162,7 +163,7 @@ def write_manifest(
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "offline-bridge", "version": _tool_version()},
         "command": command,
-        "options": _canonical(dict(options)),
+        "options": canonical(dict(options)),
         "sources": sources,
         "files": files,
         "tensors": tensors,

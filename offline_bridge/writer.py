@@ -26,7 +26,7 @@ from .plan import Plan, Source, Step, Target
 from .readers.base import CheckpointReader
 from .rules import Dims
 
-__all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
+__all__ = ["INDEX_FILE", "staged_output", "step_outputs", "write_json", "write_weights"]
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT32 = by_option("fp32")
@@ -122,6 +122,19 @@ def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
 
 
+def step_outputs(
+    plan: Plan, reader: CheckpointReader, step: Step, device: str = "auto"
+) -> list[tuple[Target, np.ndarray]]:
+    """A step's HF tensors, each as the bytes written for it (cast to its target dtype)."""
+    array, dtype = _merged(reader, step, device, plan.dims)
+    outputs = []
+    for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
+        if out.shape != target.shape:
+            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+        outputs.append((target, cast(out, dtype, target.dtype)))
+    return outputs
+
+
 def write_weights(
     plan: Plan,
     reader: CheckpointReader,
@@ -144,11 +157,7 @@ def write_weights(
             os.ftruncate(fd, file.size)
         with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
             for step in plan.steps:
-                array, dtype = _merged(reader, step, device, plan.dims)
-                for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
-                    if out.shape != target.shape:
-                        raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-                    data = cast(out, dtype, target.dtype)
+                for target, data in step_outputs(plan, reader, step, device):
                     _pwrite(fds[target.file], data, target.offset)
                     if on_written is not None:
                         on_written(target, data)

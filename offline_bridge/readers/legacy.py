@@ -214,6 +214,11 @@ class LegacyReader(CheckpointReader):
     def args(self) -> argparse.Namespace | None:
         return self._args
 
+    @property
+    def common_state(self) -> dict:
+        """The first rank file's non-model entries that say what was saved (args, version, iteration)."""
+        return {k: self._states[0][k] for k in ("args", "checkpoint_version", "iteration") if k in self._states[0]}
+
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         shards = self._shards.get(key)
         if shards is None:
