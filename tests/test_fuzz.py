@@ -34,7 +34,7 @@ from tools.megatron_fixtures import legacy_root
 TINY = ROOT / "formats" / "vectors" / "tiny_ckpt" / "iter_0000007"
 ZARR = ROOT / "tests" / "data" / "zarr" / "zarr_ckpt" / "iter_0000020"
 SECONDS = 10  # per example; the unmutated inputs take milliseconds
-MAX_BYTES = 64 * 2**20  # traced allocations per example; the inputs are a few hundred KB
+MAX_BYTES = 256 * 2**20  # traced allocations per example (the inputs are a few hundred KB)
 FUZZ = settings(
     max_examples=int(os.environ.get("OFFLINE_BRIDGE_FUZZ_EXAMPLES", "40")),  # more for a longer local hunt
     deadline=None,
