@@ -4,14 +4,17 @@ within tolerance; the perturbed copies here are written by safetensors itself.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import BASE_SPEC, LEGACY_SPECS
+from conftest import BASE_SPEC, LEGACY_SPECS, ROOT
 from safetensors.numpy import load_file, save_file
 
 from offline_bridge import convert
@@ -87,3 +90,17 @@ def test_broken_header_is_bad_input(converted: Path, tmp_path: Path) -> None:
     (copy / "model.safetensors").write_bytes(bytes(data))
     result = CliRunner().invoke(main, ["diff", str(converted), str(copy)])
     assert result.exit_code == 2 and "model.safetensors" in result.stderr and "header length" in result.stderr
+
+
+def test_inspect_diff_and_verify_never_import_torch(converted: Path, checkpoints: dict) -> None:
+    code = (
+        "import sys; from offline_bridge.diff import diff; from offline_bridge.inspection import inspect_checkpoint; "
+        "from offline_bridge.manifest import verify; "
+        f"inspect_checkpoint({str(checkpoints[BASE_SPEC])!r}); assert not verify({str(converted)!r}); "
+        f"assert all(r.status == 'equal' for r in diff({str(converted)!r}, {str(checkpoints[BASE_SPEC])!r})); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert done.returncode == 0, done.stderr
