@@ -13,6 +13,7 @@ import io
 import operator
 import pathlib
 import pickle
+import pickletools
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,9 +199,17 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(storage_type, str(key), operator.index(numel))
 
 
+def _check_lengths(data: bytes | memoryview) -> None:
+    """Walk the opcodes once without building anything: a length field (BINBYTES, BINUNICODE8, ...) that runs
+    past the data raises here. The C unpickler would first allocate a buffer of that claimed size."""
+    for _ in pickletools.genops(io.BytesIO(data)):
+        pass
+
+
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
+        _check_lengths(data)
         return _Unpickler(io.BytesIO(data), source).load()
     except UnsafePickleError:
         raise

@@ -70,7 +70,15 @@ class TorchArchive:
         try:
             with zipfile.ZipFile(_RangeFile(buf, start, length)) as archive:
                 self._members = {info.filename: info for info in archive.infolist()}
-        except (zipfile.BadZipFile, ValueError, EOFError, OSError, struct.error, OverflowError) as exc:
+        except (
+            zipfile.BadZipFile,
+            ValueError,
+            EOFError,
+            OSError,
+            struct.error,
+            OverflowError,
+            NotImplementedError,
+        ) as exc:
             raise CheckpointError(f"{source}: not a torch.save archive ({exc})") from exc
         pickles = [name for name in self._members if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
@@ -92,7 +100,9 @@ class TorchArchive:
             raise CheckpointError(f"{self.source}: bad local header for {info.filename}")
         begin = at + _LOCAL_HEADER.size + header[9] + header[10]
         if info.file_size < 0 or begin + info.file_size > end:
-            raise CheckpointError(f"{self.source}: member {info.filename} runs past the end of the archive (truncated?)")
+            raise CheckpointError(
+                f"{self.source}: member {info.filename} runs past the end of the archive (truncated?)"
+            )
         return memoryview(self._buf)[begin : begin + info.file_size]
 
     def load(self) -> Any:

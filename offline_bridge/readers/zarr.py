@@ -78,7 +78,9 @@ class _Array:
             raise bad(f"dimension_separator {self.separator!r} is neither '.' nor '/'")
         self.compressor = meta.get("compressor")
         self.filters = meta.get("filters") or []
-        codecs = ([self.compressor] if self.compressor is not None else []) + list(self.filters)
+        if not isinstance(self.filters, list):
+            raise bad(f"filters {self.filters!r} is not a list")
+        codecs = ([self.compressor] if self.compressor is not None else []) + self.filters
         if any(not isinstance(c, dict) or not isinstance(c.get("id"), str) for c in codecs):
             raise bad(f"codec configurations {codecs!r} need an 'id'")
         self.chunk_bytes = math.prod(self.chunks) * self.stored.itemsize
