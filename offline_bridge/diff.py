@@ -30,16 +30,22 @@ _OK = ("equal", "close")
 
 
 class _HFTensors:
-    """The tensors of every `*.safetensors` file in an HF directory."""
+    """The tensors of every `*.safetensors` file in an HF directory (or of one such file)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.files = [SafetensorsFile(p) for p in sorted(directory.glob("*.safetensors"))]
+    def __init__(self, files: list[Path]) -> None:
+        self.files: list[SafetensorsFile] = []
         self.where: dict[str, SafetensorsFile] = {}
-        for st in self.files:
-            for name in st.tensors:
-                if name in self.where:
-                    raise CheckpointError(f"{st.path}: tensor {name} is also in {self.where[name].path}")
-                self.where[name] = st
+        try:
+            for file in files:
+                st = SafetensorsFile(file)
+                self.files.append(st)
+                for name in st.tensors:
+                    if name in self.where:
+                        raise CheckpointError(f"{st.path}: tensor {name} is also in {self.where[name].path}")
+                    self.where[name] = st
+        except BaseException:
+            self.close()
+            raise
 
     def names(self) -> Iterator[tuple[str, tuple[int, ...], DType]]:
         for name, st in self.where.items():
@@ -83,9 +89,10 @@ class _MegatronTensors:
 
 def _open(path: str | Path) -> _HFTensors | _MegatronTensors:
     path = Path(path)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return _HFTensors(path)
-    return _MegatronTensors(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return _HFTensors([path])
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    return _HFTensors(files) if files else _MegatronTensors(path)
 
 
 @dataclass

@@ -104,3 +104,12 @@ def test_inspect_diff_and_verify_never_import_torch(converted: Path, checkpoints
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_single_files(converted: Path, tmp_path: Path) -> None:
+    def rename(tensors: dict) -> None:
+        tensors["model.norm.weight.renamed"] = tensors.pop("model.norm.weight")
+
+    copy = _perturbed(converted, tmp_path, rename)
+    code, report = _diff(converted / "model.safetensors", copy / "model.safetensors")
+    assert code == 1 and report["counts"] == {"equal": len(report["tensors"]) - 2, "missing": 1, "extra": 1}
