@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
-from conftest import LEGACY_SPECS, LORA_SPECS, MOE_SPECS, PARITY_SPECS
+from conftest import LEGACY_SPECS, LORA_SPECS, MOE_SPECS, PARITY_SPECS, ROOT
 
 from offline_bridge.cli import main
 from offline_bridge.inspection import inspect_checkpoint
@@ -105,3 +105,15 @@ def test_reads_no_tensor_bytes(checkpoints: dict, tmp_path: Path) -> None:
         (copy / path.name).write_bytes(b"" if path.suffix == ".distcp" else path.read_bytes())
     report, original = inspect_checkpoint(copy), inspect_checkpoint(source)
     assert report["tensors"] == original["tensors"] and report["layout"] == original["layout"]
+
+
+def test_zarr_layout_agrees_with_megatrons_args() -> None:
+    """zarr keeps no writer ranks: TP comes from the chunk grid, the rest from the args megatron saved."""
+    report = _inspect(ROOT / "tests" / "data" / "zarr" / "zarr_ckpt")
+    args = report["args"]
+    assert report["format"] == "zarr" and report["layout_source"]["tp"] == "chunk grid"
+    assert (report["layout"]["tp"], report["layout"]["pp"]) == (
+        args["tensor_model_parallel_size"],
+        args["pipeline_model_parallel_size"],
+    )
+    assert report["layout"]["tp"] == 2
