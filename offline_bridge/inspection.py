@@ -1,14 +1,15 @@
 """`inspect`: what a checkpoint holds and how it was saved, from its metadata alone (no tensor byte read).
 
 The parallel layout is read off the checkpoint itself, not its args (which may be absent or wrong):
-- TP / expert TP: how many pieces one layer's (one expert's) tensor is cut into (a gated fc1 and its adapter are cut into
-  twice as many, so fc1 is left out);
+- TP / expert TP: how many pieces one layer's (one expert's) tensor is cut into (a gated fc1 and its
+  adapter are cut into twice as many, so fc1 is left out);
 - PP, VPP and EP (torch_dist): which writer rank's file (`__<rank>_<n>.distcp`) holds each layer's and each
   expert's chunks. Ranks of different pipeline stages (expert-parallel ranks) share no layer (expert), so
   the stages are the groups of layers linked through a common writer, and a stage owning k separate runs
   of consecutive layers has k virtual stages;
 - legacy `torch`: the `mp_rank_TT[_PPP][_EEE]` directory names and the `model0`, `model1`, ... entries.
-What the files cannot tell (zarr keeps no writer) comes from the args, and the report says so.
+What the files cannot tell (zarr keeps no writer) comes from the args, and the report says so. The args'
+own values are reported beside (`layout_args`), so a disagreement shows.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "iterations": iterations_present(ckpt_dir),
             "layout": layout,
             "layout_source": layout_source,
+            "layout_args": None if args is None else {k: getattr(args, name, None) for k, name in _ARGS_LAYOUT.items()},
             "args": None
             if args is None
             else {k: canonical(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
@@ -302,6 +304,10 @@ def format_report(report: dict[str, Any]) -> str:
         + f"  ({', '.join(f'{k}: {v}' for k, v in report['layout_source'].items())})",
         f"family      {report['family'] or 'unknown (pass --model-type to convert)'}",
     ]
+    claimed = report["layout_args"]
+    disagree = {k: v for k, v in (claimed or {}).items() if v is not None and layout[k] not in (None, v)}
+    if disagree:
+        lines.insert(4, f"            the args say {', '.join(f'{k.upper()}{v}' for k, v in disagree.items())}")
     adapter = report["adapter"]
     if adapter:
         lines.append(

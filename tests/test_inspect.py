@@ -4,6 +4,7 @@ is what torch's own DCP reader sees in the metadata."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_layout_and_table_match_the_save(spec: FixtureSpec, checkpoints: dict) -
     report = _inspect(checkpoints[spec])
     assert report["format"] == "torch_dist" and report["iterations"] == [str(spec.iteration)]
     assert report["layout"] == _expected_layout(spec)
+    assert all(v in (None, report["layout"][k]) for k, v in report["layout_args"].items())
     assert report["family"] == spec.family and report["adapter"] is None
     assert report["args"]["num_layers"] == spec.num_layers
     metadata = dcp.FileSystemReader(str(checkpoints[spec] / f"iter_{spec.iteration:07d}")).read_metadata()
@@ -117,3 +119,14 @@ def test_zarr_layout_agrees_with_megatrons_args() -> None:
         args["pipeline_model_parallel_size"],
     )
     assert report["layout"]["tp"] == 2
+
+
+def test_args_that_disagree_with_the_files_are_shown(checkpoints: dict, tmp_path: Path) -> None:
+    source = checkpoints[SPECS[0]] / "iter_0000010"
+    copy = Path(shutil.copytree(source, tmp_path / "iter_0000010"))
+    common = torch.load(copy / "common.pt", weights_only=False)  # our own fixture: trusted here
+    common["args"].tensor_model_parallel_size = 4
+    torch.save(common, copy / "common.pt")
+    result = CliRunner().invoke(main, ["inspect", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "TP2 PP2" in result.stdout and "the args say TP4" in result.stdout
