@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import tracemalloc
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 
 from offline_bridge import convert
 from offline_bridge.diff import diff
-from offline_bridge.errors import BridgeError
+from offline_bridge.errors import BridgeError, CheckpointError
 from offline_bridge.inspection import inspect_checkpoint
 from offline_bridge.manifest import verify
 from offline_bridge.readers import open_reader
@@ -217,3 +218,16 @@ def test_unmutated_inputs_read_correctly(legacy: Path, converted: Path) -> None:
     for directory in (TINY, ZARR, legacy):
         read_everything(directory)
     assert verify(converted) == [] and all(r.status == "equal" for r in diff(converted, converted))
+
+
+def test_compressed_members_are_refused(tmp_path: Path) -> None:
+    """A zip bomb cannot go off: torch.save never compresses, so a compressed member is refused unread."""
+    copy = Path(shutil.copytree(TINY, tmp_path / TINY.name))
+    with zipfile.ZipFile(TINY / "common.pt") as stored, zipfile.ZipFile(copy / "common.pt", "w") as packed:
+        for info in stored.infolist():
+            packed.writestr(info.filename, stored.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with (
+        pytest.raises(CheckpointError, match=r"common\.pt: member .*data\.pkl is compressed"),
+        open_reader(copy) as reader,
+    ):
+        reader.args  # noqa: B018 - unpickles common.pt

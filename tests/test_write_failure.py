@@ -83,3 +83,15 @@ def test_killed_run_is_cleaned_up_by_the_next(checkpoints: dict, tmp_path: Path)
     assert not out.exists() and _leftovers(out) == [staging.name]  # named as incomplete, beside OUT_DIR
     assert _convert(ckpt, out).exit_code == 0
     assert _leftovers(out) == [] and verify(out) == []
+
+
+def test_leftovers_of_dead_runs_are_removed(checkpoints: dict, tmp_path: Path) -> None:
+    """Staging and old-output directories whose process is gone go; a live process's staging stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    for name in (f".out.partial-{dead.stdout.strip()}", f".out.old-{dead.stdout.strip()}", ".out.partial-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"stale")
+    assert _convert(checkpoints[BASE_SPEC], out).exit_code == 0
+    assert _leftovers(out) == [".out.partial-1"]  # pid 1 is alive: another run's, not ours to delete
+    assert verify(out) == []
