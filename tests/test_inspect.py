@@ -21,10 +21,11 @@ from tools.megatron_fixtures import FixtureSpec, legacy_root
 SPECS = [
     next(s for s in PARITY_SPECS if (s.family, s.tp, s.pp, s.dtype, s.tied) == ("qwen3", 2, 2, "fp32", False)),
     next(s for s in PARITY_SPECS if (s.family, s.pp, s.vpp) == ("qwen2", 2, 2)),
+    MOE_SPECS[1],  # qwen3_moe TP2 EP2, expert TP 2
     next(s for s in MOE_SPECS if s.family == "qwen3_moe" and s.etp == 1),
     next(s for s in MOE_SPECS if s.family == "qwen3_moe" and s.vpp == 2),
-    LEGACY_SPECS[0],  # TP2 PP2 VPP2
-    LEGACY_SPECS[1],  # uneven first stage
+    next(s for s in MOE_SPECS if s.family == "deepseek_v3"),  # shared experts, MTP
+    *LEGACY_SPECS,  # TP2 PP2 VPP2; an uneven first stage; MoE TP2 EP2
 ]
 
 
