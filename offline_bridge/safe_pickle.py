@@ -199,17 +199,23 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(storage_type, str(key), operator.index(numel))
 
 
-def _check_lengths(data: bytes | memoryview) -> None:
-    """Walk the opcodes once without building anything: a length field (BINBYTES, BINUNICODE8, ...) that runs
-    past the data raises here. The C unpickler would first allocate a buffer of that claimed size."""
-    for _ in pickletools.genops(io.BytesIO(data)):
-        pass
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(data: bytes | memoryview) -> None:
+    """Walk the opcodes once without building anything, refusing what would make the C unpickler allocate on
+    the pickle's say-so: a length field (BINBYTES, BINUNICODE8, ...) that runs past the data (a buffer of the
+    claimed size comes first), or a memo index beyond the opcodes so far (the memo table grows to it: index
+    1e9 is 16 GB). Pickles number their memo entries 0, 1, 2, ..., one opcode each at least."""
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+        if opcode.name in _MEMO_PUTS and arg > count:
+            raise ValueError(f"memo index {arg} at opcode {count} is out of sequence")
 
 
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
-        _check_lengths(data)
+        _check_opcodes(data)
         return _Unpickler(io.BytesIO(data), source).load()
     except UnsafePickleError:
         raise

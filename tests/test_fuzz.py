@@ -30,6 +30,7 @@ from offline_bridge.errors import BridgeError, CheckpointError
 from offline_bridge.inspection import inspect_checkpoint
 from offline_bridge.manifest import verify
 from offline_bridge.readers import open_reader
+from offline_bridge.safe_pickle import safe_loads
 from tools.megatron_fixtures import legacy_root
 
 TINY = ROOT / "formats" / "vectors" / "tiny_ckpt" / "iter_0000007"
@@ -231,3 +232,16 @@ def test_compressed_members_are_refused(tmp_path: Path) -> None:
         open_reader(copy) as reader,
     ):
         reader.args  # noqa: B018 - unpickles common.pt
+
+
+@pytest.mark.parametrize(
+    "pickle_bytes",
+    [
+        b"\x80\x02}r\x00\x00\x00\x08.",  # LONG_BINPUT 1.3e8: the C unpickler would grow its memo to 1 GB
+        b"\x80\x03B\xff\xff\xff\x7f.",  # BINBYTES of 2 GB in a 9-byte pickle: it would allocate them first
+    ],
+    ids=["memo", "length"],
+)
+def test_pickles_cannot_claim_memory(pickle_bytes: bytes) -> None:
+    with guarded(), pytest.raises(CheckpointError, match="cannot unpickle"):
+        safe_loads(pickle_bytes, "hostile.pkl")
