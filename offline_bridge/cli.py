@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -78,14 +80,7 @@ def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object)
 def _run(command: Callable[..., object], source: str, out_dir: str, quiet: bool, options: dict[str, object]) -> None:
     """Run a command; errors become one line on stderr and the exit code (2 bad input, 1 internal)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        command(source, out_dir, progress=not quiet, **options)
-    except BridgeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:
-        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+    _report(lambda: command(source, out_dir, progress=not quiet, **options))
 
 
 @main.command("export-adapter")
@@ -122,3 +117,59 @@ def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **optio
     Writes adapter_model.safetensors and adapter_config.json.
     """
     _run(export_adapter, adapter_ckpt, out_dir, quiet, options)
+
+
+def _report(produce: Callable[[], Any]) -> Any:
+    """``produce()``; a BridgeError becomes one line on stderr and its exit code."""
+    try:
+        return produce()
+    except BridgeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command("inspect")
+@click.argument("ckpt_dir", type=click.Path(path_type=str))
+@click.option("--iteration", help="Iteration to inspect (a number or 'release'); default: the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(ckpt_dir: str, iteration: str | None, as_json: bool) -> None:
+    """Describe the Megatron checkpoint CKPT_DIR from its metadata alone: format, iterations, parallel
+    layout, args, model family, adapter, and every tensor's shape, dtype, bytes and chunks."""
+    from .inspection import format_report, inspect_checkpoint
+
+    report = _report(lambda: inspect_checkpoint(ckpt_dir, iteration))
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", type=click.Path(path_type=str))
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (to B's values).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-tensor report as JSON.")
+def diff_command(a: str, b: str, atol: float, rtol: float, as_json: bool) -> None:
+    """Compare two models tensor by tensor; A and B are HF directories or Megatron checkpoints (compared
+    by the HF tensors they convert to). Exit 0 when equal within |a-b| <= atol + rtol*|b|, else 1."""
+    from .diff import as_json as diff_json
+    from .diff import diff, format_diff, identical
+
+    results = _report(lambda: diff(a, b, atol=atol, rtol=rtol))
+    click.echo(json.dumps(diff_json(a, b, atol, rtol, results), indent=2) if as_json else format_diff(results))
+    sys.exit(0 if identical(results) else 1)
+
+
+@main.command("verify")
+@click.argument("out_dir", type=click.Path(path_type=str))
+def verify_command(out_dir: str) -> None:
+    """Check OUT_DIR (written by convert or export-adapter) against its offline-bridge.json: every file's
+    size and hash, every tensor's sha256. Exit 0 intact, 1 on any mismatch, 2 without a readable manifest."""
+    from .manifest import verify
+
+    problems = _report(lambda: verify(out_dir))
+    for problem in problems:
+        click.echo(problem)
+    click.echo(f"{out_dir}: {'intact' if not problems else f'{len(problems)} mismatch(es)'}")
+    sys.exit(1 if problems else 0)

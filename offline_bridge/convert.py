@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .dtypes import DType, by_option
-from .families import family_by_name, family_for_args, family_for_config
+from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
-from .plan import Plan, build_plan, parse_size
-from .quant import find_quant, fp8_plan, write_quant
+from .manifest import TensorHashes, describe_sources, write_manifest
+from .plan import Lora, Plan, build_plan, parse_size
+from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
 from .writer import staged_output, write_json, write_weights
 
-__all__ = ["convert"]
+__all__ = ["Conversion", "convert", "plan_conversion"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,50 @@ def _auto_dtype(reader: CheckpointReader) -> DType:
                 numel *= n
             counts[info.dtype] += numel
     return counts.most_common(1)[0][0] if counts else by_option("fp32")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Everything known before any tensor byte is read: what to write, and the side files."""
+
+    plan: Plan
+    config: dict
+    family: Family
+    model_dir: Path | None  # the HF model directory ``hf_config`` named, for its tokenizer files
+    quant: Quant | None  # ModelOpt amax mapped to HF names, when the checkpoint has any
+
+
+def plan_conversion(
+    reader: CheckpointReader,
+    lora: Lora | None,
+    *,
+    hf_config: str | Path | None = None,
+    model_type: str | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    vocab_size: int | None = None,
+    export_fp8: bool = False,
+) -> Conversion:
+    """The plan, the HF config and the side files for ``reader``, from metadata only."""
+    shard_limit = parse_size(max_shard_size)
+    target_dtype = None if dtype == "auto" else by_option(dtype)
+    model_dir = None
+    if hf_config is not None:
+        config, model_dir = load_config(hf_config)
+        family = family_by_name(model_type) if model_type else family_for_config(config)
+    else:
+        family = family_by_name(model_type) if model_type else family_for_args(reader.args)
+        config = derive_config(reader.args, family, vocab_size=vocab_size)
+    target_dtype = target_dtype or _auto_dtype(reader)
+    config = finalize_config(config, target_dtype, vocab_size=vocab_size)
+    plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
+    quant = find_quant(family, reader, plan.dims)
+    if export_fp8:
+        plan, config["quantization_config"] = fp8_plan(plan, quant, reader, shard_limit)
+    log.info(
+        "%s: %d tensors, %d files, %d bytes", family.name, len(list(plan.targets())), len(plan.files), plan.total_size
+    )
+    return Conversion(plan, config, family, model_dir, quant)
 
 
 def convert(
@@ -79,38 +125,40 @@ def convert(
     Example:
         >>> convert("examples/tiny-llama", "/tmp/tiny-llama-hf")  # doctest: +SKIP
     """
-    shard_limit = parse_size(max_shard_size)
-    target_dtype = None if dtype == "auto" else by_option(dtype)
+    options = {
+        "model_type": model_type,
+        "iteration": iteration,
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,
+        "vocab_size": vocab_size,
+        "lora_alpha": lora_alpha,
+        "lora_dim": lora_dim,
+        "device": device,
+        "export_fp8": export_fp8,
+    }
     reader, lora = open_checkpoint(
         ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
     )
     log.info("reading %s", reader.path)
     with reader:
-        model_dir = None
-        if hf_config is not None:
-            config, model_dir = load_config(hf_config)
-            family = family_by_name(model_type) if model_type else family_for_config(config)
-        else:
-            family = family_by_name(model_type) if model_type else family_for_args(reader.args)
-            config = derive_config(reader.args, family, vocab_size=vocab_size)
-        target_dtype = target_dtype or _auto_dtype(reader)
-        config = finalize_config(config, target_dtype, vocab_size=vocab_size)
-        plan: Plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
-        quant = find_quant(family, reader, plan.dims)
-        if export_fp8:
-            plan, config["quantization_config"] = fp8_plan(plan, quant, reader, shard_limit)
-        log.info(
-            "%s: %d tensors, %d files, %d bytes",
-            family.name,
-            len(list(plan.targets())),
-            len(plan.files),
-            plan.total_size,
+        conversion = plan_conversion(
+            reader,
+            lora,
+            hf_config=hf_config,
+            model_type=model_type,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            vocab_size=vocab_size,
+            export_fp8=export_fp8,
         )
+        plan = conversion.plan
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress, device=device)
-            if quant is not None:
-                write_quant(quant, plan, family, reader, staging)
-            write_json(staging / "config.json", config)
-            if model_dir is not None:
-                copy_side_files(model_dir, staging)
+            hashes = TensorHashes()
+            write_weights(plan, reader, staging, progress=progress, device=device, on_written=hashes)
+            if conversion.quant is not None:
+                write_quant(conversion.quant, plan, conversion.family, reader, staging, on_written=hashes)
+            write_json(staging / "config.json", conversion.config)
+            if conversion.model_dir is not None:
+                copy_side_files(conversion.model_dir, staging)
+            write_manifest(staging, "convert", options, describe_sources(reader, hf_config), hashes)
     return Path(out_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["find_iteration_dir"]
+__all__ = ["find_iteration_dir", "iterations_present"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
@@ -24,6 +24,15 @@ def _iterations(root: Path) -> dict[str, Path]:
         if child.is_dir() and (match or child.name == "release"):
             found[str(int(match.group(1))) if match else "release"] = child
     return found
+
+
+def iterations_present(ckpt_dir: str | Path) -> list[str]:
+    """The saved iterations of a save root, in order ("release" last); an iteration directory's own one."""
+    root = Path(ckpt_dir)
+    if _is_iteration_dir(root) and not (root / TRACKER).exists():
+        match = _ITER_DIR.match(root.name)
+        return [str(int(match.group(1))) if match else root.name]
+    return sorted(_iterations(root), key=lambda k: (k == "release", int(k) if k.isdigit() else 0))
 
 
 def _is_iteration_dir(path: Path) -> bool:

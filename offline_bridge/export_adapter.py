@@ -27,6 +27,7 @@ from .errors import CheckpointError, OptionError
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import derive_config, dims_of, load_config
 from .inputs import lora_settings
+from .manifest import TensorHashes, describe_sources, fingerprint, write_manifest
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
@@ -253,7 +254,17 @@ def export_adapter(
     """
     directory = find_iteration_dir(adapter_ckpt, iteration)
     run_config = load_run_config(directory)
+    options = {
+        "base_model_name_or_path": base_model_name_or_path,
+        "model_type": model_type,
+        "iteration": iteration,
+        "dtype": dtype,
+        "lora_alpha": lora_alpha,
+        "lora_dim": lora_dim,
+        "expert_format": expert_format,
+    }
     with open_reader(directory) as reader:
+        sources = describe_sources(reader, hf_config)
         if hf_config is not None:
             config, _ = load_config(hf_config)
             family = family_by_name(model_type) if model_type else family_for_config(config)
@@ -263,11 +274,14 @@ def export_adapter(
                 raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
             with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
                 args = base_reader.args
+                sources.append(fingerprint(base_reader, "base (args only)"))
             family = family_by_name(model_type) if model_type else family_for_args(args)
             config = derive_config(args, family, vocab_size=None)
         lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
         plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress)
+            hashes = TensorHashes()
+            write_weights(plan, reader, staging, progress=progress, on_written=hashes)
             write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
+            write_manifest(staging, "export-adapter", options, sources, hashes)
     return Path(out_dir)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -239,11 +239,20 @@ def _stored_algo(plan: Plan) -> str | None:
     return "FP8" if scales and plain else None
 
 
-def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path) -> None:
+def write_quant(
+    quant: Quant,
+    plan: Plan,
+    family: Family,
+    reader: CheckpointReader,
+    out_dir: Path,
+    on_written: Callable[[Target, np.ndarray], None] | None = None,
+) -> None:
     """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
-    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`)."""
+    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`).
+    ``on_written`` sees each amax as written, as in :func:`~offline_bridge.writer.write_weights`."""
     steps, files = layout(list(quant.steps), 2**62, stem=Path(AMAX_FILE).stem)
-    write_weights(Plan(tuple(steps), tuple(files), FLOAT32, plan.dims), reader, out_dir, progress=False)
+    amax_plan = Plan(tuple(steps), tuple(files), FLOAT32, plan.dims)
+    write_weights(amax_plan, reader, out_dir, progress=False, on_written=on_written)
     names = [t.name for step in quant.steps for t in step.targets]
     calibrated = {_module(_module(n)) for n in names if n.endswith(".weight_quantizer._amax")}
     stored = {_module(t.name) for t in plan.targets() if t.dtype == FP8}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import operator
 import pathlib
 import pickle
+import pickletools
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,7 +81,11 @@ class TensorRef:
 
 
 def _rebuild_tensor(storage: StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorRef:
-    return TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, StorageRef):
+        raise UnsafePickleError(f"a tensor is rebuilt from {type(storage).__name__}, not a storage")
+    return TensorRef(
+        storage, operator.index(storage_offset), tuple(map(operator.index, size)), tuple(map(operator.index, stride))
+    )
 
 
 def _layout(name: str) -> str:
@@ -91,6 +97,31 @@ def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
     if encoding not in ("latin1", "latin-1"):
         raise UnsafePickleError(f"_codecs.encode with {encoding!r} is not how pickle spells bytes")
     return text.encode("latin1")
+
+
+def _bytearray(data: Any = b"", *rest: Any) -> bytearray:
+    """`bytearray` of given bytes only: `bytearray(n)` would allocate n bytes on the pickle's say-so."""
+    if isinstance(data, int):
+        raise UnsafePickleError(f"bytearray({data}) would allocate memory instead of restoring bytes")
+    return bytearray(data, *rest)
+
+
+class _NdarrayName:
+    """What a pickle gets for `numpy.ndarray`: an argument `_reconstruct` accepts; calling it builds nothing."""
+
+
+_NDARRAY = _NdarrayName()
+
+
+def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's pickle entry point, limited to what numpy writes: an empty array that BUILD then fills (numpy
+    checks the data against the shape there); any other shape would allocate on the pickle's say-so."""
+    import numpy  # numpy's own data-only reconstructor
+
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise UnsafePickleError(f"numpy _reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array")
+    core = getattr(numpy, "_core", None) or numpy.core
+    return core.multiarray._reconstruct(numpy.ndarray, (0,), dtype)
 
 
 def _record_class(module: str, name: str) -> type[Record]:
@@ -116,7 +147,7 @@ _REAL = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("_io", "BytesIO"): io.BytesIO,  # Transformer Engine's _extra_state in legacy checkpoints
     ("torch", "Size"): TorchSize,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
@@ -146,6 +177,8 @@ class _Unpickler(pickle.Unpickler):
             "_reconstruct",
             "ndarray",
         ):
+            if name in ("_reconstruct", "ndarray"):
+                return _reconstruct_array if name == "_reconstruct" else _NDARRAY
             import numpy  # numpy's own data-only reconstructors
 
             core = getattr(numpy, "_core", None) or numpy.core
@@ -163,12 +196,26 @@ class _Unpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, DType):
             raise UnsafePickleError(f"{self._source}: unknown storage type {storage_type!r}")
-        return StorageRef(storage_type, str(key), int(numel))
+        return StorageRef(storage_type, str(key), operator.index(numel))
+
+
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _check_opcodes(data: bytes | memoryview) -> None:
+    """Walk the opcodes once without building anything, refusing what would make the C unpickler allocate on
+    the pickle's say-so: a length field (BINBYTES, BINUNICODE8, ...) that runs past the data (a buffer of the
+    claimed size comes first), or a memo index beyond the opcodes so far (the memo table grows to it: index
+    1e9 is 16 GB). Pickles number their memo entries 0, 1, 2, ..., one opcode each at least."""
+    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+        if opcode.name in _MEMO_PUTS and arg > count:
+            raise ValueError(f"memo index {arg} at opcode {count} is out of sequence")
 
 
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
+        _check_opcodes(data)
         return _Unpickler(io.BytesIO(data), source).load()
     except UnsafePickleError:
         raise

@@ -2,11 +2,16 @@
 
 A `.distcp` chunk is such an archive embedded at (offset, length) of a memory-mapped file; `common.pt`
 is one on its own. Members are stored uncompressed, so a storage's bytes are a slice of the map.
+
+Nothing in the archive is trusted: every member's local header and bytes must lie inside the record,
+compressed members are refused (nothing is ever inflated), and a tensor must fit its storage before a view
+of it is made.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import struct
 import zipfile
@@ -39,7 +44,10 @@ class _RangeFile(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        target = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        if target < 0:
+            raise OSError(f"seek to {target}, before the start of the record")  # as a real file does
+        self._pos = target
         return self._pos
 
     def readinto(self, out: Any) -> int:
@@ -54,15 +62,23 @@ class TorchArchive:
     """One `torch.save` archive in ``buf[start:start+length]``; ``source`` names it in errors."""
 
     def __init__(self, buf: mmap.mmap | memoryview, start: int, length: int, source: str) -> None:
-        self._buf, self._start, self.source = buf, start, source
-        if start + length > len(buf):
+        self._buf, self._start, self._length, self.source = buf, start, length, source
+        if start < 0 or length < 0 or start + length > len(buf):
             raise CheckpointError(
                 f"{source}: record at [{start}, {start + length}) runs past the end of the file (truncated?)"
             )
         try:
             with zipfile.ZipFile(_RangeFile(buf, start, length)) as archive:
                 self._members = {info.filename: info for info in archive.infolist()}
-        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        except (
+            zipfile.BadZipFile,
+            ValueError,
+            EOFError,
+            OSError,
+            struct.error,
+            OverflowError,
+            NotImplementedError,
+        ) as exc:
             raise CheckpointError(f"{source}: not a torch.save archive ({exc})") from exc
         pickles = [name for name in self._members if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
@@ -75,13 +91,18 @@ class TorchArchive:
             raise CheckpointError(f"{self.source}: archive member {self._root + name} is missing")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"{self.source}: member {info.filename} is compressed; torch.save never does that")
+        end = self._start + self._length
         at = self._start + info.header_offset
+        if info.header_offset < 0 or at + _LOCAL_HEADER.size > end:
+            raise CheckpointError(f"{self.source}: member {info.filename} has its header outside the archive")
         header = _LOCAL_HEADER.unpack_from(self._buf, at)
         if header[0] != b"PK\x03\x04":
             raise CheckpointError(f"{self.source}: bad local header for {info.filename}")
         begin = at + _LOCAL_HEADER.size + header[9] + header[10]
-        if begin + info.file_size > len(self._buf):
-            raise CheckpointError(f"{self.source}: member {info.filename} runs past the end of the file (truncated?)")
+        if info.file_size < 0 or begin + info.file_size > end:
+            raise CheckpointError(
+                f"{self.source}: member {info.filename} runs past the end of the archive (truncated?)"
+            )
         return memoryview(self._buf)[begin : begin + info.file_size]
 
     def load(self) -> Any:
@@ -93,7 +114,7 @@ class TorchArchive:
         storage = ref.storage
         dtype = storage.dtype.np
         raw = self._member(f"data/{storage.key}")
-        if len(raw) < storage.numel * dtype.itemsize or not _fits(ref):
+        if not 0 <= storage.numel * dtype.itemsize <= len(raw) or not _fits(ref):
             raise CheckpointError(
                 f"{self.source}: tensor {ref.shape} does not fit its storage of {len(raw)} bytes (truncated?)"
             )
@@ -103,7 +124,10 @@ class TorchArchive:
 
 
 def _fits(ref: TensorRef) -> bool:
-    if any(s < 0 for s in ref.stride) or ref.storage_offset < 0:
+    """Every element inside the storage, and no more elements than it has (no broadcast views to blow up)."""
+    if len(ref.stride) != len(ref.shape) or any(s < 0 for s in (*ref.stride, *ref.shape)) or ref.storage_offset < 0:
+        return False
+    if math.prod(ref.shape) > ref.storage.numel:
         return False
     last = ref.storage_offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride) if n > 0)
     return not ref.shape or 0 in ref.shape or last < ref.storage.numel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.lora_fixtures import AdapterSpec, build_adapters  # noqa: E402
-from tools.megatron_fixtures import FixtureSpec, build_fixtures  # noqa: E402
+from tools.megatron_fixtures import MARKER, FixtureSpec, build_fixtures, reshard  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (2, 2, 1), (1, 2, 2)]
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -24,7 +25,7 @@ PARITY_SPECS = [
     FixtureSpec("llama", tp=2, pp=1, vocab_size=250),
     *(FixtureSpec(family, tp=2, pp=2, dtype="bf16") for family in FAMILIES),
 ]
-BASE_SPEC = FixtureSpec("llama")  # also resharded for the invariance test
+BASE_SPEC = FixtureSpec("llama")  # also resharded to TP2 PP2 (base_tp2pp2)
 
 LEGACY_SPECS = [  # each also saved with --ckpt-format torch (tools.megatron_fixtures.legacy_root)
     FixtureSpec("qwen3", tp=2, pp=2, vpp=2, vocab_size=250, legacy_twin=True),
@@ -103,3 +104,14 @@ def adapters(megatron_cache: Path, checkpoints: dict[FixtureSpec, Path]) -> dict
     """Every adapter spec's save root, written in one batch (one spawn per layout, one reference pass)."""
     specs = [*LORA_SPECS, *MOE_LORA_SPECS, SHARED_OUTER_SPEC, *MLA_LORA_SPECS, *CANONICAL_SPECS, DORA_SPEC]
     return build_adapters(specs, megatron_cache)
+
+
+@pytest.fixture(scope="session")
+def base_tp2pp2(checkpoints: dict[FixtureSpec, Path], megatron_cache: Path) -> Path:
+    """BASE_SPEC's save re-saved at TP2 PP2 by Megatron's own loader, cached beside the fixtures."""
+    fixture = megatron_cache / f"{BASE_SPEC.name}-reshard-tp2pp2"
+    if not (fixture / MARKER).exists():
+        shutil.rmtree(fixture, ignore_errors=True)
+        reshard(checkpoints[BASE_SPEC], BASE_SPEC, fixture / "ckpt", tp=2, pp=2)
+        (fixture / MARKER).write_text("")
+    return fixture / "ckpt"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from offline_bridge.manifest import MANIFEST
 from tools.megatron_fixtures import FixtureSpec, reference_logits
 
 
@@ -52,3 +54,17 @@ def convert_fails(src: Path, out: Path, *extra: str) -> str:
     assert not out.exists() or not any(out.iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
     return lines[0]
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Two output directories hold the same files byte for byte; their manifests differ at most in the
+    sources they fingerprint (two saves of the same weights)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert MANIFEST in names
+    for name in names:
+        if name == MANIFEST:
+            mine, theirs = (json.loads((d / name).read_text()) for d in (a, b))
+            assert {**mine, "sources": None} == {**theirs, "sources": None}
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name

@@ -89,7 +89,7 @@ def test_non_empty_output_directory(ckpt: Path, tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine"
     result = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--quiet", "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "offline-bridge.json"]
 
 
 def test_wrong_model_type_drops_nothing_silently(ckpt: Path, tmp_path: Path, checkpoints: dict) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LEGACY_SPECS
-from judge import assert_matches_megatron, convert_fails
+from judge import assert_matches_megatron, assert_same_output, convert_fails
 
 from offline_bridge import convert
 from tools.megatron_fixtures import FixtureSpec, legacy_root
@@ -21,10 +21,7 @@ def test_legacy_equals_torch_dist_twin(spec: FixtureSpec, checkpoints: dict, tmp
     assert list((legacy / "iter_0000010").glob("mp_rank_*/model_optim_rng.pt"))
     ours = convert(legacy, tmp_path / "legacy", progress=False)
     twin = convert(checkpoints[spec], tmp_path / "dist", progress=False)
-    names = sorted(p.name for p in twin.iterdir())
-    assert sorted(p.name for p in ours.iterdir()) == names
-    for name in names:
-        assert (ours / name).read_bytes() == (twin / name).read_bytes(), name
+    assert_same_output(ours, twin)
     assert_matches_megatron(ours, spec, checkpoints[spec])
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from conftest import DCP_SPEC
-from judge import assert_matches_megatron
+from judge import assert_matches_megatron, assert_same_output
 
 from offline_bridge import convert
 from offline_bridge.cli import main
@@ -18,8 +18,7 @@ def test_torch_dcp_equals_torch_dist_twin(checkpoints: dict, tmp_path: Path) -> 
     assert not (root / "iter_0000010" / "metadata.json").exists()  # detected from .metadata alone
     ours = convert(root, tmp_path / "dcp", progress=False)
     twin = convert(checkpoints[DCP_SPEC], tmp_path / "dist", progress=False)
-    for path in sorted(twin.iterdir()):
-        assert (ours / path.name).read_bytes() == path.read_bytes(), path.name
+    assert_same_output(ours, twin)
     assert_matches_megatron(ours, DCP_SPEC, checkpoints[DCP_SPEC])
 
 

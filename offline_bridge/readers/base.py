@@ -67,6 +67,7 @@ class CheckpointReader(ABC):
     """Base class of the format readers; subclasses override `tensors`, `args` and `read`."""
 
     path: Path
+    format: str  # the on-disk format's name, as formats/ and `inspect` call it
 
     @property
     @abstractmethod
@@ -87,6 +88,11 @@ class CheckpointReader(ABC):
     @abstractmethod
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         """The global tensor ``key`` (or the part inside ``box``), assembled from its chunks."""
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(offsets, sizes) of the pieces ``key`` is stored in; one piece unless the format says otherwise."""
+        shape = self.tensors[key].shape
+        return [((0,) * len(shape), shape)]
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

@@ -18,6 +18,7 @@ class CombinedReader(CheckpointReader):
 
     def __init__(self, base: CheckpointReader, adapter: CheckpointReader) -> None:
         self.base, self.adapter, self.path = base, adapter, adapter.path
+        self.format = adapter.format
         both = base.tensors.keys() & adapter.tensors.keys()
         if both:
             raise CheckpointError(f"{adapter.path}: holds base tensors too ({sorted(both)[0]}, ...); pass it alone")

@@ -71,6 +71,8 @@ class _Shard:
 class LegacyReader(CheckpointReader):
     """Reader of an iteration directory of `mp_rank_*/model_optim_rng.pt` files."""
 
+    format = "torch"
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
@@ -112,6 +114,7 @@ class LegacyReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: expert_tensor_parallel_size={etp} with TP={tp_size} is not supported")
         self._gated = bool(getattr(self._args, "swiglu", False))
         self._experts_replicated = etp == 1 and tp_size > 1
+        self.ranks = coords  # (tp, pp, ep) -> index of its rank directory, for `inspect`
         self._shards = self._catalog(states, coords, tp_size, pp_size, ep_size)
         self._tensors = {key: self._info(key, shards) for key, shards in self._shards.items()}
 
@@ -171,6 +174,16 @@ class LegacyReader(CheckpointReader):
                 )
         return dict(shards)
 
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per rank file (`model0`, `model1`, ...): the virtual pipeline size."""
+        return max(len(_models(state, archive.source)) for state, archive in zip(self._states, self._archives))
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """One piece per TP shard (their placement in the global tensor depends on the TP rule)."""
+        shape = self._tensors[key].shape
+        return [((0,) * len(shape), tuple(self._ref(s).shape)) for s in self._shards[key]]
+
     def _ref(self, shard: _Shard) -> TensorRef:
         return self._states[shard.file][shard.model][shard.name]
 
@@ -204,6 +217,11 @@ class LegacyReader(CheckpointReader):
     @property
     def args(self) -> argparse.Namespace | None:
         return self._args
+
+    @property
+    def common_state(self) -> dict:
+        """The first rank file's non-model entries that say what was saved (args, version, iteration)."""
+        return {k: self._states[0][k] for k in ("args", "checkpoint_version", "iteration") if k in self._states[0]}
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         shards = self._shards.get(key)

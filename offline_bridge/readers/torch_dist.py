@@ -6,7 +6,9 @@ in a `.distcp` file. Chunks are memory-mapped and copied once, into the assemble
 
 from __future__ import annotations
 
+import math
 import mmap
+import operator
 from collections.abc import Mapping
 from dataclasses import replace
 from functools import cached_property
@@ -37,20 +39,13 @@ class TorchDistReader(CheckpointReader):
         self._chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self._tensors: dict[str, TensorInfo] = {}
         self._objects: list[str] = []
-        for key, entry in _field(metadata, "state_dict_metadata", self._metadata_file).items():
-            chunks = getattr(entry, "chunks", None)
-            if chunks is None:
-                self._objects.append(key)
-                continue
-            dtype = entry.properties.dtype
-            if not isinstance(dtype, DType):
-                raise CheckpointError(f"{self._metadata_file}: tensor {key} has unsupported dtype {dtype!r}")
-            self._tensors[key] = TensorInfo(key, tuple(int(n) for n in entry.size), dtype)
-            self._chunks[key] = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes))) for c in chunks]
         self._storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
-        for index, info in _field(metadata, "storage_data", self._metadata_file).items():
-            offset = getattr(index, "offset", None)  # DCP omits fields left at their default
-            self._storage[(index.fqn, None if offset is None else tuple(map(int, offset)))] = info
+        try:
+            self._catalog(metadata)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+            raise CheckpointError(
+                f"{self._metadata_file}: DCP metadata is malformed ({type(exc).__name__}: {exc})"
+            ) from exc
         self._maps: dict[str, mmap.mmap] = {}
         self._checked: set[str] = set()
         self._prefix = _model_prefix(self._tensors)
@@ -59,6 +54,45 @@ class TorchDistReader(CheckpointReader):
             for key, info in self._tensors.items()
             if key.startswith(self._prefix)
         }
+        self.format = "torch_dcp" if self._prefix else "torch_dist"
+
+    def _catalog(self, metadata: Any) -> None:
+        """Tensors, their chunks and the storage records, each checked for the types and ranks DCP writes."""
+        for key, entry in _field(metadata, "state_dict_metadata", self._metadata_file).items():
+            chunks = getattr(entry, "chunks", None)
+            if chunks is None:
+                self._objects.append(str(key))
+                continue
+            dtype = entry.properties.dtype
+            if not isinstance(dtype, DType):
+                raise CheckpointError(f"{self._metadata_file}: tensor {key} has unsupported dtype {dtype!r}")
+            shape = _sizes(entry.size)
+            self._tensors[key] = TensorInfo(str(key), shape, dtype)
+            self._chunks[key] = [(_sizes(c.offsets), _sizes(c.sizes)) for c in chunks]
+            if any(len(o) != len(shape) or len(s) != len(shape) for o, s in self._chunks[key]):
+                raise ValueError(f"a chunk of {key} does not have the tensor's {len(shape)} dimensions")
+        for index, info in _field(metadata, "storage_data", self._metadata_file).items():
+            offset = getattr(index, "offset", None)  # DCP omits fields left at their default
+            name = info.relative_path
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"storage file {name!r} of {index.fqn} is not a file name in the checkpoint directory")
+            _sizes((info.offset, info.length))
+            self._storage[(index.fqn, None if offset is None else _sizes(offset))] = info
+
+    def _check_records(self, key: str, info: TensorInfo) -> None:
+        """Before anything is allocated for ``key``: each chunk's record exists, lies inside its file and is
+        big enough for the chunk's bytes, so a tensor never outgrows the files that hold it."""
+        for offsets, sizes in self._chunks[key]:
+            storage = self._storage.get((key, offsets))
+            if storage is None:
+                raise CheckpointError(f"{self._metadata_file}: no storage entry for {key} chunk at {offsets}")
+            needed = info.dtype.itemsize * math.prod(sizes)
+            file_size = len(self._map(storage.relative_path))
+            if storage.length < needed or storage.offset + storage.length > file_size:
+                raise CheckpointError(
+                    f"{self.path / storage.relative_path}: record [{storage.offset}, +{storage.length}) of {key} "
+                    f"chunk at {offsets} cannot hold its {needed} bytes within the file's {file_size} (truncated?)"
+                )
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:
@@ -79,6 +113,19 @@ class TorchDistReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: common state is a {type(state).__name__}, expected a dict")
         return state
 
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return self._chunks[self._prefix + key]
+
+    def chunk_file(self, key: str, offsets: tuple[int, ...]) -> str | None:
+        """The `.distcp` file holding a chunk (named `__<writer rank>_<n>.distcp`)."""
+        storage = self._storage.get((self._prefix + key, offsets))
+        return None if storage is None else str(storage.relative_path)
+
+    @property
+    def objects(self) -> list[str]:
+        """Keys of the non-tensor entries (ShardedObjects such as `rng_state/shard_0.1_2.2`)."""
+        return list(self._objects)
+
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         info = self._tensors.get(key)
         if info is None:
@@ -86,6 +133,7 @@ class TorchDistReader(CheckpointReader):
         key = self._prefix + key
         if key not in self._checked:
             check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
+            self._check_records(key, info)
             self._checked.add(key)
         box = box or full_box(info.shape)
         out = np.empty([stop - start for start, stop in box], dtype=info.dtype.np)
@@ -158,6 +206,14 @@ def _model_prefix(tensors: Mapping[str, TensorInfo]) -> str:
     if any(key.startswith(_MEGATRON_ROOTS) for key in tensors):
         return ""
     return "model." if any(key.startswith("model." + root) for key in tensors for root in _MEGATRON_ROOTS) else ""
+
+
+def _sizes(values: Any) -> tuple[int, ...]:
+    """Non-negative integers, as DCP writes offsets, sizes and byte ranges."""
+    sizes = tuple(operator.index(n) for n in values)
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"negative size or offset in {sizes}")
+    return sizes
 
 
 def _load_metadata(file: Path) -> Any:

@@ -41,6 +41,8 @@ _NUMPY_KINDS = {
     ("b", 1): "bool",
 }
 _CHUNK_NAME = re.compile(r"^\d+([./]\d+)*$")
+MAX_EXPANSION = 1024  # encoded chunk: decoded bytes per stored byte, at most
+FREE_EXPANSION = 16 * 2**20  # an encoded chunk may always decode to this many bytes
 
 
 class _Array:
@@ -76,7 +78,9 @@ class _Array:
             raise bad(f"dimension_separator {self.separator!r} is neither '.' nor '/'")
         self.compressor = meta.get("compressor")
         self.filters = meta.get("filters") or []
-        codecs = ([self.compressor] if self.compressor is not None else []) + list(self.filters)
+        if not isinstance(self.filters, list):
+            raise bad(f"filters {self.filters!r} is not a list")
+        codecs = ([self.compressor] if self.compressor is not None else []) + self.filters
         if any(not isinstance(c, dict) or not isinstance(c.get("id"), str) for c in codecs):
             raise bad(f"codec configurations {codecs!r} need an 'id'")
         self.chunk_bytes = math.prod(self.chunks) * self.stored.itemsize
@@ -95,27 +99,50 @@ class _Array:
         return product(*ranges)
 
     def check_files(self) -> None:
-        """Every chunk of the grid has its file, and no chunk file lies outside the grid."""
-        expected = {self.chunk_name(i) for i in product(*map(range, self.grid))} if 0 not in self.shape else set()
-        present = set()
+        """Every chunk of the grid has its file, of a size that can hold the chunk, and no chunk file lies
+        outside the grid. Runs before anything is allocated for the array."""
+        present = {}
         for file in self.path.rglob("*") if self.separator == "/" else self.path.iterdir():
             name = file.relative_to(self.path).as_posix()
             if _CHUNK_NAME.match(name) and file.is_file():
-                present.add(name)
-        missing = sorted(expected - present, key=_natural)
+                present[name] = file.stat().st_size
+        cells = math.prod(self.grid) if 0 not in self.shape else 0
+        if cells > max(len(present), 2**16):  # before the grid is enumerated: a forged shape cannot stall us
+            raise CheckpointError(
+                f"{self.path}: {self.key} {self.shape} in chunks {self.chunks} needs {cells} chunk files, "
+                f"{len(present)} are present; a zarr reader would fill the rest with fill_value, so it is refused"
+            )
+        expected = {self.chunk_name(i) for i in product(*map(range, self.grid))} if cells else set()
+        missing = sorted(expected - present.keys(), key=_natural)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(
                 f"{self.path}: chunk file {missing[0]}{more} of {self.key} is missing; a zarr reader would "
                 f"silently fill it with fill_value, so the checkpoint is refused"
             )
-        outside = sorted(present - expected, key=_natural)
+        outside = sorted(present.keys() - expected, key=_natural)
         if outside:
             raise CheckpointError(
                 f"{self.path}: chunk file {outside[0]} lies outside the {'x'.join(map(str, self.grid))} chunk grid of "
                 f"{self.key} {self.shape} (chunks {self.chunks}); the array metadata is inconsistent"
             )
+        for name in sorted(expected, key=_natural):
+            self._check_size(self.path / name, present[name])
         self.checked = True
+
+    def _check_size(self, file: Path, size: int) -> None:
+        """Raw chunks have exactly the chunk's size; encoded ones may expand at most `MAX_EXPANSION` times
+        (or to `FREE_EXPANSION` bytes), so a forged `.zarray` or a decompression bomb cannot make us allocate."""
+        if not self.encoded and size != self.chunk_bytes:
+            raise CheckpointError(
+                f"{file}: chunk file of {self.key} is {size} bytes, expected {self.chunk_bytes} "
+                f"({'x'.join(map(str, self.chunks))} x {self.stored.itemsize} bytes; truncated?)"
+            )
+        if self.encoded and self.chunk_bytes > max(FREE_EXPANSION, MAX_EXPANSION * size):
+            raise CheckpointError(
+                f"{file}: chunk file of {self.key} is {size} encoded bytes for a {self.chunk_bytes}-byte chunk; "
+                f"more than {MAX_EXPANSION}x expansion is refused"
+            )
 
     def chunk(self, index: tuple[int, ...]) -> np.ndarray:
         """The whole chunk at grid ``index`` (edge chunks too are stored at full chunk size)."""
@@ -124,12 +151,8 @@ class _Array:
             size = file.stat().st_size
         except OSError as exc:
             raise CheckpointError(f"{file}: chunk file of {self.key} cannot be read ({exc})") from exc
+        self._check_size(file, size)
         if not self.encoded:
-            if size != self.chunk_bytes:
-                raise CheckpointError(
-                    f"{file}: chunk file of {self.key} is {size} bytes, expected {self.chunk_bytes} "
-                    f"({'x'.join(map(str, self.chunks))} x {self.stored.itemsize} bytes; truncated?)"
-                )
             if self.chunk_bytes == 0:
                 return np.empty(self.chunks, dtype=self.stored)
             # A map: only the pages the box needs are read, so memory stays bounded by the box.
@@ -161,6 +184,8 @@ class _Array:
 
 class ZarrReader(CheckpointReader):
     """Reader of a zarr iteration directory (`metadata.json`, one array directory per key, `common.pt`)."""
+
+    format = "zarr"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -194,6 +219,15 @@ class ZarrReader(CheckpointReader):
     def common_state(self) -> dict[str, Any]:
         """Megatron's non-sharded state, `common.pt`, through the allow-list unpickler."""
         return load_common_pt(self.path) or {}
+
+    def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        array = self._arrays[key]
+        if not array.checked:
+            array.check_files()
+        return [
+            (tuple(i * c for i, c in zip(index, array.chunks)), array.chunks)
+            for index in array.indices(full_box(array.shape))
+        ]
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         array = self._arrays.get(key)

@@ -1,0 +1,122 @@
+"""Read safetensors files someone else may have written or edited (`diff`, `verify`).
+
+The header is checked before anything is allocated from it: its length against the file and a cap,
+every entry's dtype, shape and byte range against the data buffer (in bounds, the size the shape needs,
+no overlaps). Tensor bytes are then views of a read-only map; nothing is copied until compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DTYPES, DType
+from .errors import CheckpointError
+
+__all__ = ["MAX_HEADER", "SafetensorsFile", "StEntry"]
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+_BY_CODE = {d.safetensors: d for d in DTYPES}
+
+
+@dataclass(frozen=True)
+class StEntry:
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One safetensors file, its header validated; ``tensors`` by name in data order."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                size = handle.seek(0, 2)
+                self._buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: cannot open ({exc})") from exc
+        if size < 8:
+            raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors header")
+        length = int.from_bytes(self._buf[:8], "little")
+        if length > min(MAX_HEADER, size - 8):
+            raise CheckpointError(
+                f"{self.path}: header length {length} exceeds the file ({size} bytes) or the {MAX_HEADER}-byte limit"
+            )
+        self.header_size = 8 + length
+        try:
+            header = json.loads(bytes(self._buf[8 : self.header_size]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{self.path}: header is not UTF-8 JSON ({exc})") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is not a JSON object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = metadata
+        entries = [self._entry(name, value, size) for name, value in header.items()]
+        entries.sort(key=lambda e: (e.begin, e.end))
+        for before, after in itertools.pairwise(entries):
+            if after.begin < before.end:
+                raise CheckpointError(f"{self.path}: tensors {before.name} and {after.name} overlap")
+        self.tensors: dict[str, StEntry] = {e.name: e for e in entries}
+
+    def _entry(self, name: str, value: Any, size: int) -> StEntry:
+        def bad(what: str) -> CheckpointError:
+            return CheckpointError(f"{self.path}: tensor {name!r}: {what}")
+
+        if not isinstance(value, dict):
+            raise bad("header entry is not an object")
+        dtype = _BY_CODE.get(value.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise bad(f"unsupported dtype {value.get('dtype')!r}")
+        shape, offsets = value.get("shape"), value.get("data_offsets")
+        if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise bad(f"shape {shape!r} / data_offsets {offsets!r} are not non-negative integers [begin <= end]")
+        begin, end = self.header_size + offsets[0], self.header_size + offsets[1]
+        if end > size:
+            raise bad(f"bytes [{begin}, {end}) run past the end of the file ({size} bytes; truncated?)")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise bad(f"{end - begin} bytes do not hold shape {shape} of {dtype.safetensors}")
+        return StEntry(name, dtype, tuple(shape), begin, end)
+
+    def header(self) -> bytes:
+        """The length prefix and the JSON header, as stored."""
+        return bytes(self._buf[: self.header_size])
+
+    def raw(self, name: str) -> memoryview:
+        entry = self.tensors[name]
+        return memoryview(self._buf)[entry.begin : entry.end]
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only view of the tensor (bf16 as uint16, as everywhere in offline-bridge)."""
+        entry = self.tensors[name]
+        return np.frombuffer(self.raw(name), dtype=entry.dtype.np).reshape(entry.shape)
+
+    def close(self) -> None:
+        if isinstance(self._buf, mmap.mmap):
+            try:
+                self._buf.close()
+            except BufferError:  # a view is still referenced; collected later
+                pass
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(type(n) is int and n >= 0 for n in value)

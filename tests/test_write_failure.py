@@ -1,0 +1,97 @@
+"""Failures while writing: a full disk or a killed process leave nothing that looks like a finished output,
+and running the same command again succeeds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from conftest import BASE_SPEC, ROOT
+
+from offline_bridge.cli import main
+from offline_bridge.manifest import MANIFEST, verify
+
+
+def _convert(ckpt: Path, out: Path) -> Result:
+    return CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--quiet"])
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _disk_full(*_: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("stage", ["tensors", "manifest"])
+def test_disk_full(stage: str, checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt, out = checkpoints[BASE_SPEC], tmp_path / "out"
+    if stage == "tensors":
+        real, calls = os.pwrite, []
+
+        def pwrite(fd: int, data: object, offset: int) -> int:
+            calls.append(offset)
+            return _disk_full() if len(calls) > 10 else real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+    else:  # everything but the manifest is in place when the disk fills up
+        real_write = Path.write_text
+        monkeypatch.setattr(
+            Path, "write_text", lambda p, *a, **k: (_disk_full if p.name == MANIFEST else real_write)(p, *a, **k)
+        )
+    result = _convert(ckpt, out)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out}: writing the output failed ([Errno 28] No space left on device); nothing was left behind"
+    ]
+    assert not out.exists() and _leftovers(out) == []
+    monkeypatch.undo()
+    assert _convert(ckpt, out).exit_code == 0
+    assert verify(out) == []
+
+
+SLOW_CONVERT = """
+import os, sys, time
+real = os.pwrite
+def slow(*args):
+    time.sleep(0.05)
+    return real(*args)
+os.pwrite = slow
+from offline_bridge.cli import main
+main()
+"""
+
+
+def test_killed_run_is_cleaned_up_by_the_next(checkpoints: dict, tmp_path: Path) -> None:
+    ckpt, out = checkpoints[BASE_SPEC], tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(ckpt), str(out), "--quiet"], env=env)
+    staging = tmp_path / f".out.partial-{run.pid}"
+    deadline = time.monotonic() + 60
+    while not (staging / "model.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL, "the conversion ended before it could be killed"
+    assert not out.exists() and _leftovers(out) == [staging.name]  # named as incomplete, beside OUT_DIR
+    assert _convert(ckpt, out).exit_code == 0
+    assert _leftovers(out) == [] and verify(out) == []
+
+
+def test_leftovers_of_dead_runs_are_removed(checkpoints: dict, tmp_path: Path) -> None:
+    """Staging and old-output directories whose process is gone go; a live process's staging stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    for name in (f".out.partial-{dead.stdout.strip()}", f".out.old-{dead.stdout.strip()}", ".out.partial-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"stale")
+    assert _convert(checkpoints[BASE_SPEC], out).exit_code == 0
+    assert _leftovers(out) == [".out.partial-1"]  # pid 1 is alive: another run's, not ours to delete
+    assert verify(out) == []
