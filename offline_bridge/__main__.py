@@ -1,0 +1,5 @@
+"""`python -m offline_bridge` is the `offline-bridge` command."""
+
+from .cli import main
+
+main()
