@@ -58,6 +58,12 @@ def main() -> None:
 @click.option("--lora-alpha", type=float, help="LoRA alpha (default: run_config.yaml peft.alpha).")
 @click.option("--lora-dim", type=int, help="LoRA rank (default: run_config.yaml peft.dim).")
 @click.option("--device", default="auto", show_default=True, help="Where LoRA merges run: auto, cpu or cuda[:N].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Threads overlapping reads, merges and writes (default: the CPU count, at most 4).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:

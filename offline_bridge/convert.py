@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .readers import CheckpointReader
 from .readers.base import is_model_key
 from .writer import staged_output, write_json, write_weights
 
-__all__ = ["convert"]
+__all__ = ["convert", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ def convert(
     lora_alpha: float | None = None,
     lora_dim: int | None = None,
     device: str = "auto",
+    workers: int | None = None,
+    dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -66,6 +69,9 @@ def convert(
         base: the base checkpoint when ``ckpt_dir`` is adapter-only (default: from its run_config.yaml).
         lora_alpha, lora_dim: override the run_config.yaml `peft:` values (needed when there is none).
         device: where LoRA merges run: "auto" (GPU if present), "cpu" or "cuda[:N]".
+        workers: threads overlapping reads, merges and writes (default: up to 4, by the CPU count).
+        dry_run: print the plan (tensors, files, bytes) on stdout and stop, without reading tensor data or
+            touching ``out_dir``.
         overwrite: replace a non-empty ``out_dir``.
         progress: show a progress bar on stderr.
 
@@ -99,9 +105,29 @@ def convert(
             len(plan.files),
             plan.total_size,
         )
+        if dry_run:
+            sys.stdout.write(describe(plan))
+            return Path(out_dir)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress, device=device)
+            write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
             write_json(staging / "config.json", config)
             if model_dir is not None:
                 copy_side_files(model_dir, staging)
     return Path(out_dir)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as text: every tensor (file, offset, bytes, where it comes from), then every file and the total."""
+    lines = []
+    for step in plan.steps:
+        source = " + ".join(key for key, _ in step.source.parts)
+        merged = " (+ adapter)" if step.delta is not None else ""
+        for t in step.targets:
+            lines.append(
+                f"{t.name}\t{t.dtype.safetensors}{list(t.shape)}\t{t.file}@{t.offset}\t{t.nbytes}\t<- {source}{merged}"
+            )
+    for file in plan.files:
+        count = sum(1 for t in plan.targets() if t.file == file.name)
+        lines.append(f"file {file.name}: {count} tensors, {file.size} bytes")
+    lines.append(f"total: {len(list(plan.targets()))} tensors, {len(plan.files)} files, {plan.total_size} bytes")
+    return "\n".join(lines) + "\n"

@@ -2,33 +2,58 @@
 
 Output goes to a hidden temporary directory beside OUT_DIR, renamed into place only when complete, so
 an interrupted or failed run never leaves something that looks like a finished checkpoint.
+
+Every tensor has a planned file and offset, so steps run in any order and on several threads with the same
+bytes as the result. Steps go in the order their bytes lie in the checkpoint's files. A step that only
+moves bytes is copied file to file (`transfer.plan_runs`, `os.copy_file_range`: no pass through memory);
+one whose rows interleave across chunks is gathered into a buffer with one scattered read per chunk; the
+rest (merges, casts, other rules) are read, computed and written from memory. Threads work within a
+budget of bytes held at once, so memory stays a few tensors whatever the model size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
 from .casting import cast
 from .dtypes import DType, by_option
-from .errors import BridgeError, OptionError
+from .errors import BridgeError, CheckpointError, OptionError
+from .handles import HandleCache
 from .lora_merge import merge
-from .plan import Plan, Source, Step
+from .plan import Plan, Source, Step, Target
 from .readers.base import CheckpointReader
 from .rules import Dims
+from .transfer import Run, plan_runs
 
-__all__ = ["INDEX_FILE", "staged_output", "write_json", "write_weights"]
+__all__ = ["INDEX_FILE", "OutputFiles", "TensorHook", "default_workers", "staged_output", "write_json", "write_weights"]
 
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT32 = by_option("fp32")
+MAX_OPEN_FILES = 32  # output files and checkpoint files each kept open at once
+MIN_BUDGET = 256 * 2**20  # bytes of tensors in flight, at least (more if one step needs more)
+_IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
+
+# Called once per written tensor, from worker threads, with the tensor's bytes in order (the concatenation
+# of the buffers); a step is done only when its hook calls return.
+TensorHook = Callable[[Target, Sequence[memoryview]], None]
+
+
+def default_workers() -> int:
+    """Threads that pay off: reads, writes and merges overlap; more than 4 only contend for the disk."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
@@ -56,11 +81,202 @@ def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+class OutputFiles:
+    """The plan's safetensors files: headers written first, tensors put at their offsets by any thread; each
+    file is flushed to disk (fsync) and closed as soon as its last tensor is in."""
+
+    def __init__(self, out_dir: Path, plan: Plan, limit: int = MAX_OPEN_FILES) -> None:
+        self._dir = out_dir
+        self._fds: HandleCache[str, int] = HandleCache(self._open, os.close, limit)
+        self._left = Counter(t.file for t in plan.targets())
+        self._lock = threading.Lock()
+        for file in plan.files:
+            fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, [memoryview(file.header)], 0)
+                os.ftruncate(fd, file.size)
+            finally:
+                os.close(fd)
+            if not self._left[file.name]:
+                self._flush(file.name)
+
+    def _open(self, name: str) -> int:
+        return os.open(self._dir / name, os.O_WRONLY)
+
+    def write(self, target: Target, blocks: Sequence[memoryview]) -> None:
+        """Put ``target``'s bytes (the concatenation of ``blocks``) in place."""
+        with self._fds.use(target.file) as fd:
+            _pwrite_all(fd, blocks, target.offset)
+            _start_writeback(fd, target)
+        self._done(target)
+
+    def copy(self, target: Target, runs: Sequence[Run], sources: HandleCache[str, int]) -> None:
+        """Put ``target``'s bytes in place straight from the checkpoint files (contiguous runs only)."""
+        with self._fds.use(target.file) as fd:
+            for run in runs:
+                with sources.use(run.path) as source:
+                    _copy_range(source, fd, run.length, run.src, target.offset + run.dst, run.path)
+            _start_writeback(fd, target)
+        self._done(target)
+
+    def _done(self, target: Target) -> None:
+        with self._lock:
+            self._left[target.file] -= 1
+            complete = not self._left[target.file]
+        if complete:
+            self._flush(target.file)
+
+    def _flush(self, name: str) -> None:
+        fd = self._fds.pop(name)
+        fd = self._open(name) if fd is None else fd
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._fds.close()
+
+
+def write_weights(
+    plan: Plan,
+    reader: CheckpointReader,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    device: str = "auto",
+    workers: int | None = None,
+    on_tensor: TensorHook | None = None,
+) -> None:
+    """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded).
+
+    ``workers`` threads (default `default_workers`) run the steps; ``on_tensor`` sees every tensor's bytes.
+    """
+    runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
+    steps = sorted(plan.steps, key=lambda step: _position(step, runs[id(step)], reader))
+    sources: HandleCache[str, int] = HandleCache(_open_source, os.close, MAX_OPEN_FILES)
+    outputs = OutputFiles(out_dir, plan)
+    scratch = threading.local()
+    lock = threading.Lock()
+    try:
+        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+
+            def write_step(step: Step) -> None:
+                step_runs = runs[id(step)]
+                if step_runs is None:
+                    _compute(step, reader, outputs, plan.dims, device, on_tensor)
+                else:
+                    for target, target_runs in zip(step.targets, step_runs):
+                        if on_tensor is None and all(run.count == 1 for run in target_runs):
+                            outputs.copy(target, target_runs, sources)
+                            continue
+                        data = _gather(target, target_runs, sources, scratch)
+                        outputs.write(target, [data])
+                        if on_tensor is not None:
+                            on_tensor(target, [data])
+                with lock:
+                    bar.update(sum(t.nbytes for t in step.targets))
+
+            run_bounded(write_step, steps, workers or default_workers(), lambda s: _footprint(s, runs[id(s)]))
+    finally:
+        outputs.close()
+        sources.close()
+    if len(plan.files) > 1:
+        targets = list(plan.targets())
+        write_json(
+            out_dir / INDEX_FILE,
+            {
+                "metadata": {"total_parameters": sum(t.numel for t in targets), "total_size": plan.total_size},
+                "weight_map": {t.name: t.file for t in targets},
+            },
+        )
+
+
+T = TypeVar("T")
+
+
+def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int, cost: Callable[[T], int]) -> None:
+    """``work(item)`` for every item on ``workers`` threads, started in order, with the ``cost`` (bytes) of
+    the items in flight kept within a budget: the costliest item, or `MIN_BUDGET` if more. The first error
+    stops the submissions and is raised once the running items are done."""
+    items = list(items)
+    if workers <= 1:
+        for item in items:
+            work(item)
+        return
+    budget = _Budget(max([MIN_BUDGET, *(cost(item) for item in items)]))
+    errors: list[BaseException] = []
+
+    def task(item: T, need: int) -> None:
+        try:
+            work(item)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            budget.give(need)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="offline-bridge") as pool:
+        for item in items:
+            need = cost(item)
+            if not budget.take(need, stop=lambda: bool(errors)):
+                break
+            pool.submit(task, item, need)
+    if errors:
+        raise errors[0]
+
+
+class _Budget:
+    """Bytes in flight: `take` waits until ``need`` more fit (one item always fits), `give` returns them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._used = limit, 0
+        self._changed = threading.Condition()
+
+    def take(self, need: int, stop: Callable[[], bool]) -> bool:
+        with self._changed:
+            self._changed.wait_for(lambda: stop() or not self._used or self._used + need <= self._limit)
+            if stop():
+                return False
+            self._used += need
+            return True
+
+    def give(self, need: int) -> None:
+        with self._changed:
+            self._used -= need
+            self._changed.notify_all()
+
+
+def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader) -> tuple[str, int]:
+    """Where the step's first bytes lie in the checkpoint (file, offset): steps are run in this order."""
+    if runs:
+        first = min((run.path, run.src) for target_runs in runs for run in target_runs)
+        return first
+    extents = reader.extents(step.source.key)
+    return min((e.path, e.offset) for e in extents) if extents else ("", 0)
+
+
+def _footprint(step: Step, runs: list[list[Run]] | None) -> int:
+    """Bytes a step holds in memory while it runs (file-to-file copies hold none)."""
+    if runs is not None:
+        gathered = [t.nbytes for t, r in zip(step.targets, runs) if any(run.count > 1 for run in r)]
+        return max(gathered, default=0)
+    numel = int(np.prod(step.source.shape, dtype=np.int64))
+    merged = 3 * 4 * numel if step.delta is not None else 0  # fp32 weight, delta and sum
+    return numel * step.source.dtype.itemsize + sum(t.nbytes for t in step.targets) + merged
+
+
+def _compute(
+    step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, on_tensor: TensorHook | None
+) -> None:
+    """Read the step's source, merge its adapter, apply its rule and cast, in memory."""
+    array, dtype = _merged(reader, step, device, dims)
+    for target, out in zip(step.targets, step.rule.apply(array, dims), strict=True):
+        if out.shape != target.shape:
+            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+        data = memoryview(np.ascontiguousarray(cast(out, dtype, target.dtype))).cast("B")
+        outputs.write(target, [data])
+        if on_tensor is not None:
+            on_tensor(target, [data])
 
 
 def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tuple[np.ndarray, DType]:
@@ -95,37 +311,91 @@ def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
     return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
 
 
-def write_weights(
-    plan: Plan, reader: CheckpointReader, out_dir: Path, *, progress: bool = True, device: str = "auto"
-) -> None:
-    """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded)."""
-    fds = {}
+def _gather(
+    target: Target, runs: Sequence[Run], sources: HandleCache[str, int], scratch: threading.local
+) -> memoryview:
+    """``target``'s bytes read into this thread's reusable buffer, one scattered read per run."""
+    buffer = getattr(scratch, "buffer", None)
+    if buffer is None or len(buffer) < target.nbytes:
+        buffer = scratch.buffer = bytearray(target.nbytes)
+    data = memoryview(buffer)[: target.nbytes]
+    for run in runs:
+        ends = run.dst + run.count * run.stride
+        places = [data[at : at + run.length] for at in range(run.dst, ends, run.stride)] if run.count > 1 else []
+        places = places or [data[run.dst : run.dst + run.length]]
+        with sources.use(run.path) as fd:
+            _pread_all(fd, places, run.src, run.path)
+    return data
+
+
+def _open_source(path: str) -> int:
     try:
-        for file in plan.files:
-            fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds[file.name] = fd
-            os.pwrite(fd, file.header, 0)
-            os.ftruncate(fd, file.size)
-        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
-            for step in plan.steps:
-                array, dtype = _merged(reader, step, device, plan.dims)
-                for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
-                    if out.shape != target.shape:
-                        raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-                    _pwrite(fds[target.file], cast(out, dtype, target.dtype), target.offset)
-                    bar.update(target.nbytes)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    if len(plan.files) > 1:
-        targets = list(plan.targets())
-        write_json(
-            out_dir / INDEX_FILE,
-            {
-                "metadata": {"total_parameters": sum(t.numel for t in targets), "total_size": plan.total_size},
-                "weight_map": {t.name: t.file for t in targets},
-            },
-        )
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open shard file ({exc})") from exc
+
+
+def _copy_range(source: int, out: int, length: int, src: int, dst: int, path: str) -> None:
+    """``length`` bytes from ``src`` in ``source`` to ``dst`` in ``out``, in the kernel when it can."""
+    while length:
+        try:
+            done = os.copy_file_range(source, out, length, src, dst)
+        except (AttributeError, OSError) as exc:  # no copy_file_range here, or not between these files
+            if isinstance(exc, OSError) and exc.errno not in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+            ):
+                raise
+            data = memoryview(bytearray(min(length, 64 * 2**20)))
+            _pread_all(source, [data], src, path)
+            _pwrite_all(out, [data], dst)
+            done = len(data)
+        if not done:
+            raise CheckpointError(f"{path}: ends before byte {src + length} (truncated?)")
+        length, src, dst = length - done, src + done, dst + done
+
+
+def _pread_all(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill ``views`` from consecutive bytes of ``fd`` at ``offset`` (scattered read, retried when short)."""
+    for first in range(0, len(views), _IOV_MAX):
+        batch = views[first : first + _IOV_MAX]
+        while batch:
+            got = os.preadv(fd, batch, offset)
+            if not got:
+                raise CheckpointError(f"{path}: ends before byte {offset + sum(len(v) for v in batch)} (truncated?)")
+            offset += got
+            batch = _advance(batch, got)
+
+
+def _pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    """Write ``views`` one after the other at ``offset`` (gathered write, retried when short)."""
+    for first in range(0, len(views), _IOV_MAX):
+        batch = list(views[first : first + _IOV_MAX])
+        while batch:
+            done = os.pwritev(fd, batch, offset)
+            offset += done
+            batch = _advance(batch, done)
+
+
+def _advance(views: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``views`` once their first ``done`` bytes went through."""
+    first = 0
+    while first < len(views) and done >= len(views[first]):
+        done -= len(views[first])
+        first += 1
+    rest = views[first:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
+
+
+def _start_writeback(fd: int, target: Target) -> None:
+    """Start writing the tensor to disk now, so the fsync at the end of the file has little left to wait for
+    (and a converted checkpoint does not crowd the page cache)."""
+    if hasattr(os, "posix_fadvise") and target.nbytes:
+        os.posix_fadvise(fd, target.offset, target.nbytes, os.POSIX_FADV_DONTNEED)
 
 
 def write_json(path: Path, data: Any) -> None:
