@@ -155,7 +155,7 @@ def write_weights(
     runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
     steps = sorted(plan.steps, key=lambda step: _position(step, runs[id(step)], reader))
     sources: HandleCache[str, int] = HandleCache(_open_source, os.close, MAX_OPEN_FILES)
-    outputs = OutputFiles(out_dir, plan)
+    outputs = OutputFiles(out_dir, plan, MAX_OPEN_FILES)
     scratch = threading.local()
     lock = threading.Lock()
     try:
