@@ -20,7 +20,7 @@ from .readers.base import CheckpointReader, Extent
 from .rules import Dims
 from .schema import Source, Step
 
-__all__ = ["Run", "plan_runs"]
+__all__ = ["Run", "plan_runs", "selected_rows"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,9 @@ class _Piece:
 def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run]] | None:
     """Per target of ``step``, the runs making up its bytes in order; None when the step must be computed."""
     source = step.source
-    if step.delta is not None or not step.rule.rows_only or not source.shape:
+    if step.delta is not None or any(target.dtype != source.dtype for target in step.targets):
         return None
-    if any(target.dtype != source.dtype for target in step.targets):
-        return None
-    selected = _selected_rows(step, dims)
+    selected = selected_rows(step, dims)
     parts = [_pieces(reader, key, box, source) for key, box in source.parts]
     if selected is None or any(p is None for p in parts):
         return None
@@ -82,8 +80,11 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
     return plans
 
 
-def _selected_rows(step: Step, dims: Dims) -> list[list[tuple[int, int]]] | None:
-    """Per target, the source row ranges it takes, in order: the rule applied to the row numbers."""
+def selected_rows(step: Step, dims: Dims) -> list[list[tuple[int, int]]] | None:
+    """Per target, the source row ranges it takes, in order: the rule applied to the row numbers; None unless
+    the rule only picks rows."""
+    if not step.rule.rows_only or not step.source.shape:
+        return None
     rows = step.source.shape[0]
     picked = step.rule.apply(np.arange(rows, dtype=np.int64).reshape(rows, 1), dims)
     result = []

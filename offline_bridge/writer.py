@@ -28,11 +28,10 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from .casting import cast
-from .dtypes import DType, by_option
+from .casting import as_numpy, cast
 from .errors import BridgeError, CheckpointError, OptionError
 from .handles import HandleCache
-from .lora_merge import merge
+from .lora_merge import merge_tensor
 from .plan import Plan, Source, Step, Target
 from .readers.base import CheckpointReader
 from .rules import Dims
@@ -41,7 +40,6 @@ from .transfer import Run, plan_runs
 __all__ = ["INDEX_FILE", "OutputFiles", "TensorHook", "default_workers", "staged_output", "write_json", "write_weights"]
 
 INDEX_FILE = "model.safetensors.index.json"
-FLOAT32 = by_option("fp32")
 MAX_OPEN_FILES = 32  # output files and checkpoint files each kept open at once
 MIN_BUDGET = 256 * 2**20  # bytes of tensors in flight, at least (more if one step needs more)
 _IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
@@ -261,7 +259,7 @@ def _footprint(step: Step, runs: list[list[Run]] | None) -> int:
         gathered = [t.nbytes for t, r in zip(step.targets, runs) if any(run.count > 1 for run in r)]
         return max(gathered, default=0)
     numel = int(np.prod(step.source.shape, dtype=np.int64))
-    merged = 3 * 4 * numel if step.delta is not None else 0  # fp32 weight, delta and sum
+    merged = 4 * numel if step.delta is not None and step.delta.layout != "plain" else 0  # a fused fp32 delta
     return numel * step.source.dtype.itemsize + sum(t.nbytes for t in step.targets) + merged
 
 
@@ -269,24 +267,25 @@ def _compute(
     step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, on_tensor: TensorHook | None
 ) -> None:
     """Read the step's source, merge its adapter, apply its rule and cast, in memory."""
-    array, dtype = _merged(reader, step, device, dims)
-    for target, out in zip(step.targets, step.rule.apply(array, dims), strict=True):
+    for target, out in zip(step.targets, _computed(reader, step, device, dims), strict=True):
         if out.shape != target.shape:
             raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-        data = memoryview(np.ascontiguousarray(cast(out, dtype, target.dtype))).cast("B")
+        data = memoryview(np.ascontiguousarray(out)).cast("B")
         outputs.write(target, [data])
         if on_tensor is not None:
             on_tensor(target, [data])
 
 
-def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tuple[np.ndarray, DType]:
-    """The step's source array and its dtype; with an adapter, merged in fp32."""
+def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[np.ndarray]:
+    """The step's HF tensors in their output dtype. A merge is rounded once, as it is done (on the merge
+    device), and then split: on a GPU the split runs there too (`offline_bridge.gpu`)."""
     array = _read(reader, step.source)
     delta = step.delta
     if delta is None:
-        return array, step.source.dtype
+        return [cast(out, step.source.dtype, t.dtype) for t, out in zip(step.targets, step.rule.apply(array, dims))]
+    (dtype,) = {t.dtype for t in step.targets}
     pieces = [None if p is None else (_read(reader, p[0]), _read(reader, p[1])) for p in delta.pieces]
-    merged = merge(
+    merged = merge_tensor(
         array,
         step.source.dtype,
         pieces,
@@ -298,8 +297,15 @@ def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tu
         magnitude=None if delta.magnitude is None else _read(reader, delta.magnitude),
         gated_rows=delta.gated_rows,
         device=device,
+        out_dtype=dtype,
     )
-    return merged, FLOAT32
+    if merged.device.type == "cuda":
+        from .gpu import split_rows
+
+        split = split_rows(merged, step, dims, dtype)
+        if split is not None:
+            return split
+    return step.rule.apply(as_numpy(merged.cpu(), dtype), dims)
 
 
 def _read(reader: CheckpointReader, source: Source) -> np.ndarray:

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -98,16 +97,17 @@ def iteration_dir(root: Path) -> Path:
     return root / f"iter_{int((root / 'latest_checkpointed_iteration.txt').read_text()):07d}"
 
 
-def run(argv: list[str], env: dict[str, str]) -> Sample:
-    """Wall time and peak RSS of one child process (which must succeed)."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    stderr = child.stderr.read().decode() if child.stderr else ""
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed ({child.returncode}):\n{stderr}")
+def run(argv: list[str], env: dict[str, str], log: Path) -> Sample:
+    """Wall time and peak RSS of one child process (which must succeed). `posix_spawn` (vfork) so that the
+    child's peak RSS does not start from a copy of this process."""
+    with open(log, "wb") as err, open(os.devnull, "wb") as null:
+        actions = [(os.POSIX_SPAWN_DUP2, null.fileno(), 1), (os.POSIX_SPAWN_DUP2, err.fileno(), 2)]
+        start = time.perf_counter()
+        pid = os.posix_spawn(shutil.which(argv[0]) or argv[0], argv, env, file_actions=actions)
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(argv)} failed ({os.waitstatus_to_exitcode(status)}):\n{log.read_text()}")
     return Sample(wall, usage.ru_maxrss * 1024)
 
 
@@ -128,7 +128,7 @@ def measure(tools: list[Tool], scratch: Path, runs: int, warmup: int) -> dict[st
             out = scratch / "out"
             remove(out)
             os.sync()
-            sample = run(tool.argv(out), env)
+            sample = run(tool.argv(out), env, scratch / "stderr.log")
             remove(out)
             if round_ >= warmup:
                 samples[tool.name].append(sample)
