@@ -6,6 +6,7 @@ is one on its own. Members are stored uncompressed, so a storage's bytes are a s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import struct
@@ -18,7 +19,7 @@ import numpy as np
 from .errors import CheckpointError
 from .safe_pickle import TensorRef, safe_loads
 
-__all__ = ["TorchArchive", "is_contiguous", "load_torch_file", "view"]
+__all__ = ["TorchArchive", "is_contiguous", "load_torch_file", "release_pages", "view"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes, PK\x03\x04
 
@@ -123,6 +124,13 @@ def is_contiguous(ref: TensorRef) -> bool:
             return False
         expected *= n
     return True
+
+
+def release_pages(buf: mmap.mmap, start: int, length: int) -> None:
+    """Unmap pages once copied: the page cache keeps them, but they no longer count in our resident set."""
+    begin = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        buf.madvise(mmap.MADV_DONTNEED, begin, min(start + length, len(buf)) - begin)
 
 
 def _fits(ref: TensorRef) -> bool:

@@ -64,6 +64,7 @@ class Tool:
 @dataclass
 class Sample:
     wall: float
+    cpu: float  # user + system seconds: what the tool itself spent, less sensitive to other load
     rss: int  # bytes
 
 
@@ -108,7 +109,7 @@ def run(argv: list[str], env: dict[str, str], log: Path) -> Sample:
         wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"{' '.join(argv)} failed ({os.waitstatus_to_exitcode(status)}):\n{log.read_text()}")
-    return Sample(wall, usage.ru_maxrss * 1024)
+    return Sample(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
 
 
 def remove(path: Path) -> None:
@@ -132,17 +133,27 @@ def measure(tools: list[Tool], scratch: Path, runs: int, warmup: int) -> dict[st
             remove(out)
             if round_ >= warmup:
                 samples[tool.name].append(sample)
-            print(f"round {round_}: {tool.name}: {sample.wall:.2f} s, {sample.rss / 1e9:.2f} GB", file=sys.stderr)
+            print(
+                f"round {round_}: {tool.name}: {sample.wall:.2f} s wall, {sample.cpu:.2f} s CPU, "
+                f"{sample.rss / 1e9:.2f} GB",
+                file=sys.stderr,
+            )
     return samples
 
 
 def table(samples: dict[str, list[Sample]], baseline: str) -> str:
     floor = statistics.median(s.wall for s in samples[baseline])
-    lines = ["| tool | median wall | × cp -r | peak RSS | runs |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| tool | median wall | × `cp -r` | median CPU (user + sys) | peak RSS | runs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, found in samples.items():
         wall = statistics.median(s.wall for s in found)
+        cpu = statistics.median(s.cpu for s in found)
         rss = max(s.rss for s in found)
-        lines.append(f"| {name} | {wall:.2f} s | {wall / floor:.2f}× | {rss / 1e9:.2f} GB | {len(found)} |")
+        lines.append(
+            f"| {name} | {wall:.2f} s | {wall / floor:.2f}× | {cpu:.2f} s | {rss / 1e9:.2f} GB | {len(found)} |"
+        )
     return "\n".join(lines)
 
 

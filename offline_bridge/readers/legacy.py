@@ -27,7 +27,7 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef
-from ..torch_save import TorchArchive
+from ..torch_save import TorchArchive, release_pages
 from .base import Box, CheckpointReader, TensorInfo, full_box, is_model_key
 
 __all__ = ["LegacyReader"]
@@ -220,7 +220,14 @@ class LegacyReader(CheckpointReader):
         else:
             whole = np.concatenate(parts, axis=rule)
         box = box or full_box(whole.shape)
-        return np.array(whole[tuple(slice(a, b) for a, b in box)])
+        result = np.array(whole[tuple(slice(a, b) for a, b in box)])
+        del whole, parts
+        for shard in shards:
+            archive, ref = self._archives[shard.file], self._ref(shard)
+            release_pages(
+                self._maps[shard.file], archive.storage_start(ref), ref.storage.numel * ref.storage.dtype.itemsize
+            )
+        return result
 
     def close(self) -> None:
         self._archives.clear()

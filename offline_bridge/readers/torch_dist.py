@@ -21,7 +21,7 @@ from ..dtypes import DType
 from ..errors import CheckpointError
 from ..handles import HandleCache
 from ..safe_pickle import TensorRef, safe_loads
-from ..torch_save import TorchArchive, is_contiguous, view
+from ..torch_save import TorchArchive, is_contiguous, release_pages, view
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, load_common_pt
 from .coverage import check_tiling
 
@@ -98,7 +98,7 @@ class TorchDistReader(CheckpointReader):
             dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(overlap, box))
             with self._maps.use(chunk.path) as buf:
                 out[dst] = view(buf, chunk.start, chunk.ref).reshape(sizes)[src]
-                _release(buf, chunk.start, chunk.nbytes)
+                release_pages(buf, chunk.start, chunk.nbytes)
         return out
 
     def extents(self, key: str) -> list[Extent] | None:
@@ -191,13 +191,6 @@ class _Chunk:
     @property
     def nbytes(self) -> int:
         return self.ref.storage.numel * self.ref.storage.dtype.itemsize
-
-
-def _release(buf: mmap.mmap, start: int, length: int) -> None:
-    """Unmap pages once copied: the page cache keeps them, but they no longer count in our resident set."""
-    begin = start - start % mmap.PAGESIZE
-    with contextlib.suppress(OSError, ValueError):
-        buf.madvise(mmap.MADV_DONTNEED, begin, start + length - begin)
 
 
 def _close_map(buf: mmap.mmap) -> None:
