@@ -292,8 +292,8 @@ def main() -> None:
     samples = measure(tools, scratch, args.runs, args.warmup)
     largest = largest_tensor(base_checkpoint(args.cache))
     print(
-        f"{what}: {size_of(copied) / 1e9:.2f} GB ({SPEC.family}, {SPEC.dtype}, TP{SPEC.tp} PP{SPEC.pp}, "
-        f"{SPEC.num_layers} layers, hidden {SPEC.hidden_size}); largest tensor {largest / 1e9:.3f} GB; "
+        f"{what}: {size_of(copied) / 1e9:.2f} GB; base: {SPEC.family}, {SPEC.dtype}, TP{SPEC.tp} PP{SPEC.pp}, "
+        f"{SPEC.num_layers} layers, hidden {SPEC.hidden_size}, largest tensor {largest / 1e9:.3f} GB; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.runs} runs after "
         f"{args.warmup} warm-up\n"
     )
