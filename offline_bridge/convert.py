@@ -126,8 +126,8 @@ def describe(plan: Plan) -> str:
             lines.append(
                 f"{t.name}\t{t.dtype.safetensors}{list(t.shape)}\t{t.file}@{t.offset}\t{t.nbytes}\t<- {source}{merged}"
             )
+    counts = Counter(t.file for t in plan.targets())
     for file in plan.files:
-        count = sum(1 for t in plan.targets() if t.file == file.name)
-        lines.append(f"file {file.name}: {count} tensors, {file.size} bytes")
+        lines.append(f"file {file.name}: {counts[file.name]} tensors, {file.size} bytes")
     lines.append(f"total: {len(list(plan.targets()))} tensors, {len(plan.files)} files, {plan.total_size} bytes")
     return "\n".join(lines) + "\n"

@@ -58,6 +58,7 @@ class TorchDistReader(CheckpointReader):
             self._storage[(index.fqn, None if offset is None else tuple(map(int, offset)))] = info
         self._maps: HandleCache[str, mmap.mmap] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
         self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
+        self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
         self._prefix = _model_prefix(self._tensors)
         self._tensors = {
@@ -102,6 +103,11 @@ class TorchDistReader(CheckpointReader):
         return out
 
     def extents(self, key: str) -> list[Extent] | None:
+        if key not in self._extents:
+            self._extents[key] = self._find_extents(key)
+        return self._extents[key]
+
+    def _find_extents(self, key: str) -> list[Extent] | None:
         info, key = self._info(key)
         found = []
         for offsets, sizes in self._chunks[key]:
