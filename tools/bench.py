@@ -16,7 +16,9 @@ the timing. Peak RSS is the child's ``ru_maxrss`` (`os.wait4`). The anchors:
   `_EmptyStateDictLoadPlanner` and ``no_dist=True``, then `safetensors.torch.save_file`;
 - megatron-core: `dist_checkpointing.load_plain_tensors`, then `save_file`.
 
-They write Megatron's own names (no HF mapping), which is less work than a conversion.
+They write Megatron's own names (no HF mapping), which is less work than a conversion. `offline-bridge`
+flushes every file it writes to disk (`fsync`), which `cp -r` and the anchors do not: the table also shows
+`cp -r` followed by `sync` of each copied file.
 """
 
 from __future__ import annotations
@@ -241,6 +243,10 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
     def cp(src: Path) -> Tool:
         return Tool("`cp -r`", lambda out: ["cp", "-r", str(src), str(out)])
 
+    def cp_synced(src: Path) -> Tool:  # the same copy, flushed to disk file by file as convert does
+        script = 'cp -r "$1" "$2" && find "$2" -type f -exec sync {} +'
+        return Tool("`cp -r`, then `sync` of each file", lambda out: ["sh", "-c", script, "sh", str(src), str(out)])
+
     def convert(name: str, *extra: str) -> Tool:
         return Tool(name, lambda out: [*cli, "convert", str(base), str(out), "--quiet", *workers, *extra])
 
@@ -254,7 +260,8 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
     if args.lora:
         adapter = adapter_checkpoint(args.cache)
         merge = convert("`offline-bridge convert --adapter` (merge)", "--adapter", str(adapter), "--device", "cpu")
-        return [cp(base), convert("`offline-bridge convert`"), merge], base, "base + LoRA (qkv, proj, fc1, fc2)"
+        plain = convert("`offline-bridge convert`")
+        return [cp(base), cp_synced(base), plain, merge], base, "base + LoRA (qkv, proj, fc1, fc2)"
     iter_dir = iteration_dir(base)
     anchors = [
         Tool(
@@ -266,7 +273,7 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
             lambda out: [*bench, "--anchor", "mcore", str(iter_dir), str(out)],
         ),
     ]
-    return [cp(base), *anchors, convert("`offline-bridge convert`")], base, "base checkpoint"
+    return [cp(base), cp_synced(base), *anchors, convert("`offline-bridge convert`")], base, "base checkpoint"
 
 
 def main() -> None:
