@@ -16,7 +16,7 @@ from .dtypes import DType
 from .errors import OptionError
 from .rules import Dims, fused_part_rows, rank_major_gated, swiglu_rows
 
-__all__ = ["ROW_BLOCK", "merge", "merge_tensor", "resolve_device"]
+__all__ = ["ROW_BLOCK", "merge_tensor", "resolve_device"]
 
 ROW_BLOCK = 2**18  # elements per block of rows on the CPU (1 MB of fp32)
 
@@ -58,17 +58,6 @@ def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
     return torch.cat([q.view(groups, -1, columns), k.view(groups, -1, columns), v.view(groups, -1, columns)], 1).view(
         -1, columns
     )
-
-
-def merge(
-    weight: np.ndarray, weight_dtype: DType, *args: Any, out_dtype: DType | None = None, **kwargs: Any
-) -> np.ndarray:
-    """The merged weight as numpy: fp32, or rounded once to ``out_dtype`` (see `merge_tensor`)."""
-    from .casting import as_numpy
-    from .dtypes import by_option
-
-    merged = merge_tensor(weight, weight_dtype, *args, out_dtype=out_dtype, **kwargs)
-    return as_numpy(merged.cpu(), out_dtype or by_option("fp32"))
 
 
 def merge_tensor(
