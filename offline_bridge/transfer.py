@@ -11,6 +11,7 @@ row-parallel weight) gives one run of equally spaced pieces.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,17 +60,22 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
     if step.delta is not None or any(target.dtype != source.dtype for target in step.targets):
         return None
     selected = selected_rows(step, dims)
-    parts = [_pieces(reader, key, box, source) for key, box in source.parts]
-    if selected is None or any(p is None for p in parts):
+    parts = []
+    for key, box in source.parts:
+        part = _pieces(reader, key, box, source)
+        if part is None:
+            return None
+        parts.append(part)
+    if selected is None:
         return None
     row_bytes = source.dtype.itemsize * int(np.prod(source.shape[1:], dtype=np.int64))
-    firsts = np.cumsum([0] + [part_rows for part_rows, _ in parts])  # type: ignore[misc]
+    firsts = list(itertools.accumulate((rows for rows, _ in parts), initial=0))  # each part's first source row
     plans = []
     for target, rows in zip(step.targets, selected):
         runs: list[Run] = []
         at = 0  # target row
         for start, stop in rows:
-            for index, (_, pieces) in enumerate(parts):  # type: ignore[misc]
+            for index, (_, pieces) in enumerate(parts):
                 lo, hi = max(start, firsts[index]), min(stop, firsts[index + 1])
                 if lo < hi:
                     runs += _runs(pieces, lo - firsts[index], hi - firsts[index], at + lo - start, row_bytes)
