@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from .lora_merge import merge_tensor
 from .plan import Plan, Source, Step, Target
 from .readers.base import CheckpointReader
 from .rules import Dims
-from .transfer import Run, plan_runs
+from .transfer import Run, plan_runs, selected_rows
 
 __all__ = ["INDEX_FILE", "OutputFiles", "TensorHook", "default_workers", "staged_output", "write_json", "write_weights"]
 
@@ -150,21 +151,21 @@ def write_weights(
 
     ``workers`` threads (default `default_workers`) run the steps; ``on_tensor`` sees every tensor's bytes.
     """
+    merges = _TorchThreads() if any(step.delta is not None for step in plan.steps) else None
     runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
-    steps = sorted(plan.steps, key=lambda step: _position(step, runs[id(step)], reader))
+    # in checkpoint order, merges last: torch loads meanwhile
+    steps = sorted(plan.steps, key=lambda step: (step.delta is not None, _position(step, runs[id(step)], reader)))
     sources: HandleCache[str, int] = HandleCache(_open_source, os.close, MAX_OPEN_FILES)
     outputs = OutputFiles(out_dir, plan, MAX_OPEN_FILES)
     scratch = threading.local()
     lock = threading.Lock()
-    merges = any(step.delta is not None for step in plan.steps)
     try:
-        with (
-            tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar,
-            _one_torch_thread() if merges else contextlib.nullcontext(),
-        ):
+        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
 
             def write_step(step: Step) -> None:
                 step_runs = runs[id(step)]
+                if merges is not None and step.delta is not None:
+                    merges.limit()
                 if step_runs is None:
                     _compute(step, reader, outputs, plan.dims, device, on_tensor)
                 else:
@@ -186,6 +187,8 @@ def write_weights(
     finally:
         outputs.close()
         sources.close()
+        if merges is not None:
+            merges.restore()
     if len(plan.files) > 1:
         targets = list(plan.targets())
         write_json(
@@ -200,18 +203,29 @@ def write_weights(
 T = TypeVar("T")
 
 
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Merges run on the writer's threads; torch's own thread pool on top of them only makes the threads
-    wait for each other (5-8x slower merges on a busy 2-core machine)."""
-    import torch
+class _TorchThreads:
+    """Merges run on the writer's threads; torch's own thread pool on top of them only makes the threads wait
+    for each other (5-8x slower merges on a busy 2-core machine). torch (a second to import) starts loading
+    in the background at once; the first merge limits it to one thread, `restore` undoes that."""
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    def __init__(self) -> None:
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        self._lock = threading.Lock()
+        self._before: int | None = None
+
+    def limit(self) -> None:
+        with self._lock:
+            if self._before is None:
+                import torch
+
+                self._before = torch.get_num_threads()
+                torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self._before is not None:
+            import torch
+
+            torch.set_num_threads(self._before)
 
 
 def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int, cost: Callable[[T], int]) -> None:
@@ -293,46 +307,59 @@ def _footprint(step: Step, runs: list[list[Run]] | None, on_tensor: TensorHook |
 def _compute(
     step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, on_tensor: TensorHook | None
 ) -> None:
-    """Read the step's source, merge its adapter, apply its rule and cast, in memory."""
-    for target, out in zip(step.targets, _computed(reader, step, device, dims), strict=True):
-        if out.shape != target.shape:
-            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-        data = memoryview(np.ascontiguousarray(out)).cast("B")
-        outputs.write(target, [data])
+    """Read the step's source, merge its adapter, cast and apply its rule, in memory."""
+    for target, blocks in zip(step.targets, _computed(reader, step, device, dims), strict=True):
+        if sum(len(block) for block in blocks) != target.nbytes:
+            raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
+        outputs.write(target, blocks)
         if on_tensor is not None:
-            on_tensor(target, [data])
+            on_tensor(target, blocks)
 
 
-def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[np.ndarray]:
-    """The step's HF tensors in their output dtype. A merge is rounded once, as it is done (on the merge
-    device), and then split: on a GPU the split runs there too (`offline_bridge.gpu`)."""
+def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[list[memoryview]]:
+    """The bytes of the step's HF tensors. The source is cast (or merged and rounded once, on the merge
+    device) as a whole; a rule that only picks rows then takes them as views, any other rule is applied.
+    On a GPU the merged weight is split there too (`offline_bridge.gpu`)."""
     array = _read(reader, step.source)
+    (dtype,) = {t.dtype for t in step.targets}
     delta = step.delta
     if delta is None:
-        return [cast(out, step.source.dtype, t.dtype) for t, out in zip(step.targets, step.rule.apply(array, dims))]
-    (dtype,) = {t.dtype for t in step.targets}
-    pieces = [None if p is None else (_read(reader, p[0]), _read(reader, p[1])) for p in delta.pieces]
-    merged = merge_tensor(
-        array,
-        step.source.dtype,
-        pieces,
-        delta.sources()[0].dtype,
-        layout=delta.layout,
-        scale=delta.scale,
-        dims=dims,
-        tp=delta.tp,
-        magnitude=None if delta.magnitude is None else _read(reader, delta.magnitude),
-        gated_rows=delta.gated_rows,
-        device=device,
-        out_dtype=dtype,
-    )
-    if merged.device.type == "cuda":
-        from .gpu import split_rows
+        whole = cast(array, step.source.dtype, dtype)
+    else:
+        pieces = [None if p is None else (_read(reader, p[0]), _read(reader, p[1])) for p in delta.pieces]
+        merged = merge_tensor(
+            array,
+            step.source.dtype,
+            pieces,
+            delta.sources()[0].dtype,
+            layout=delta.layout,
+            scale=delta.scale,
+            dims=dims,
+            tp=delta.tp,
+            magnitude=None if delta.magnitude is None else _read(reader, delta.magnitude),
+            gated_rows=delta.gated_rows,
+            device=device,
+            out_dtype=dtype,
+        )
+        if merged.device.type == "cuda":
+            from .gpu import split_rows
 
-        split = split_rows(merged, step, dims, dtype)
-        if split is not None:
-            return split
-    return step.rule.apply(as_numpy(merged.cpu(), dtype), dims)
+            split = split_rows(merged, step, dims, dtype)
+            if split is not None:
+                return [[_bytes(out)] for out in split]
+        whole = as_numpy(merged.cpu(), dtype)
+    rows = selected_rows(step, dims)
+    if rows is None:
+        outs = step.rule.apply(whole, dims)
+        for target, out in zip(step.targets, outs, strict=True):
+            if out.shape != target.shape:
+                raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+        return [[_bytes(out)] for out in outs]
+    return [[_bytes(whole[start:stop]) for start, stop in ranges] for ranges in rows]
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
