@@ -1,5 +1,5 @@
-"""`python -m offline_bridge ...`: the same command line as `offline-bridge`."""
+"""`python -m offline_bridge` is the `offline-bridge` command."""
 
 from .cli import main
 
-main()
+main(prog_name="offline-bridge")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .dtypes import DType
 
-__all__ = ["cast"]
+__all__ = ["as_numpy", "cast"]
 
 _CARRIER = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}  # torch types that view any dtype's bytes
 
@@ -18,5 +20,11 @@ def cast(array: np.ndarray, source: DType, target: DType) -> np.ndarray:
     import torch
 
     tensor = torch.from_numpy(np.ascontiguousarray(array)).view(getattr(torch, source.torch_name))
-    tensor = tensor.to(getattr(torch, target.torch_name))
-    return tensor.view(getattr(torch, _CARRIER[target.itemsize])).numpy().view(target.np)
+    return as_numpy(tensor.to(getattr(torch, target.torch_name)), target)
+
+
+def as_numpy(tensor: Any, dtype: DType) -> np.ndarray:
+    """A CPU torch tensor of ``dtype`` as numpy, sharing its memory (bf16 as its ``uint16`` bytes)."""
+    import torch
+
+    return tensor.view(getattr(torch, _CARRIER[dtype.itemsize])).numpy().view(dtype.np)

@@ -65,6 +65,12 @@ def main() -> None:
     is_flag=True,
     help="Write linears with ModelOpt amax as FP8-E4M3 + weight_scale / input_scale (compressed-tensors).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Threads overlapping reads, merges and writes (default: the CPU count, at most 4).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,14 @@ from .dtypes import DType, by_option
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
-from .manifest import TensorHashes, describe_sources, write_manifest
+from .manifest import describe_sources, write_manifest
 from .plan import Lora, Plan, build_plan, parse_size
 from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
 from .writer import staged_output, write_json, write_weights
 
-__all__ = ["Conversion", "convert", "plan_conversion"]
+__all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def convert(
     lora_dim: int | None = None,
     device: str = "auto",
     export_fp8: bool = False,
+    workers: int | None = None,
+    dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -116,6 +119,9 @@ def convert(
         device: where LoRA merges run: "auto" (GPU if present), "cpu" or "cuda[:N]".
         export_fp8: write linears that have ModelOpt amax as FP8-E4M3 with scales (compressed-tensors);
             without it, amax tensors only go to the `quant_amax.safetensors` side file.
+        workers: threads overlapping reads, merges and writes (default: up to 4, by the CPU count).
+        dry_run: print the plan (tensors, files, bytes) on stdout and stop, without reading tensor data or
+            touching ``out_dir``.
         overwrite: replace a non-empty ``out_dir``.
         progress: show a progress bar on stderr.
 
@@ -152,13 +158,32 @@ def convert(
             export_fp8=export_fp8,
         )
         plan = conversion.plan
+        if dry_run:
+            sys.stdout.write(describe(plan))
+            return Path(out_dir)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            hashes = TensorHashes()
-            write_weights(plan, reader, staging, progress=progress, device=device, on_written=hashes)
+            write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
             if conversion.quant is not None:
-                write_quant(conversion.quant, plan, conversion.family, reader, staging, on_written=hashes)
+                write_quant(conversion.quant, plan, conversion.family, reader, staging)
             write_json(staging / "config.json", conversion.config)
             if conversion.model_dir is not None:
                 copy_side_files(conversion.model_dir, staging)
-            write_manifest(staging, "convert", options, describe_sources(reader, hf_config), hashes)
+            write_manifest(staging, "convert", options, describe_sources(reader, hf_config))
     return Path(out_dir)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as text: every tensor (file, offset, bytes, where it comes from), then every file and the total."""
+    lines = []
+    for step in plan.steps:
+        source = " + ".join(key for key, _ in step.source.parts)
+        merged = " (+ adapter)" if step.delta is not None else ""
+        for t in step.targets:
+            lines.append(
+                f"{t.name}\t{t.dtype.safetensors}{list(t.shape)}\t{t.file}@{t.offset}\t{t.nbytes}\t<- {source}{merged}"
+            )
+    counts = Counter(t.file for t in plan.targets())
+    for file in plan.files:
+        lines.append(f"file {file.name}: {counts[file.name]} tensors, {file.size} bytes")
+    lines.append(f"total: {len(list(plan.targets()))} tensors, {len(plan.files)} files, {plan.total_size} bytes")
+    return "\n".join(lines) + "\n"

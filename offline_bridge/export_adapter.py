@@ -27,7 +27,7 @@ from .errors import CheckpointError, OptionError
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import derive_config, dims_of, load_config
 from .inputs import lora_settings
-from .manifest import TensorHashes, describe_sources, fingerprint, write_manifest
+from .manifest import describe_sources, fingerprint, write_manifest
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
@@ -280,8 +280,7 @@ def export_adapter(
         lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
         plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            hashes = TensorHashes()
-            write_weights(plan, reader, staging, progress=progress, on_written=hashes)
+            write_weights(plan, reader, staging, progress=progress)
             write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
-            write_manifest(staging, "export-adapter", options, sources, hashes)
+            write_manifest(staging, "export-adapter", options, sources)
     return Path(out_dir)

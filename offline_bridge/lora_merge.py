@@ -1,7 +1,8 @@
 """Adapter merges in Megatron layout, all math in fp32 — on the GPU when one is present (or asked for).
 
 `W' = W + scale · fuse(B_i @ A_i)`; DoRA then rescales each output row to its magnitude. Like `casting`,
-it imports torch lazily: only conversions that merge pay for it.
+it imports torch lazily: only conversions that merge pay for it. On the CPU the weight is worked through in
+blocks of rows whose fp32 temporaries stay in cache, each rounded to the output dtype as it is done.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from .dtypes import DType
 from .errors import OptionError
 from .rules import Dims, fused_part_rows, rank_major_gated, swiglu_rows
 
-__all__ = ["merge", "resolve_device"]
+__all__ = ["ROW_BLOCK", "merge_tensor", "resolve_device"]
+
+ROW_BLOCK = 2**18  # elements per block of rows on the CPU (1 MB of fp32)
 
 
 @cache
@@ -36,13 +39,13 @@ def resolve_device(name: str) -> Any:
     return device
 
 
-def _tensor(array: np.ndarray, dtype: DType, device: Any) -> Any:
+def _tensor(array: np.ndarray, dtype: DType, device: Any, *, widen: bool = True) -> Any:
     import torch
 
     tensor = torch.from_numpy(np.ascontiguousarray(array)).view(getattr(torch, dtype.torch_name))
     if device.type == "cuda":  # pinned host memory lets the copy overlap with the previous matmul
         tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.float()
+    return tensor.float() if widen else tensor
 
 
 def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
@@ -59,7 +62,7 @@ def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
     )
 
 
-def merge(
+def merge_tensor(
     weight: np.ndarray,
     weight_dtype: DType,
     pieces: list[tuple[np.ndarray, np.ndarray] | None],
@@ -72,20 +75,54 @@ def merge(
     magnitude: np.ndarray | None = None,
     gated_rows: bool = False,
     device: str = "auto",
-) -> np.ndarray:
-    """The merged weight as fp32 numpy (one rounding when the caller casts to the output dtype)."""
+    out_dtype: DType | None = None,
+) -> Any:
+    """The merged weight as a torch tensor on the merge device: fp32, or rounded once to ``out_dtype``."""
+    import torch
+
     target = resolve_device(device)
-    w = _tensor(weight, weight_dtype, target)
-    deltas = []
-    for piece, rows in zip(pieces, fused_part_rows(layout, dims, w.shape[0], len(pieces))):
-        if piece is None:  # an untargeted CanonicalLoRA part adds nothing
-            deltas.append(w.new_zeros(rows, w.shape[1]))
-            continue
-        a, b = piece
-        b = swiglu_rows(b, tp) if layout == "gated" else b
-        deltas.append(_tensor(b, adapter_dtype, target) @ _tensor(a, adapter_dtype, target))
-    merged = w + scale * _fuse(deltas, layout, dims)
-    if magnitude is not None:  # DoRA: each output row rescaled to its learned magnitude
+    w = _tensor(weight, weight_dtype, target, widen=False)
+    rows, columns = w.shape
+    factors = [
+        None
+        if piece is None
+        else (
+            _tensor(swiglu_rows(piece[1], tp) if layout == "gated" else piece[1], adapter_dtype, target),
+            _tensor(piece[0], adapter_dtype, target),
+        )
+        for piece in pieces
+    ]
+    if layout == "plain" and factors[0] is not None:  # B @ A block by block: no full-size delta
+        b, a = factors[0]
+
+        def delta(block: slice, into: Any) -> None:
+            torch.matmul(b[block], a, out=into)
+
+    else:  # an untargeted CanonicalLoRA part adds nothing; canonical gate/up B rows went through the swiglu factory
+        parts = fused_part_rows(layout, dims, rows, len(pieces))
+        fused = _fuse(
+            [torch.zeros(n, columns, device=target) if f is None else f[0] @ f[1] for f, n in zip(factors, parts)],
+            layout,
+            dims,
+        )
+
+        def delta(block: slice, into: Any) -> None:
+            into.copy_(fused[block])
+
+    m = None
+    if magnitude is not None:
         m = _tensor(rank_major_gated(magnitude, tp) if gated_rows else magnitude, adapter_dtype, target)
-        merged = m.unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
-    return merged.cpu().numpy()
+    out = torch.empty(
+        (rows, columns), dtype=getattr(torch, (out_dtype.torch_name if out_dtype else "float32")), device=target
+    )
+    step = max(1, ROW_BLOCK // max(1, columns)) if target.type == "cpu" else max(1, rows)
+    scratch = torch.empty(min(step, rows), columns, device=target)
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        merged = scratch[: min(step, rows - start)]
+        delta(block, merged)
+        merged.mul_(scale).add_(w[block])  # W + scale · delta, rounded as written
+        if m is not None:  # DoRA: each output row rescaled to its learned magnitude
+            merged = m[block].unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
+        out[block] = merged
+    return out

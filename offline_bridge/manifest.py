@@ -11,23 +11,19 @@ import argparse
 import hashlib
 import json
 import re
-import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .errors import BridgeError, CheckpointError
+from .errors import CheckpointError
 from .readers.base import CheckpointReader
 from .readers.combined import CombinedReader
 from .safetensors_file import SafetensorsFile
-from .schema import Target
-from .writer import write_json
+from .writer import default_workers, write_json
 
 __all__ = [
     "MANIFEST",
-    "TensorHashes",
     "args_digest",
     "canonical",
     "describe_sources",
@@ -52,19 +48,6 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-class TensorHashes:
-    """The writer's `on_written` callback: sha256 of each tensor's bytes as they went to disk."""
-
-    def __init__(self) -> None:
-        self.digests: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, target: Target, data: np.ndarray) -> None:
-        digest = hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B")).hexdigest()
-        with self._lock:
-            self.digests[target.name] = digest
 
 
 def canonical(value: Any) -> Any:
@@ -135,30 +118,33 @@ def _tool_version() -> str:
     return __version__
 
 
-def write_manifest(
-    out_dir: Path, command: str, options: Mapping[str, Any], sources: list[dict[str, Any]], hashes: TensorHashes
-) -> None:
-    """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last)."""
+def write_manifest(out_dir: Path, command: str, options: Mapping[str, Any], sources: list[dict[str, Any]]) -> None:
+    """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
+
+    Tensors are hashed from the files just written (still in the page cache), on a few threads: the writer
+    keeps its kernel-side copies, and the hashes are of exactly the bytes `verify` will read."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
-    for path in sorted(out_dir.iterdir()):
-        if path.name == MANIFEST:
-            continue
-        if path.suffix != ".safetensors":
-            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            continue
-        with SafetensorsFile(path) as st:
-            files[path.name] = {"size": path.stat().st_size, "header_sha256": hashlib.sha256(st.header()).hexdigest()}
-            for entry in st.tensors.values():
-                if entry.name not in hashes.digests:
-                    raise BridgeError(f"internal error: {path.name}: tensor {entry.name} was not hashed while written")
-                tensors[entry.name] = {
-                    "file": path.name,
-                    "dtype": entry.dtype.safetensors,
-                    "shape": list(entry.shape),
-                    "data_offsets": [entry.begin - st.header_size, entry.end - st.header_size],
-                    "sha256": hashes.digests[entry.name],
-                }
+    with ThreadPoolExecutor(default_workers()) as pool:
+        for path in sorted(out_dir.iterdir()):
+            if path.name == MANIFEST:
+                continue
+            if path.suffix != ".safetensors":
+                files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                continue
+            with SafetensorsFile(path) as st:
+                header = hashlib.sha256(st.header()).hexdigest()
+                files[path.name] = {"size": path.stat().st_size, "header_sha256": header}
+                entries = list(st.tensors.values())
+                digests = pool.map(lambda entry, st=st: hashlib.sha256(st.raw(entry.name)).hexdigest(), entries)
+                for entry, digest in zip(entries, digests, strict=True):
+                    tensors[entry.name] = {
+                        "file": path.name,
+                        "dtype": entry.dtype.safetensors,
+                        "shape": list(entry.shape),
+                        "data_offsets": [entry.begin - st.header_size, entry.end - st.header_size],
+                        "sha256": digest,
+                    }
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "offline-bridge", "version": _tool_version()},

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from .families import Family
 from .plan import Plan, Source, Step, Target, expand, finder, layout
 from .readers.base import CheckpointReader, is_quantizer_key, load_common_pt
 from .rules import Dims, GatedMLP, RankMajorGatedMLP, Repeat, Rule, Shape
-from .writer import _read, write_json, write_weights
+from .writer import read_source, write_json, write_weights
 
 __all__ = ["AMAX_FILE", "CONFIG_FILE", "Quant", "find_quant", "fp8_plan", "write_quant"]
 
@@ -93,7 +93,7 @@ class Quant:
         """Every HF amax in fp32 (tiny: one scalar or one row vector per linear)."""
         out = {}
         for step in self.steps:
-            parts = step.rule.apply(_read(reader, step.source), dims)
+            parts = step.rule.apply(read_source(reader, step.source), dims)
             for target, part in zip(step.targets, parts, strict=True):
                 out[target.name] = cast(np.ascontiguousarray(part), step.source.dtype, FLOAT32).astype(np.float32)
         return out
@@ -239,20 +239,11 @@ def _stored_algo(plan: Plan) -> str | None:
     return "FP8" if scales and plain else None
 
 
-def write_quant(
-    quant: Quant,
-    plan: Plan,
-    family: Family,
-    reader: CheckpointReader,
-    out_dir: Path,
-    on_written: Callable[[Target, np.ndarray], None] | None = None,
-) -> None:
+def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path) -> None:
     """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
-    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`).
-    ``on_written`` sees each amax as written, as in :func:`~offline_bridge.writer.write_weights`."""
+    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`)."""
     steps, files = layout(list(quant.steps), 2**62, stem=Path(AMAX_FILE).stem)
-    amax_plan = Plan(tuple(steps), tuple(files), FLOAT32, plan.dims)
-    write_weights(amax_plan, reader, out_dir, progress=False, on_written=on_written)
+    write_weights(Plan(tuple(steps), tuple(files), FLOAT32, plan.dims), reader, out_dir, progress=False)
     names = [t.name for step in quant.steps for t in step.targets]
     calibrated = {_module(_module(n)) for n in names if n.endswith(".weight_quantizer._amax")}
     stored = {_module(t.name) for t in plan.targets() if t.dtype == FP8}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -70,6 +70,10 @@ def dense_layer(dims: Dims, layer: int | None) -> bool:
 class Rule:
     """Base rule: ``sources`` (alternative Megatron names of one tensor) → ``targets`` (HF names)."""
 
+    # `apply` only picks, reorders or repeats rows (the first axis): the writer may then copy the rows
+    # file to file instead of calling it. Subclasses that do anything else must leave this False.
+    rows_only: ClassVar[bool] = False
+
     sources: tuple[str, ...]
     targets: tuple[str, ...]
     when: Condition | None = None  # the rule applies only where this holds
@@ -119,10 +123,14 @@ class Rule:
 class Copy(Rule):
     """One tensor, renamed."""
 
+    rows_only: ClassVar[bool] = True
+
 
 @dataclass(frozen=True)
 class VocabRows(Rule):
     """Embedding / output layer: drop the rows Megatron padded the vocab with."""
+
+    rows_only: ClassVar[bool] = True
 
     def rows(self, shape: Shape, dims: Dims) -> int:
         return dims.vocab_size
@@ -138,6 +146,8 @@ class VocabRows(Rule):
 @dataclass(frozen=True)
 class QKV(Rule):
     """Fused QKV (weight or bias) → q, k, v. Megatron groups rows per query group: [q heads; k; v]."""
+
+    rows_only: ClassVar[bool] = True
 
     def _grouped(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int]:
         groups, head_dim = dims.num_query_groups, dims.head_dim
@@ -168,6 +178,8 @@ class QKV(Rule):
 class GatedMLP(Rule):
     """Gated fc1 `[gate; up]` → gate_proj, up_proj."""
 
+    rows_only: ClassVar[bool] = True
+
     def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
         if shape[0] % 2:
             raise CheckpointError(f"{key} has an odd number of rows ({shape[0]}); it is not a gated (swiglu) fc1")
@@ -187,6 +199,8 @@ def only(when: Condition, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
 @dataclass(frozen=True)
 class Repeat(Rule):
     """One tensor written under every target name (a LoRA A shared by the parts of a fused weight)."""
+
+    rows_only: ClassVar[bool] = True
 
     def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
         return [shape] * len(self.targets)
@@ -211,6 +225,8 @@ def rank_major_gated(array: np.ndarray, tp: int) -> np.ndarray:
 @dataclass(frozen=True)
 class SwigluRows(Rule):
     """One tensor whose rows are in the swiglu factory's order (CanonicalLoRA gate/up B), put in true order."""
+
+    rows_only: ClassVar[bool] = True
 
     tp: int = 1
 

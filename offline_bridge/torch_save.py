@@ -10,6 +10,7 @@ of it is made.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import mmap
@@ -23,7 +24,7 @@ import numpy as np
 from .errors import CheckpointError
 from .safe_pickle import TensorRef, safe_loads
 
-__all__ = ["TorchArchive", "load_torch_file"]
+__all__ = ["TorchArchive", "is_contiguous", "load_torch_file", "release_pages", "view"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes, PK\x03\x04
 
@@ -86,6 +87,11 @@ class TorchArchive:
         self._root = pickles[0][: -len("data.pkl")]
 
     def _member(self, name: str) -> memoryview:
+        begin, size = self._span(name)
+        return memoryview(self._buf)[begin : begin + size]
+
+    def _span(self, name: str) -> tuple[int, int]:
+        """Where member ``name``'s bytes lie in the buffer: (start, length)."""
         info = self._members.get(self._root + name)
         if info is None:
             raise CheckpointError(f"{self.source}: archive member {self._root + name} is missing")
@@ -103,7 +109,7 @@ class TorchArchive:
             raise CheckpointError(
                 f"{self.source}: member {info.filename} runs past the end of the archive (truncated?)"
             )
-        return memoryview(self._buf)[begin : begin + info.file_size]
+        return begin, info.file_size
 
     def load(self) -> Any:
         """The unpickled object; tensors in it come back as `TensorRef`s (no bytes read)."""
@@ -111,16 +117,41 @@ class TorchArchive:
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """A read-only numpy view of a tensor's bytes (bf16 as uint16); no copy."""
-        storage = ref.storage
-        dtype = storage.dtype.np
-        raw = self._member(f"data/{storage.key}")
-        if not 0 <= storage.numel * dtype.itemsize <= len(raw) or not _fits(ref):
+        return view(self._buf, self.storage_start(ref), ref)
+
+    def storage_start(self, ref: TensorRef) -> int:
+        """Where the bytes of ``ref``'s storage begin in the buffer, once checked to hold the tensor."""
+        begin, size = self._span(f"data/{ref.storage.key}")
+        if not 0 <= ref.storage.numel * ref.storage.dtype.itemsize <= size or not _fits(ref):
             raise CheckpointError(
-                f"{self.source}: tensor {ref.shape} does not fit its storage of {len(raw)} bytes (truncated?)"
+                f"{self.source}: tensor {ref.shape} does not fit its storage of {size} bytes (truncated?)"
             )
-        flat = np.frombuffer(raw, dtype=dtype, count=storage.numel)
-        strides = [s * dtype.itemsize for s in ref.stride]
-        return np.lib.stride_tricks.as_strided(flat[ref.storage_offset :], ref.shape, strides, writeable=False)
+        return begin
+
+
+def view(buf: mmap.mmap | memoryview, start: int, ref: TensorRef) -> np.ndarray:
+    """The tensor ``ref`` whose storage begins at byte ``start`` of ``buf``, as a read-only numpy view."""
+    dtype = ref.storage.dtype.np
+    flat = np.frombuffer(buf, dtype=dtype, count=ref.storage.numel, offset=start)
+    strides = [s * dtype.itemsize for s in ref.stride]
+    return np.lib.stride_tricks.as_strided(flat[ref.storage_offset :], ref.shape, strides, writeable=False)
+
+
+def is_contiguous(ref: TensorRef) -> bool:
+    """Whether ``ref``'s elements lie in row-major order, one after the other, in its storage."""
+    expected = 1
+    for n, s in reversed(list(zip(ref.shape, ref.stride))):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def release_pages(buf: mmap.mmap, start: int, length: int) -> None:
+    """Unmap pages once copied: the page cache keeps them, but they no longer count in our resident set."""
+    begin = start - start % mmap.PAGESIZE
+    with contextlib.suppress(OSError, ValueError):
+        buf.madvise(mmap.MADV_DONTNEED, begin, min(start + length, len(buf)) - begin)
 
 
 def _fits(ref: TensorRef) -> bool:

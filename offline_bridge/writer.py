@@ -1,35 +1,67 @@
 """Carry out a plan: headers first, then each tensor's bytes streamed into its place; index and config.
 
 Output goes to a hidden temporary directory beside OUT_DIR, renamed into place only when complete, so
-an interrupted or failed run never leaves something that looks like a finished checkpoint. A killed run
-leaves its `.<OUT_DIR>.partial-<pid>` behind; the next run into the same OUT_DIR removes it.
+an interrupted or failed run never leaves something that looks like a finished checkpoint.
+
+Every tensor has a planned file and offset, so steps run in any order and on several threads with the same
+bytes as the result. Steps go in the order their bytes lie in the checkpoint's files. A step that only
+moves bytes is copied file to file (`transfer.plan_runs`, `os.copy_file_range`: no pass through memory);
+one whose rows interleave across chunks is gathered into a buffer with one scattered read per chunk; the
+rest (merges, casts, other rules) are read, computed and written from memory. Threads work within a
+budget of bytes held at once, so memory stays a few tensors whatever the model size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import importlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
-from .casting import cast
-from .dtypes import DType, by_option
-from .errors import BridgeError, OptionError
-from .lora_merge import merge
+from .casting import as_numpy, cast
+from .errors import BridgeError, CheckpointError, OptionError
+from .handles import HandleCache
+from .lora_merge import merge_tensor
 from .plan import Plan, Source, Step, Target
 from .readers.base import CheckpointReader
 from .rules import Dims
+from .transfer import Run, plan_runs, selected_rows
 
-__all__ = ["INDEX_FILE", "staged_output", "step_outputs", "write_json", "write_weights"]
+__all__ = [
+    "INDEX_FILE",
+    "OutputFiles",
+    "TensorHook",
+    "default_workers",
+    "read_source",
+    "staged_output",
+    "write_json",
+    "write_weights",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
-FLOAT32 = by_option("fp32")
+MAX_OPEN_FILES = 32  # output files and checkpoint files each kept open at once
+MIN_BUDGET = 256 * 2**20  # bytes of tensors in flight, at least (more if one step needs more)
+_IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
+
+# Called once per written tensor, from worker threads, with the tensor's bytes in order (the concatenation
+# of the buffers); a step is done only when its hook calls return.
+TensorHook = Callable[[Target, Sequence[memoryview]], None]
+
+
+def default_workers() -> int:
+    """Threads that pay off: reads, writes and merges overlap; more than 4 only contend for the disk."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
@@ -41,7 +73,6 @@ def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -54,85 +85,65 @@ def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             staging.rename(out)
-    except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
-        raise BridgeError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _remove_abandoned(out: Path) -> None:
-    """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed)."""
-    prefix = f".{out.name}."
-    for leftover in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
-        kind, _, pid = leftover.name[len(prefix) :].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out.exists():  # killed between the two renames: the old output is the output
-            leftover.rename(out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
+class OutputFiles:
+    """The plan's safetensors files: headers written first, tensors put at their offsets by any thread; each
+    file is flushed to disk (fsync) and closed as soon as its last tensor is in."""
 
+    def __init__(self, out_dir: Path, plan: Plan, limit: int = MAX_OPEN_FILES) -> None:
+        self._dir = out_dir
+        self._fds: HandleCache[str, int] = HandleCache(self._open, os.close, limit)
+        self._left = Counter(t.file for t in plan.targets())
+        self._lock = threading.Lock()
+        for file in plan.files:
+            fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _pwrite_all(fd, [memoryview(file.header)], 0)
+                os.ftruncate(fd, file.size)
+            finally:
+                os.close(fd)
+            if not self._left[file.name]:
+                self._flush(file.name)
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    def _open(self, name: str) -> int:
+        return os.open(self._dir / name, os.O_WRONLY)
 
+    def write(self, target: Target, blocks: Sequence[memoryview]) -> None:
+        """Put ``target``'s bytes (the concatenation of ``blocks``) in place."""
+        with self._fds.use(target.file) as fd:
+            _pwrite_all(fd, blocks, target.offset)
+            _start_writeback(fd, target)
+        self._done(target)
 
-def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+    def copy(self, target: Target, runs: Sequence[Run], sources: HandleCache[str, int]) -> None:
+        """Put ``target``'s bytes in place straight from the checkpoint files (contiguous runs only)."""
+        with self._fds.use(target.file) as fd:
+            for run in runs:
+                with sources.use(run.path) as source:
+                    _copy_range(source, fd, run.length, run.src, target.offset + run.dst, run.path)
+            _start_writeback(fd, target)
+        self._done(target)
 
+    def _done(self, target: Target) -> None:
+        with self._lock:
+            self._left[target.file] -= 1
+            complete = not self._left[target.file]
+        if complete:
+            self._flush(target.file)
 
-def _merged(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> tuple[np.ndarray, DType]:
-    """The step's source array and its dtype; with an adapter, merged in fp32."""
-    array = _read(reader, step.source)
-    delta = step.delta
-    if delta is None:
-        return array, step.source.dtype
-    pieces = [None if p is None else (_read(reader, p[0]), _read(reader, p[1])) for p in delta.pieces]
-    merged = merge(
-        array,
-        step.source.dtype,
-        pieces,
-        delta.sources()[0].dtype,
-        layout=delta.layout,
-        scale=delta.scale,
-        dims=dims,
-        tp=delta.tp,
-        magnitude=None if delta.magnitude is None else _read(reader, delta.magnitude),
-        gated_rows=delta.gated_rows,
-        device=device,
-    )
-    return merged, FLOAT32
+    def _flush(self, name: str) -> None:
+        fd = self._fds.pop(name)
+        fd = self._open(name) if fd is None else fd
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-
-def _read(reader: CheckpointReader, source: Source) -> np.ndarray:
-    """A source's tensor, its parts joined along the first kept axis."""
-    tail = source.shape[1:]
-    arrays = [
-        reader.read(key, box).reshape(-1, *tail) if source.shape else reader.read(key, box) for key, box in source.parts
-    ]
-    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
-
-
-def step_outputs(
-    plan: Plan, reader: CheckpointReader, step: Step, device: str = "auto"
-) -> list[tuple[Target, np.ndarray]]:
-    """A step's HF tensors, each as the bytes written for it (cast to its target dtype)."""
-    array, dtype = _merged(reader, step, device, plan.dims)
-    outputs = []
-    for target, out in zip(step.targets, step.rule.apply(array, plan.dims), strict=True):
-        if out.shape != target.shape:
-            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
-        outputs.append((target, cast(out, step.rule.output_dtype(dtype), target.dtype)))
-    return outputs
+    def close(self) -> None:
+        self._fds.close()
 
 
 def write_weights(
@@ -142,29 +153,51 @@ def write_weights(
     *,
     progress: bool = True,
     device: str = "auto",
-    on_written: Callable[[Target, np.ndarray], None] | None = None,
+    workers: int | None = None,
+    on_tensor: TensorHook | None = None,
 ) -> None:
     """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded).
 
-    ``on_written(target, data)`` sees each tensor's bytes as written (the manifest hashes them).
+    ``workers`` threads (default `default_workers`) run the steps; ``on_tensor`` sees every tensor's bytes.
     """
-    fds = {}
+    merges = _TorchThreads() if any(step.delta is not None for step in plan.steps) else None
+    runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
+    # in checkpoint order, merges last: torch loads meanwhile
+    steps = sorted(plan.steps, key=lambda step: (step.delta is not None, _position(step, runs[id(step)], reader)))
+    sources: HandleCache[str, int] = HandleCache(_open_source, os.close, MAX_OPEN_FILES)
+    outputs = OutputFiles(out_dir, plan, MAX_OPEN_FILES)
+    scratch = threading.local()
+    lock = threading.Lock()
     try:
-        for file in plan.files:
-            fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds[file.name] = fd
-            os.pwrite(fd, file.header, 0)
-            os.ftruncate(fd, file.size)
         with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
-            for step in plan.steps:
-                for target, data in step_outputs(plan, reader, step, device):
-                    _pwrite(fds[target.file], data, target.offset)
-                    if on_written is not None:
-                        on_written(target, data)
-                    bar.update(target.nbytes)
+
+            def write_step(step: Step) -> None:
+                step_runs = runs[id(step)]
+                if merges is not None and step.delta is not None:
+                    merges.limit()
+                if step_runs is None:
+                    _compute(step, reader, outputs, plan.dims, device, on_tensor)
+                else:
+                    for target, target_runs in zip(step.targets, step_runs):
+                        if _file_to_file(target_runs, on_tensor):
+                            outputs.copy(target, target_runs, sources)
+                            continue
+                        data = _gather(target, target_runs, sources, scratch)
+                        outputs.write(target, [data])
+                        if on_tensor is not None:
+                            on_tensor(target, [data])
+                with lock:
+                    bar.update(sum(t.nbytes for t in step.targets))
+
+            def cost(step: Step) -> int:
+                return _footprint(step, runs[id(step)], on_tensor)
+
+            run_bounded(write_step, steps, workers or default_workers(), cost)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        outputs.close()
+        sources.close()
+        if merges is not None:
+            merges.restore()
     if len(plan.files) > 1:
         targets = list(plan.targets())
         write_json(
@@ -174,6 +207,272 @@ def write_weights(
                 "weight_map": {t.name: t.file for t in targets},
             },
         )
+
+
+T = TypeVar("T")
+
+
+class _TorchThreads:
+    """Merges run on the writer's threads; torch's own thread pool on top of them only makes the threads wait
+    for each other (5-8x slower merges on a busy 2-core machine). torch (a second to import) starts loading
+    in the background at once; the first merge limits it to one thread, `restore` undoes that."""
+
+    def __init__(self) -> None:
+        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        self._lock = threading.Lock()
+        self._before: int | None = None
+
+    def limit(self) -> None:
+        with self._lock:
+            if self._before is None:
+                import torch
+
+                self._before = torch.get_num_threads()
+                torch.set_num_threads(1)
+
+    def restore(self) -> None:
+        if self._before is not None:
+            import torch
+
+            torch.set_num_threads(self._before)
+
+
+def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int, cost: Callable[[T], int]) -> None:
+    """``work(item)`` for every item on ``workers`` threads, started in order, with the ``cost`` (bytes) of
+    the items in flight kept within a budget: the costliest item, or `MIN_BUDGET` if more. The first error
+    stops the submissions and is raised once the running items are done."""
+    items = list(items)
+    if workers <= 1:
+        for item in items:
+            work(item)
+        return
+    budget = _Budget(max([MIN_BUDGET, *(cost(item) for item in items)]))
+    errors: list[BaseException] = []
+
+    def task(item: T, need: int) -> None:
+        try:
+            if not errors:  # after a failure, queued items are dropped
+                work(item)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            budget.give(need)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="offline-bridge") as pool:
+        for item in items:
+            need = cost(item)
+            if not budget.take(need, stop=lambda: bool(errors)):
+                break
+            pool.submit(task, item, need)
+    if errors:
+        raise errors[0]
+
+
+class _Budget:
+    """Bytes in flight: `take` waits until ``need`` more fit (one item always fits), `give` returns them."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._used = limit, 0
+        self._changed = threading.Condition()
+
+    def take(self, need: int, stop: Callable[[], bool]) -> bool:
+        with self._changed:
+            self._changed.wait_for(lambda: stop() or not self._used or self._used + need <= self._limit)
+            if stop():
+                return False
+            self._used += need
+            return True
+
+    def give(self, need: int) -> None:
+        with self._changed:
+            self._used -= need
+            self._changed.notify_all()
+
+
+def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader) -> tuple[str, int]:
+    """Where the step's first bytes lie in the checkpoint (file, offset): steps are run in this order."""
+    if runs:
+        first = min((run.path, run.src) for target_runs in runs for run in target_runs)
+        return first
+    extents = reader.extents(step.source.key)
+    return min((e.path, e.offset) for e in extents) if extents else ("", 0)
+
+
+def _file_to_file(runs: Sequence[Run], on_tensor: TensorHook | None) -> bool:
+    """Whether a target's bytes go file to file: whole runs, and no hook that must see them."""
+    return on_tensor is None and all(run.count == 1 for run in runs)
+
+
+def _footprint(step: Step, runs: list[list[Run]] | None, on_tensor: TensorHook | None) -> int:
+    """Bytes a step holds in memory while it runs (file-to-file copies hold none)."""
+    if runs is not None:
+        gathered = [t.nbytes for t, r in zip(step.targets, runs) if not _file_to_file(r, on_tensor)]
+        return max(gathered, default=0)
+    numel = int(np.prod(step.source.shape, dtype=np.int64))
+    merged = 4 * numel if step.delta is not None and step.delta.layout != "plain" else 0  # a fused fp32 delta
+    return numel * step.source.dtype.itemsize + sum(t.nbytes for t in step.targets) + merged
+
+
+def _compute(
+    step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, on_tensor: TensorHook | None
+) -> None:
+    """Read the step's source, merge its adapter, cast and apply its rule, in memory."""
+    for target, blocks in zip(step.targets, _computed(reader, step, device, dims), strict=True):
+        if sum(len(block) for block in blocks) != target.nbytes:
+            raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
+        outputs.write(target, blocks)
+        if on_tensor is not None:
+            on_tensor(target, blocks)
+
+
+def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[list[memoryview]]:
+    """The bytes of the step's HF tensors. The source is cast (or merged and rounded once, on the merge
+    device) as a whole; a rule that only picks rows then takes them as views, any other rule is applied.
+    On a GPU the merged weight is split there too (`offline_bridge.gpu`)."""
+    array = read_source(reader, step.source)
+    (dtype,) = {t.dtype for t in step.targets}
+    delta = step.delta
+    computed = step.rule.output_dtype(step.source.dtype)
+    if computed != step.source.dtype:  # the rule computes new values (FP8 export): apply, then cast its outputs
+        return [[_bytes(cast(out, computed, dtype))] for out in _applied(step, array, dims)]
+    if delta is None:
+        whole = cast(array, step.source.dtype, dtype)
+    else:
+        pieces = [None if p is None else (read_source(reader, p[0]), read_source(reader, p[1])) for p in delta.pieces]
+        merged = merge_tensor(
+            array,
+            step.source.dtype,
+            pieces,
+            delta.sources()[0].dtype,
+            layout=delta.layout,
+            scale=delta.scale,
+            dims=dims,
+            tp=delta.tp,
+            magnitude=None if delta.magnitude is None else read_source(reader, delta.magnitude),
+            gated_rows=delta.gated_rows,
+            device=device,
+            out_dtype=dtype,
+        )
+        if merged.device.type == "cuda":
+            from .gpu import split_rows
+
+            split = split_rows(merged, step, dims, dtype)
+            if split is not None:
+                return [[_bytes(out)] for out in split]
+        whole = as_numpy(merged.cpu(), dtype)
+    rows = selected_rows(step, dims)
+    if rows is None:
+        return [[_bytes(out)] for out in _applied(step, whole, dims)]
+    return [[_bytes(whole[start:stop]) for start, stop in ranges] for ranges in rows]
+
+
+def _applied(step: Step, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+    """The step's rule applied to ``array``, each output checked against its planned shape."""
+    outs = step.rule.apply(array, dims)
+    for target, out in zip(step.targets, outs, strict=True):
+        if out.shape != target.shape:
+            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+    return outs
+
+
+def _bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def read_source(reader: CheckpointReader, source: Source) -> np.ndarray:
+    """A source's tensor, its parts joined along the first kept axis."""
+    tail = source.shape[1:]
+    arrays = [
+        reader.read(key, box).reshape(-1, *tail) if source.shape else reader.read(key, box) for key, box in source.parts
+    ]
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+
+
+def _gather(
+    target: Target, runs: Sequence[Run], sources: HandleCache[str, int], scratch: threading.local
+) -> memoryview:
+    """``target``'s bytes read into this thread's reusable buffer, one scattered read per run."""
+    buffer = getattr(scratch, "buffer", None)
+    if buffer is None or len(buffer) < target.nbytes:
+        buffer = scratch.buffer = bytearray(target.nbytes)
+    data = memoryview(buffer)[: target.nbytes]
+    for run in runs:
+        ends = run.dst + run.count * run.stride
+        places = [data[at : at + run.length] for at in range(run.dst, ends, run.stride)] if run.count > 1 else []
+        places = places or [data[run.dst : run.dst + run.length]]
+        with sources.use(run.path) as fd:
+            _pread_all(fd, places, run.src, run.path)
+    return data
+
+
+def _open_source(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open shard file ({exc})") from exc
+
+
+def _copy_range(source: int, out: int, length: int, src: int, dst: int, path: str) -> None:
+    """``length`` bytes from ``src`` in ``source`` to ``dst`` in ``out``, in the kernel when it can."""
+    while length:
+        try:
+            done = os.copy_file_range(source, out, length, src, dst)
+        except (AttributeError, OSError) as exc:  # no copy_file_range here, or not between these files
+            if isinstance(exc, OSError) and exc.errno not in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+            ):
+                raise
+            data = memoryview(bytearray(min(length, 64 * 2**20)))
+            _pread_all(source, [data], src, path)
+            _pwrite_all(out, [data], dst)
+            done = len(data)
+        if not done:
+            raise CheckpointError(f"{path}: ends before byte {src + length} (truncated?)")
+        length, src, dst = length - done, src + done, dst + done
+
+
+def _pread_all(fd: int, views: list[memoryview], offset: int, path: str) -> None:
+    """Fill ``views`` from consecutive bytes of ``fd`` at ``offset`` (scattered read, retried when short)."""
+    for first in range(0, len(views), _IOV_MAX):
+        batch = views[first : first + _IOV_MAX]
+        while batch:
+            got = os.preadv(fd, batch, offset)
+            if not got:
+                raise CheckpointError(f"{path}: ends before byte {offset + sum(len(v) for v in batch)} (truncated?)")
+            offset += got
+            batch = _advance(batch, got)
+
+
+def _pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    """Write ``views`` one after the other at ``offset`` (gathered write, retried when short)."""
+    for first in range(0, len(views), _IOV_MAX):
+        batch = list(views[first : first + _IOV_MAX])
+        while batch:
+            done = os.pwritev(fd, batch, offset)
+            offset += done
+            batch = _advance(batch, done)
+
+
+def _advance(views: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``views`` once their first ``done`` bytes went through."""
+    first = 0
+    while first < len(views) and done >= len(views[first]):
+        done -= len(views[first])
+        first += 1
+    rest = views[first:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
+
+
+def _start_writeback(fd: int, target: Target) -> None:
+    """Start writing the tensor to disk now, so the fsync at the end of the file has little left to wait for
+    (and a converted checkpoint does not crowd the page cache)."""
+    if hasattr(os, "posix_fadvise") and target.nbytes:
+        os.posix_fadvise(fd, target.offset, target.nbytes, os.POSIX_FADV_DONTNEED)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -3,8 +3,11 @@
 Call order:
 1. construct with an iteration directory (reads metadata only, never tensor bytes);
 2. `args` and `tensors` describe the checkpoint;
-3. `read(key, box)` assembles one global tensor, or a box of it, when the plan needs it;
+3. `read(key, box)` assembles one global tensor, or a box of it, when the plan needs it; `extents(key)` says
+   where its chunks lie on disk, so that bytes can go file to file without passing through memory;
 4. `close()` (or use the reader as a context manager).
+
+`read` and `extents` may be called from several threads at once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from ..dtypes import DType
 
-__all__ = ["Box", "CheckpointReader", "TensorInfo", "full_box", "is_model_key", "is_quantizer_key"]
+__all__ = ["Box", "CheckpointReader", "Extent", "TensorInfo", "full_box", "is_model_key", "is_quantizer_key"]
 
 Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
@@ -63,6 +66,17 @@ class TensorInfo:
     dtype: DType
 
 
+@dataclass(frozen=True)
+class Extent:
+    """One chunk of a tensor as it lies on disk: a C-contiguous array of ``shape`` starting at byte ``offset``
+    of ``path``, holding the part ``box`` (global coordinates) of the tensor."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    box: Box
+
+
 class CheckpointReader(ABC):
     """Base class of the format readers; subclasses override `tensors`, `args` and `read`."""
 
@@ -93,6 +107,11 @@ class CheckpointReader(ABC):
         """(offsets, sizes) of the pieces ``key`` is stored in; one piece unless the format says otherwise."""
         shape = self.tensors[key].shape
         return [((0,) * len(shape), shape)]
+
+    def extents(self, key: str) -> list[Extent] | None:
+        """Where the chunks of ``key`` lie, tiling it; None when the format stores them otherwise (the caller
+        then uses `read`)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..errors import CheckpointError
-from .base import Box, CheckpointReader, TensorInfo
+from .base import Box, CheckpointReader, Extent, TensorInfo
 
 __all__ = ["CombinedReader"]
 
@@ -33,7 +33,13 @@ class CombinedReader(CheckpointReader):
         return self.base.args
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
-        return (self.adapter if key in self.adapter.tensors else self.base).read(key, box)
+        return self._holder(key).read(key, box)
+
+    def extents(self, key: str) -> list[Extent] | None:
+        return self._holder(key).extents(key)
+
+    def _holder(self, key: str) -> CheckpointReader:
+        return self.adapter if key in self.adapter.tensors else self.base
 
     def close(self) -> None:
         self.base.close()

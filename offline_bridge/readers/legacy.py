@@ -27,8 +27,8 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef
-from ..torch_save import TorchArchive
-from .base import Box, CheckpointReader, TensorInfo, full_box, is_model_key
+from ..torch_save import TorchArchive, is_contiguous, release_pages
+from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
 
 __all__ = ["LegacyReader"]
 
@@ -79,6 +79,7 @@ class LegacyReader(CheckpointReader):
         if not ranks:
             raise CheckpointError(f"{self.path}: no mp_rank_* directories")
         self._archives: list[TorchArchive] = []
+        self._files: list[str] = []
         self._maps: list[mmap.mmap] = []
         self._states = states = [self._open(rank / FILE) for rank in ranks]
         self._args = states[0].get("args")
@@ -125,6 +126,7 @@ class LegacyReader(CheckpointReader):
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{file}: cannot open ({exc})") from exc
         self._maps.append(buf)
+        self._files.append(str(file))
         archive = TorchArchive(buf, 0, len(buf), str(file))
         self._archives.append(archive)
         state = archive.load()
@@ -242,7 +244,43 @@ class LegacyReader(CheckpointReader):
         else:
             whole = np.concatenate(parts, axis=rule)
         box = box or full_box(whole.shape)
-        return np.array(whole[tuple(slice(a, b) for a, b in box)])
+        result = np.array(whole[tuple(slice(a, b) for a, b in box)])
+        del whole, parts
+        for shard in shards:
+            archive, ref = self._archives[shard.file], self._ref(shard)
+            release_pages(
+                self._maps[shard.file], archive.storage_start(ref), ref.storage.numel * ref.storage.dtype.itemsize
+            )
+        return result
+
+    def extents(self, key: str) -> list[Extent] | None:
+        """The TP shards where they lie in the rank files; None for a replicated tensor (`read` checks that
+        the ranks agree) or a shard that is not contiguous in its storage."""
+        shards = self._shards.get(key)
+        rule = self._tp_rule(key) if shards and len(shards) > 1 else "whole"
+        if shards is None or rule is None:
+            return None
+        info = self._tensors[key]
+        found = []
+        for shard in sorted(shards, key=lambda s: s.tp):
+            ref = self._ref(shard)
+            if not is_contiguous(ref):
+                return None
+            start = self._archives[shard.file].storage_start(ref) + ref.storage_offset * info.dtype.itemsize
+            shape = tuple(ref.shape)
+            if rule == "gated":  # [gate_t; up_t] halves land in the gate and up halves of the global rows
+                half = (shape[0] // 2, *shape[1:])
+                rows = [shard.tp * half[0], info.shape[0] // 2 + shard.tp * half[0]]
+                found += [
+                    Extent(self._files[shard.file], start + i * int(np.prod(half)) * info.dtype.itemsize, half, box)
+                    for i, box in enumerate(((row, row + half[0]), *full_box(half[1:])) for row in rows)
+                ]
+            else:
+                box = list(full_box(info.shape))
+                if isinstance(rule, int):
+                    box[rule] = (shard.tp * shape[rule], (shard.tp + 1) * shape[rule])
+                found.append(Extent(self._files[shard.file], start, shape, tuple(box)))
+        return found
 
     def close(self) -> None:
         self._archives.clear()

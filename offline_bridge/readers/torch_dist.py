@@ -1,16 +1,18 @@
 """Megatron's torch_dist format (PyTorch DCP + Megatron's common state), read without torch.distributed.
 
 `.metadata` gives every tensor's global shape and chunks, and where each chunk's `torch.save` record sits
-in a `.distcp` file. Chunks are memory-mapped and copied once, into the assembled tensor.
+in a `.distcp` file. Each record is parsed once (through a memory map); then `extents` tells where the
+chunk's bytes lie, or `read` copies them once, from the map into the assembled tensor, and unmaps them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import operator
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,15 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import CheckpointError
+from ..handles import HandleCache
 from ..safe_pickle import TensorRef, safe_loads
-from ..torch_save import TorchArchive
-from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
+from ..torch_save import TorchArchive, is_contiguous, release_pages, view
+from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, load_common_pt
 from .coverage import check_tiling
 
-__all__ = ["TorchDistReader"]
+__all__ = ["MAX_OPEN_FILES", "TorchDistReader"]
+
+MAX_OPEN_FILES = 64  # shard files mapped at once (a big checkpoint has thousands)
 
 
 class TorchDistReader(CheckpointReader):
@@ -46,7 +51,9 @@ class TorchDistReader(CheckpointReader):
             raise CheckpointError(
                 f"{self._metadata_file}: DCP metadata is malformed ({type(exc).__name__}: {exc})"
             ) from exc
-        self._maps: dict[str, mmap.mmap] = {}
+        self._maps: HandleCache[str, mmap.mmap] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
+        self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
+        self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
         self._prefix = _model_prefix(self._tensors)
         self._tensors = {
@@ -87,7 +94,8 @@ class TorchDistReader(CheckpointReader):
             if storage is None:
                 raise CheckpointError(f"{self._metadata_file}: no storage entry for {key} chunk at {offsets}")
             needed = info.dtype.itemsize * math.prod(sizes)
-            file_size = len(self._map(storage.relative_path))
+            with self._maps.use(storage.relative_path) as buf:
+                file_size = len(buf)
             if storage.length < needed or storage.offset + storage.length > file_size:
                 raise CheckpointError(
                     f"{self.path / storage.relative_path}: record [{storage.offset}, +{storage.length}) of {key} "
@@ -127,6 +135,40 @@ class TorchDistReader(CheckpointReader):
         return list(self._objects)
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
+        info, key = self._info(key)
+        box = box or full_box(info.shape)
+        out = np.empty([stop - start for start, stop in box], dtype=info.dtype.np)
+        for offsets, sizes in self._chunks[key]:
+            overlap = [(max(o, b0), min(o + s, b1)) for o, s, (b0, b1) in zip(offsets, sizes, box)]
+            if any(lo >= hi for lo, hi in overlap):
+                continue
+            chunk = self._locate(key, info, offsets, sizes)
+            src = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(overlap, offsets))
+            dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(overlap, box))
+            with self._maps.use(chunk.path) as buf:
+                out[dst] = view(buf, chunk.start, chunk.ref).reshape(sizes)[src]
+                release_pages(buf, chunk.start, chunk.nbytes)
+        return out
+
+    def extents(self, key: str) -> list[Extent] | None:
+        if key not in self._extents:
+            self._extents[key] = self._find_extents(key)
+        return self._extents[key]
+
+    def _find_extents(self, key: str) -> list[Extent] | None:
+        info, key = self._info(key)
+        found = []
+        for offsets, sizes in self._chunks[key]:
+            chunk = self._locate(key, info, offsets, sizes)
+            if not is_contiguous(chunk.ref):
+                return None
+            box = tuple((o, o + n) for o, n in zip(offsets, sizes))
+            offset = chunk.start + chunk.ref.storage_offset * info.dtype.itemsize
+            found.append(Extent(str(self.path / chunk.path), offset, tuple(sizes), box))
+        return found
+
+    def _info(self, key: str) -> tuple[TensorInfo, str]:
+        """The tensor's info and its key in the metadata, once its chunks are checked to tile it."""
         info = self._tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self._metadata_file}: no tensor {key!r} in the checkpoint")
@@ -135,66 +177,80 @@ class TorchDistReader(CheckpointReader):
             check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
             self._check_records(key, info)
             self._checked.add(key)
-        box = box or full_box(info.shape)
-        out = np.empty([stop - start for start, stop in box], dtype=info.dtype.np)
-        for offsets, sizes in self._chunks[key]:
-            overlap = [(max(o, b0), min(o + s, b1)) for o, s, (b0, b1) in zip(offsets, sizes, box)]
-            if any(lo >= hi for lo, hi in overlap):
-                continue
-            chunk = self._chunk(key, info, offsets, sizes)
-            src = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(overlap, offsets))
-            dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(overlap, box))
-            out[dst] = chunk[src]
-        return out
+        return info, key
 
-    def _chunk(self, key: str, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> np.ndarray:
-        archive = self._archive(key, offsets)
-        ref = archive.load()
-        if not isinstance(ref, TensorRef):
-            raise CheckpointError(f"{archive.source}: record holds a {type(ref).__name__}, not a tensor")
-        if ref.storage.dtype != info.dtype:
-            raise CheckpointError(
-                f"{archive.source}: chunk dtype {ref.storage.dtype} differs from metadata {info.dtype}"
-            )
-        if np.prod(ref.shape) != np.prod(sizes):
-            raise CheckpointError(f"{archive.source}: chunk shape {ref.shape} does not match metadata {sizes}")
-        return archive.array(ref).reshape(sizes)
+    def _locate(self, key: str, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> _Chunk:
+        """Where a chunk's tensor lies in its file; its record is parsed once, then remembered."""
+        found = self._located.get((key, offsets))
+        if found is not None:
+            return found
+        storage = self._storage_entry(key, offsets)
+        with self._maps.use(storage.relative_path) as buf:
+            archive = self._archive(buf, storage, key, offsets)
+            ref = archive.load()
+            if not isinstance(ref, TensorRef):
+                raise CheckpointError(f"{archive.source}: record holds a {type(ref).__name__}, not a tensor")
+            if ref.storage.dtype != info.dtype:
+                raise CheckpointError(
+                    f"{archive.source}: chunk dtype {ref.storage.dtype} differs from metadata {info.dtype}"
+                )
+            if np.prod(ref.shape) != np.prod(sizes):
+                raise CheckpointError(f"{archive.source}: chunk shape {ref.shape} does not match metadata {sizes}")
+            chunk = _Chunk(storage.relative_path, archive.storage_start(ref), ref)
+        self._located[(key, offsets)] = chunk
+        return chunk
 
-    def _archive(self, key: str, offsets: tuple[int, ...] | None) -> TorchArchive:
-        where = f"{key} chunk at {offsets}" if offsets is not None else key
+    def _storage_entry(self, key: str, offsets: tuple[int, ...] | None) -> Any:
         storage = self._storage.get((key, offsets))
         if storage is None:
+            where = f"{key} chunk at {offsets}" if offsets is not None else key
             raise CheckpointError(f"{self._metadata_file}: no storage entry for {where}; the metadata is incomplete")
+        return storage
+
+    def _archive(self, buf: mmap.mmap, storage: Any, key: str, offsets: tuple[int, ...] | None) -> TorchArchive:
+        where = f"{key} chunk at {offsets}" if offsets is not None else key
         if getattr(storage, "transform_descriptors", None):
             raise CheckpointError(
                 f"{storage.relative_path}: {where} is stored with transforms {storage.transform_descriptors}, which are not supported"
             )
-        buf = self._map(storage.relative_path)
         return TorchArchive(
             buf, int(storage.offset), int(storage.length), f"{self.path / storage.relative_path} [{where}]"
         )
 
     def _load_object(self, key: str) -> Any:
         """A ShardedObject's bytes are a `torch.save` archive of the object."""
-        return self._archive(key, None).load()
+        storage = self._storage_entry(key, None)
+        with self._maps.use(storage.relative_path) as buf:
+            return self._archive(buf, storage, key, None).load()
 
     def _map(self, relative_path: str) -> mmap.mmap:
-        if relative_path not in self._maps:
-            file = self.path / relative_path
-            try:
-                with open(file, "rb") as handle:
-                    self._maps[relative_path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{file}: cannot open shard file ({exc})") from exc
-        return self._maps[relative_path]
+        file = self.path / relative_path
+        try:
+            with open(file, "rb") as handle:
+                return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{file}: cannot open shard file ({exc})") from exc
 
     def close(self) -> None:
-        for buf in self._maps.values():
-            try:
-                buf.close()
-            except BufferError:  # a view is still referenced (say, by a traceback); collected later
-                pass
-        self._maps.clear()
+        self._maps.close()
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A chunk's tensor: its file (relative), where its storage begins there, and its layout."""
+
+    path: str
+    start: int
+    ref: TensorRef
+
+    @property
+    def nbytes(self) -> int:
+        return self.ref.storage.numel * self.ref.storage.dtype.itemsize
+
+
+def _close_map(buf: mmap.mmap) -> None:
+    with contextlib.suppress(BufferError):  # a view is still referenced (say, by a traceback); collected later
+        buf.close()
 
 
 _COMMON_OBJECTS = ("args", "iteration", "checkpoint_version")
