@@ -45,6 +45,7 @@ __all__ = [
     "default_workers",
     "read_source",
     "staged_output",
+    "step_outputs",
     "write_json",
     "write_weights",
 ]
@@ -323,6 +324,17 @@ def _compute(
         outputs.write(target, blocks)
         if on_tensor is not None:
             on_tensor(target, blocks)
+
+
+def step_outputs(
+    plan: Plan, reader: CheckpointReader, step: Step, device: str = "auto"
+) -> list[tuple[Target, np.ndarray]]:
+    """A step's HF tensors as arrays of the bytes `write_weights` writes for them (for `diff`)."""
+    outputs = []
+    for target, blocks in zip(step.targets, _computed(reader, step, device, plan.dims), strict=True):
+        data = b"".join(blocks) if len(blocks) != 1 else blocks[0]
+        outputs.append((target, np.frombuffer(data, dtype=target.dtype.np).reshape(target.shape)))
+    return outputs
 
 
 def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[list[memoryview]]:
