@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -62,6 +62,8 @@ class Computed(Rule):
     """``inner``'s outputs computed on in fp32: FP8 weight values (w / scale, clipped to ±448) or scales
     (amax / 448, in the compressed-tensors shape)."""
 
+    computes: ClassVar[DType | None] = FLOAT32
+
     inner: Rule | None = None
     stored: DType = FLOAT32  # the source's dtype (rules see raw bytes)
     scales: tuple[np.ndarray | float, ...] = ()  # one divisor per target
@@ -70,9 +72,6 @@ class Computed(Rule):
 
     def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
         return list(self.shapes) if self.shapes else self.inner.target_shapes(shape, dims, key)
-
-    def output_dtype(self, source: DType) -> DType:
-        return FLOAT32
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         values = cast(array, self.stored, FLOAT32).astype(np.float32)

@@ -73,6 +73,9 @@ class Rule:
     # `apply` only picks, reorders or repeats rows (the first axis): the writer may then copy the rows
     # file to file instead of calling it. Subclasses that do anything else must leave this False.
     rows_only: ClassVar[bool] = False
+    # The dtype `apply` returns new values in, for a rule that computes them (FP8 export); None for rules that
+    # only move the source's bytes (the writer may then cast before applying them).
+    computes: ClassVar[DType | None] = None
 
     sources: tuple[str, ...]
     targets: tuple[str, ...]
@@ -113,10 +116,6 @@ class Rule:
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         return [array]
-
-    def output_dtype(self, source: DType) -> DType:
-        """The dtype of `apply`'s outputs: the source's, since rules only move bytes (FP8 export computes)."""
-        return source
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,14 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
     if step.delta is not None or any(target.dtype != source.dtype for target in step.targets):
         return None
     selected = selected_rows(step, dims)
+    if selected is None:
+        return None
     parts = []
     for key, box in source.parts:
         part = _pieces(reader, key, box, source)
         if part is None:
             return None
         parts.append(part)
-    if selected is None:
-        return None
     row_bytes = source.dtype.itemsize * int(np.prod(source.shape[1:], dtype=np.int64))
     firsts = list(itertools.accumulate((rows for rows, _ in parts), initial=0))  # each part's first source row
     plans = []
@@ -95,7 +95,7 @@ def selected_rows(step: Step, dims: Dims) -> list[list[tuple[int, int]]] | None:
     picked = step.rule.apply(np.arange(rows, dtype=np.int64).reshape(rows, 1), dims)
     result = []
     for target, out in zip(step.targets, picked, strict=True):
-        if out.shape != (target.shape[0], 1) or target.shape[1:] != step.source.shape[1:]:
+        if not target.shape or out.shape != (target.shape[0], 1) or target.shape[1:] != step.source.shape[1:]:
             return None
         numbers = np.asarray(out[:, 0])
         breaks = np.flatnonzero(np.diff(numbers) != 1) + 1

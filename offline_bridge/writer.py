@@ -1,7 +1,8 @@
 """Carry out a plan: headers first, then each tensor's bytes streamed into its place; index and config.
 
 Output goes to a hidden temporary directory beside OUT_DIR, renamed into place only when complete, so
-an interrupted or failed run never leaves something that looks like a finished checkpoint.
+an interrupted or failed run never leaves something that looks like a finished checkpoint. A killed run
+leaves its `.<OUT_DIR>.partial-<pid>` behind; the next run into the same OUT_DIR removes it.
 
 Every tensor has a planned file and offset, so steps run in any order and on several threads with the same
 bytes as the result. Steps go in the order their bytes lie in the checkpoint's files. A step that only
@@ -74,6 +75,7 @@ def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -86,8 +88,33 @@ def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             staging.rename(out)
+    except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
+        raise BridgeError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed)."""
+    prefix = f".{out.name}."
+    for leftover in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
+        kind, _, pid = leftover.name[len(prefix) :].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():  # killed between the two renames: the old output is the output
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class OutputFiles:
@@ -344,9 +371,8 @@ def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> 
     array = read_source(reader, step.source)
     (dtype,) = {t.dtype for t in step.targets}
     delta = step.delta
-    computed = step.rule.output_dtype(step.source.dtype)
-    if computed != step.source.dtype:  # the rule computes new values (FP8 export): apply, then cast its outputs
-        return [[_bytes(cast(out, computed, dtype))] for out in _applied(step, array, dims)]
+    if step.rule.computes is not None:  # new values (FP8 export): apply the rule, then cast its outputs
+        return [[_bytes(cast(out, step.rule.computes, dtype))] for out in _applied(step, array, dims)]
     if delta is None:
         whole = cast(array, step.source.dtype, dtype)
     else:

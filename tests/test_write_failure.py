@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,9 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+WRITE_CALLS = ("pwrite", "pwritev", "copy_file_range")
+
+
 def _disk_full(*_: object) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -34,14 +38,18 @@ def _disk_full(*_: object) -> None:
 @pytest.mark.parametrize("stage", ["tensors", "manifest"])
 def test_disk_full(stage: str, checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt, out = checkpoints[BASE_SPEC], tmp_path / "out"
-    if stage == "tensors":
-        real, calls = os.pwrite, []
+    if stage == "tensors":  # every way the writer puts bytes into a file fails after a few calls
+        calls = []
 
-        def pwrite(fd: int, data: object, offset: int) -> int:
-            calls.append(offset)
-            return _disk_full() if len(calls) > 10 else real(fd, data, offset)
+        def failing(real: Callable[..., int]) -> Callable[..., int]:
+            def write(*args: object) -> int:
+                calls.append(args)
+                return _disk_full() if len(calls) > 10 else real(*args)
 
-        monkeypatch.setattr(os, "pwrite", pwrite)
+            return write
+
+        for name in WRITE_CALLS:
+            monkeypatch.setattr(os, name, failing(getattr(os, name)))
     else:  # everything but the manifest is in place when the disk fills up
         real_write = Path.write_text
         monkeypatch.setattr(
@@ -60,11 +68,13 @@ def test_disk_full(stage: str, checkpoints: dict, tmp_path: Path, monkeypatch: p
 
 SLOW_CONVERT = """
 import os, sys, time
-real = os.pwrite
-def slow(*args):
-    time.sleep(0.05)
-    return real(*args)
-os.pwrite = slow
+def slowed(real):
+    def slow(*args):
+        time.sleep(0.05)
+        return real(*args)
+    return slow
+for name in ("pwrite", "pwritev", "copy_file_range"):
+    setattr(os, name, slowed(getattr(os, name)))
 from offline_bridge.cli import main
 main()
 """

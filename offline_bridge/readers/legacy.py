@@ -257,7 +257,7 @@ class LegacyReader(CheckpointReader):
         """The TP shards where they lie in the rank files; None for a replicated tensor (`read` checks that
         the ranks agree) or a shard that is not contiguous in its storage."""
         shards = self._shards.get(key)
-        rule = self._tp_rule(key) if shards and len(shards) > 1 else "whole"
+        rule = self._tp_rule(key, len(self._tensors[key].shape)) if shards and len(shards) > 1 else "whole"
         if shards is None or rule is None:
             return None
         info = self._tensors[key]
