@@ -136,7 +136,7 @@ def write_manifest(out_dir: Path, command: str, options: Mapping[str, Any], sour
                 header = hashlib.sha256(st.header()).hexdigest()
                 files[path.name] = {"size": path.stat().st_size, "header_sha256": header}
                 entries = list(st.tensors.values())
-                digests = pool.map(lambda entry, st=st: hashlib.sha256(st.raw(entry.name)).hexdigest(), entries)
+                digests = pool.map(lambda entry, st=st: st.sha256(entry.name), entries)
                 for entry, digest in zip(entries, digests, strict=True):
                     tensors[entry.name] = {
                         "file": path.name,
@@ -217,6 +217,6 @@ def _verify_safetensors(path: Path, entry: Mapping[str, Any], tensors: Mapping[s
                 problems.append(f"{path.name}: tensor {name} missing")
             elif [found.dtype.safetensors, list(found.shape)] != [recorded.get("dtype"), recorded.get("shape")]:
                 problems.append(f"{path.name}: tensor {name} is {found.dtype.safetensors}{list(found.shape)}")
-            elif hashlib.sha256(st.raw(name)).hexdigest() != recorded.get("sha256"):
+            elif st.sha256(name) != recorded.get("sha256"):
                 problems.append(f"{path.name}: tensor {name}: sha256 differs")
         return problems

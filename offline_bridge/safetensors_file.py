@@ -7,6 +7,7 @@ no overlaps). Tensor bytes are then views of a read-only map; nothing is copied 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -20,11 +21,13 @@ import numpy as np
 
 from .dtypes import DTYPES, DType
 from .errors import CheckpointError
+from .torch_save import release_pages
 
 __all__ = ["MAX_HEADER", "SafetensorsFile", "StEntry"]
 
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _BY_CODE = {d.safetensors: d for d in DTYPES}
+_HASH_BLOCK = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,17 @@ class SafetensorsFile:
     def raw(self, name: str) -> memoryview:
         entry = self.tensors[name]
         return memoryview(self._buf)[entry.begin : entry.end]
+
+    def sha256(self, name: str) -> str:
+        """The tensor's sha256, read block by block; pages are unmapped once hashed, so memory stays one block
+        whatever the file size (the page cache keeps them)."""
+        entry, digest = self.tensors[name], hashlib.sha256()
+        for start in range(entry.begin, entry.end, _HASH_BLOCK):
+            stop = min(start + _HASH_BLOCK, entry.end)
+            digest.update(memoryview(self._buf)[start:stop])
+            if isinstance(self._buf, mmap.mmap):
+                release_pages(self._buf, start, stop - start)
+        return digest.hexdigest()
 
     def array(self, name: str) -> np.ndarray:
         """A read-only view of the tensor (bf16 as uint16, as everywhere in offline-bridge)."""
