@@ -57,16 +57,31 @@ def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tupl
 
 
 def _find(
-    reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, int], dims: Dims, *, diagnose: bool = False
+    reader: CheckpointReader,
+    patterns: tuple[str, ...],
+    index: dict[str, int],
+    dims: Dims,
+    *,
+    diagnose: bool = False,
+    saved_apart: tuple[str, ...] = (),
 ) -> Source | None:
-    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one.
+    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one,
+    or its pieces saved apart (swiglu halves `_w` / `_v`, or the rule's ``saved_apart`` suffixes).
 
     A key whose stacked axes have the wrong size does not match; with ``diagnose`` it raises instead.
     """
     sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
     for pattern in patterns:
         for key, axes in _candidates(pattern, index):
-            keys = [key] if key in reader.tensors else [key + "_w", key + "_v"]  # halves saved apart
+            splits = [("_w", "_v"), saved_apart] if saved_apart else [("_w", "_v")]
+            keys = (
+                [key]
+                if key in reader.tensors
+                else next(
+                    ([key + p for p in split] for split in splits if all(key + p in reader.tensors for p in split)),
+                    [key],
+                )
+            )
             infos = [reader.tensors.get(k) for k in keys]
             if None in infos:
                 continue
@@ -94,8 +109,20 @@ def _find(
     return None
 
 
+def _packs_experts(rule: Rule, index: dict[str, int]) -> bool:
+    """A rule that stacks every expert of a layer into one HF parameter (`{e}` in its source only)."""
+    return "e" not in index and "{e}" in rule.sources[0]
+
+
 def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
-    source = _find(reader, rule.sources, index, dims) or _find(reader, rule.sources, index, dims, diagnose=True)
+    if _packs_experts(rule, index):  # every expert's parts, rows joined expert-major: one layer at a time
+        experts = [_resolve(reader, rule, {**index, "e": e}, dims) for e in range(dims.num_experts)]
+        first = experts[0]
+        rows = sum(s.shape[0] for s in experts)
+        return Source(tuple(p for s in experts for p in s.parts), (rows, *first.shape[1:]), first.dtype, first.pattern)
+    source = _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
+        reader, rule.sources, index, dims, diagnose=True, saved_apart=rule.saved_apart
+    )
     if source is not None:
         return source
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
@@ -134,7 +161,20 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     steps = []
     for rule, index in expand(family, dims):
         source = _resolve(reader, rule, index, dims)
-        delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
+        delta = (
+            None
+            if _packs_experts(rule, index)
+            else find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
+        )
+        if rule.saved_apart and len(source.parts) == 1 and _training_tp(reader) != 1:
+            raise CheckpointError(
+                f"{source.key}: this tensor is fused in its TP-local layout (rank-major pieces, training TP "
+                f"{_training_tp(reader)}), which is not supported yet; save the checkpoint as torch_dist"
+            )
+        if delta is not None and rule.saved_apart:
+            raise CheckpointError(
+                f"{source.key}: a LoRA adapter on a tensor Megatron saves apart (GDN in_proj) is not supported yet"
+            )
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -148,6 +188,10 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
         names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
     return steps
+
+
+def _training_tp(reader: CheckpointReader) -> int | None:
+    return getattr(reader.args, "tensor_model_parallel_size", None)
 
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:

@@ -1,8 +1,10 @@
-"""The transforms a mapping table can name: copy, vocab trim, QKV split, gated-MLP split.
+"""The transforms a mapping table can name: copy, vocab trim, QKV split, gated-MLP split, and the Gated
+DeltaNet hybrids' gated QKV, GDN input projection, packed experts and zero-centred norm.
 
 A rule reads one Megatron tensor (global, TP-invariant layout) and produces one or more HF tensors. Rules
-work on numpy arrays of any dtype (bf16 moves as uint16): they only slice and reshape, never compute.
-Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global expert index.
+work on numpy arrays of any dtype (bf16 moves as uint16): they slice and reshape, and compute nothing but
+the +1 of a zero-centred norm. Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global
+expert index; a rule whose source holds ``{e}`` and whose targets do not stacks all experts (packed).
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ __all__ = [
     "QKV",
     "Copy",
     "Dims",
+    "GatedDeltaInProj",
     "GatedMLP",
+    "GatedQKV",
+    "Packed",
+    "PlusOne",
     "Repeat",
     "Rule",
     "VocabRows",
     "dense_layer",
+    "full_attention_layer",
     "fused_part_rows",
+    "linear_attention_layer",
     "moe_layer",
     "only",
     "untied",
@@ -65,6 +73,15 @@ def dense_layer(dims: Dims, layer: int | None) -> bool:
     return layer not in dims.moe_layers
 
 
+def linear_attention_layer(dims: Dims, layer: int | None) -> bool:
+    """A Gated DeltaNet layer (HF config `layer_types`)."""
+    return layer is not None and dims.config["layer_types"][layer] == "linear_attention"
+
+
+def full_attention_layer(dims: Dims, layer: int | None) -> bool:
+    return layer is not None and dims.config["layer_types"][layer] == "full_attention"
+
+
 @dataclass(frozen=True)
 class Rule:
     """Base rule: ``sources`` (alternative Megatron names of one tensor) → ``targets`` (HF names)."""
@@ -73,6 +90,9 @@ class Rule:
     targets: tuple[str, ...]
     when: Condition | None = None  # the rule applies only where this holds
     expect: Callable[[Mapping[str, Any]], Shape] | None = None  # source shape the HF config implies
+    # Suffixes of the tensors Megatron saves the source apart as (rows joined in this order) when the
+    # source key itself is absent; swiglu halves `_w` / `_v` are always tried.
+    saved_apart: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -81,9 +101,10 @@ class Rule:
         *targets: str,
         when: Condition | None = None,
         expect: Callable[[Mapping[str, Any]], Shape] | None = None,
+        saved_apart: tuple[str, ...] = (),
     ) -> Rule:
         """Table shorthand: ``QKV.of(src, q, k, v)``; ``source`` may be a tuple of aliases."""
-        return cls(source if isinstance(source, tuple) else (source,), targets, when, expect)
+        return cls(source if isinstance(source, tuple) else (source,), targets, when, expect, saved_apart)
 
     def check(self, shape: Shape, dims: Dims, key: str) -> None:
         """Raise, naming both values, if the checkpoint and the HF config disagree on this tensor's shape."""
@@ -257,3 +278,116 @@ class RankMajorGatedMLP(GatedMLP):
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         return super().apply(rank_major_gated(array, self.tp), dims)
+
+
+@dataclass(frozen=True)
+class GatedQKV(QKV):
+    """Fused QKV with an attention output gate (Qwen3-Next / Qwen3.5 full attention): per query group
+    `[q heads; gate heads; k; v]` → HF q_proj with query and gate per head `[q_h; gate_h]`, k, v."""
+
+    def _grouped(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int]:
+        groups, head_dim = dims.num_query_groups, dims.head_dim
+        per_group = dims.num_heads // groups
+        if shape[0] != groups * (2 * per_group + 2) * head_dim:
+            raise CheckpointError(
+                f"{key} has {shape[0]} rows; a gated QKV with num_attention_heads={dims.num_heads}, "
+                f"num_key_value_heads={groups}, head_dim={head_dim} needs {groups * (2 * per_group + 2) * head_dim}"
+                " — the config does not match the checkpoint"
+            )
+        return groups, per_group, head_dim
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        groups, per_group, head_dim = self._grouped(shape, dims, key)
+        rest = shape[1:]
+        kv = (groups * head_dim, *rest)
+        return [(2 * groups * per_group * head_dim, *rest), kv, kv]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        groups, per_group, head_dim = self._grouped(array.shape, dims, self.sources[0])
+        rest = array.shape[1:]
+        grouped = array.reshape(groups, 2 * per_group + 2, head_dim, *rest)
+        query_gate = np.stack([grouped[:, :per_group], grouped[:, per_group : 2 * per_group]], axis=2)
+        return [
+            query_gate.reshape(-1, *rest),
+            grouped[:, 2 * per_group].reshape(-1, *rest),
+            grouped[:, 2 * per_group + 1].reshape(-1, *rest),
+        ]
+
+
+GDN_IN_PROJ_PARTS = (".query", ".key", ".value", ".z", ".beta", ".alpha")  # how Megatron saves in_proj apart
+GDN_CONV_PARTS = (".query", ".key", ".value")
+
+
+def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
+    """(key heads, key head dim, value heads, value head dim) of the Gated DeltaNet layers."""
+    c = dims.config
+    try:
+        return (
+            int(c["linear_num_key_heads"]),
+            int(c["linear_key_head_dim"]),
+            int(c["linear_num_value_heads"]),
+            int(c["linear_value_head_dim"]),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"the HF config lacks {exc}, needed for the Gated DeltaNet layers") from exc
+
+
+@dataclass(frozen=True)
+class GatedDeltaInProj(Rule):
+    """GDN in_proj, joined from its pieces as `[q; k; v; z; b; a]` (each over all heads, as Megatron saves
+    them apart) → Qwen3.5 `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, or with ``grouped``
+    Qwen3-Next `in_proj_qkvz` `[q; k; v; z]` and `in_proj_ba` `[b; a]`, both grouped per key head."""
+
+    grouped: bool = False
+
+    def _sizes(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int, int]:
+        nk, dk, nv, dv = _linear_heads(dims)
+        if shape[0] != 2 * nk * dk + 2 * nv * dv + 2 * nv or nv % nk:
+            raise CheckpointError(
+                f"{key} has {shape[0]} rows; linear_num_key_heads={nk}, linear_key_head_dim={dk}, "
+                f"linear_num_value_heads={nv}, linear_value_head_dim={dv} need {2 * nk * dk + 2 * nv * dv + 2 * nv}"
+            )
+        return nk, dk, nv, dv
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        nk, dk, nv, dv = self._sizes(shape, dims, key)
+        rest = shape[1:]
+        if self.grouped:
+            return [(2 * nk * dk + 2 * nv * dv, *rest), (2 * nv, *rest)]
+        return [(2 * nk * dk + nv * dv, *rest), (nv * dv, *rest), (nv, *rest), (nv, *rest)]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        nk, dk, nv, dv = self._sizes(array.shape, dims, self.sources[0])
+        rest = array.shape[1:]
+        q, k, v, z, b, a = np.split(array, np.cumsum([nk * dk, nk * dk, nv * dv, nv * dv, nv]))
+        if not self.grouped:
+            return [np.concatenate([q, k, v]), z, b, a]
+        per_key = [t.reshape(nk, -1, *rest) for t in (q, k, v, z, b, a)]  # value heads follow their key head
+        return [
+            np.concatenate(per_key[:4], axis=1).reshape(-1, *rest),
+            np.concatenate(per_key[4:], axis=1).reshape(-1, *rest),
+        ]
+
+
+@dataclass(frozen=True)
+class Packed(Rule):
+    """All experts of a layer, stacked (rows joined expert-major), as one HF parameter `[E, out, in]`
+    (Qwen3.5-MoE `mlp.experts.gate_up_proj` `[E, 2I, H]` keeps fc1's `[gate; up]`, `down_proj` `[E, H, I]`)."""
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        return [(dims.num_experts, shape[0] // dims.num_experts, *shape[1:])]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [array.reshape(dims.num_experts, -1, *array.shape[1:])]
+
+
+@dataclass(frozen=True)
+class PlusOne(Rule):
+    """A zero-centred norm weight `w` (Megatron computes `1 + w`) → a plain one holding `1 + w`, rounded
+    once in the stored dtype (bf16 as its uint16 bits, round-to-nearest-even like torch)."""
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        if array.dtype == np.uint16:  # bfloat16
+            bits = ((array.astype(np.uint32) << 16).view(np.float32) + np.float32(1)).view(np.uint32)
+            return [((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)]
+        return [array + array.dtype.type(1)]
