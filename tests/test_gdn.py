@@ -1,0 +1,92 @@
+"""Gated DeltaNet hybrids (Qwen3.5, Qwen3.5-MoE, Qwen3-Next): megatron-core builds and runs them on CPU (torch
+delta rule), transformers judges the converted output against Megatron's forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from judge import assert_matches_megatron
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from offline_bridge import convert
+from offline_bridge.rules import PlusOne
+from tools.megatron_fixtures import FixtureSpec, build_fixtures
+
+DENSE = FixtureSpec("qwen3_5", tp=2, num_attention_heads=4)
+DENSE_PP2 = FixtureSpec("qwen3_5", tp=2, pp=2, num_attention_heads=4)
+MOE = FixtureSpec("qwen3_next", tp=2, num_attention_heads=4)  # expert TP 2, shared expert with its gate
+GDN_SPECS = [DENSE, DENSE_PP2, MOE]
+ATOL = 1e-4  # the delta rule's chunked recurrence and the gates amplify fp32 rounding (measured ~4e-5)
+
+# (fixture, --model-type or None to infer, HF model_type written)
+CASES = [
+    (DENSE, None, "qwen3_5_text"),
+    (DENSE_PP2, None, "qwen3_5_text"),
+    (MOE, None, "qwen3_next"),
+    (MOE, "qwen3_5_moe", "qwen3_5_moe_text"),
+]
+
+
+@pytest.fixture(scope="module")
+def gdn_checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
+    return build_fixtures(GDN_SPECS, megatron_cache)
+
+
+@pytest.mark.parametrize(("spec", "model_type", "hf_type"), CASES, ids=lambda c: getattr(c, "name", c))
+def test_gdn_parity(spec: FixtureSpec, model_type: str | None, hf_type: str, gdn_checkpoints: dict, tmp_path: Path):
+    out = convert(gdn_checkpoints[spec], tmp_path / "hf", model_type=model_type, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == hf_type
+    assert config["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]  # linear_attention_freq=4
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.25
+    assert_matches_megatron(out, spec, gdn_checkpoints[spec], atol=ATOL)
+
+
+def test_qwen3_5_moe_experts_are_packed_qwen3_next_per_expert(gdn_checkpoints: dict, tmp_path: Path):
+    """The same experts: Qwen3.5-MoE `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I], Qwen3-Next per expert."""
+    packed = load_file(
+        convert(gdn_checkpoints[MOE], tmp_path / "a", model_type="qwen3_5_moe", progress=False) / "model.safetensors"
+    )
+    split = load_file(convert(gdn_checkpoints[MOE], tmp_path / "b", progress=False) / "model.safetensors")
+    for layer in range(MOE.num_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = packed[prefix + "gate_up_proj"], packed[prefix + "down_proj"]
+        assert gate_up.shape == (MOE.num_experts, 2 * MOE.moe_ffn_hidden_size, MOE.hidden_size)
+        assert down.shape == (MOE.num_experts, MOE.hidden_size, MOE.moe_ffn_hidden_size)
+        for e in range(MOE.num_experts):
+            gate, up = split[f"{prefix}{e}.gate_proj.weight"], split[f"{prefix}{e}.up_proj.weight"]
+            assert torch.equal(gate_up[e], torch.cat([gate, up])), (layer, e)
+            assert torch.equal(down[e], split[f"{prefix}{e}.down_proj.weight"]), (layer, e)
+
+
+def test_vision_language_config_prefixes_the_language_model(gdn_checkpoints: dict, tmp_path: Path):
+    """A `Qwen3_5ForConditionalGeneration` config: names under `model.language_model.`, which transformers'
+    text model loads (its own prefix change) and runs as Megatron does."""
+    text = json.loads((convert(gdn_checkpoints[DENSE], tmp_path / "text", progress=False) / "config.json").read_text())
+    vl = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text}
+    (tmp_path / "config.json").write_text(json.dumps(vl))
+    out = convert(gdn_checkpoints[DENSE], tmp_path / "vl", hf_config=tmp_path / "config.json", progress=False)
+    with safe_open(out / "model.safetensors", "np") as f:
+        names = set(f.keys())
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    assert all(n.startswith("model.language_model.") for n in names - {"lm_head.weight"})
+    assert_matches_megatron(out, DENSE, gdn_checkpoints[DENSE], atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_zero_centred_norm_plus_one_rounds_like_torch(dtype: torch.dtype):
+    """`1 + w` in the stored dtype, as torch rounds `(w.float() + 1).to(dtype)` (bf16 via its uint16 bits)."""
+    w = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    carrier = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}[dtype]
+    array = w.view(carrier).numpy()
+    if dtype == torch.bfloat16:
+        array = array.view(np.uint16)
+    (out,) = PlusOne.of("w", "w").apply(array, None)
+    expected = (w.float() + 1).to(dtype).view(carrier).numpy()
+    assert out.dtype == array.dtype
+    assert np.array_equal(out.view(expected.dtype), expected)
