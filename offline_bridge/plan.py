@@ -14,7 +14,7 @@ from .dtypes import DType
 from .errors import CheckpointError, OptionError
 from .families import Family
 from .readers.base import CheckpointReader, is_model_key
-from .rules import Dims, Rule
+from .rules import Dims, GatedDeltaPieces, Rule
 from .schema import Delta, FilePlan, Lora, Plan, Source, Step, Target
 
 __all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
@@ -166,11 +166,8 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
             if _packs_experts(rule, index)
             else find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
         )
-        if rule.saved_apart and len(source.parts) == 1 and _training_tp(reader) != 1:
-            raise CheckpointError(
-                f"{source.key}: this tensor is fused in its TP-local layout (rank-major pieces, training TP "
-                f"{_training_tp(reader)}), which is not supported yet; save the checkpoint as torch_dist"
-            )
+        if isinstance(rule, GatedDeltaPieces) and len(source.parts) == 1:  # fused: rows in TP-local blocks
+            rule = replace(rule, tp=_training_tp(reader, source.key))
         if delta is not None and rule.saved_apart:
             raise CheckpointError(
                 f"{source.key}: a LoRA adapter on a tensor Megatron saves apart (GDN in_proj) is not supported yet"
@@ -190,8 +187,12 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     return steps
 
 
-def _training_tp(reader: CheckpointReader) -> int | None:
-    return getattr(reader.args, "tensor_model_parallel_size", None)
+def _training_tp(reader: CheckpointReader, key: str) -> int:
+    """The TP a TP-local layout was saved at, from the checkpoint's args."""
+    tp = getattr(reader.args, "tensor_model_parallel_size", None)
+    if not isinstance(tp, int) or tp < 1:
+        raise CheckpointError(f"{key} is fused in its TP-local layout, but the checkpoint's args give no training TP")
+    return tp
 
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:

@@ -21,7 +21,9 @@ __all__ = [
     "QKV",
     "Copy",
     "Dims",
+    "GatedDeltaConv",
     "GatedDeltaInProj",
+    "GatedDeltaPieces",
     "GatedMLP",
     "GatedQKV",
     "Packed",
@@ -333,40 +335,72 @@ def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
 
 
 @dataclass(frozen=True)
-class GatedDeltaInProj(Rule):
-    """GDN in_proj, joined from its pieces as `[q; k; v; z; b; a]` (each over all heads, as Megatron saves
-    them apart) → Qwen3.5 `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, or with ``grouped``
-    Qwen3-Next `in_proj_qkvz` `[q; k; v; z]` and `in_proj_ba` `[b; a]`, both grouped per key head."""
+class GatedDeltaPieces(Rule):
+    """A GDN tensor Megatron saves apart, its pieces joined piece-major (each over all heads); or, fused
+    (legacy `--ckpt-format torch`), rank-major: per TP rank its own slice of every piece in turn."""
+
+    tp: int = 1  # > 1: the source is the fused tensor saved at this training TP
+
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
+        raise NotImplementedError
+
+    def joined(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        """The pieces in true order, whichever way they were saved."""
+        rows = self.piece_rows(array.shape, dims, self.sources[0])
+        if any(n % self.tp for n in rows):
+            raise CheckpointError(f"{self.sources[0]}: pieces of {rows} rows cannot be split over TP {self.tp}")
+        local = [n // self.tp for n in rows]
+        ranks = [np.split(block, np.cumsum(local)[:-1]) for block in np.split(array, self.tp)]
+        return [np.concatenate([pieces[j] for pieces in ranks]) for j in range(len(rows))]
+
+
+@dataclass(frozen=True)
+class GatedDeltaConv(GatedDeltaPieces):
+    """GDN conv1d `[C, 1, K]` from its q, k, v channels (HF conv1d runs over `[q; k; v]` too)."""
+
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
+        nk, dk, nv, dv = _linear_heads(dims)
+        if shape[0] != 2 * nk * dk + nv * dv:
+            raise CheckpointError(
+                f"{key} has {shape[0]} channels; the config's linear heads need {2 * nk * dk + nv * dv}"
+            )
+        return [nk * dk, nk * dk, nv * dv]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [np.concatenate(self.joined(array, dims))]
+
+
+@dataclass(frozen=True)
+class GatedDeltaInProj(GatedDeltaPieces):
+    """GDN in_proj `[q; k; v; z; b; a]` → Qwen3.5 `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, or with
+    ``grouped`` Qwen3-Next `in_proj_qkvz` `[q; k; v; z]` and `in_proj_ba` `[b; a]`, both grouped per key head."""
 
     grouped: bool = False
 
-    def _sizes(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int, int]:
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
         nk, dk, nv, dv = _linear_heads(dims)
         if shape[0] != 2 * nk * dk + 2 * nv * dv + 2 * nv or nv % nk:
             raise CheckpointError(
                 f"{key} has {shape[0]} rows; linear_num_key_heads={nk}, linear_key_head_dim={dk}, "
                 f"linear_num_value_heads={nv}, linear_value_head_dim={dv} need {2 * nk * dk + 2 * nv * dv + 2 * nv}"
             )
-        return nk, dk, nv, dv
+        return [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv]
 
     def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
-        nk, dk, nv, dv = self._sizes(shape, dims, key)
+        q, k, v, z, b, a = self.piece_rows(shape, dims, key)
         rest = shape[1:]
         if self.grouped:
-            return [(2 * nk * dk + 2 * nv * dv, *rest), (2 * nv, *rest)]
-        return [(2 * nk * dk + nv * dv, *rest), (nv * dv, *rest), (nv, *rest), (nv, *rest)]
+            return [(q + k + v + z, *rest), (b + a, *rest)]
+        return [(q + k + v, *rest), (z, *rest), (b, *rest), (a, *rest)]
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
-        nk, dk, nv, dv = self._sizes(array.shape, dims, self.sources[0])
-        rest = array.shape[1:]
-        q, k, v, z, b, a = np.split(array, np.cumsum([nk * dk, nk * dk, nv * dv, nv * dv, nv]))
+        q, k, v, z, b, a = self.joined(array, dims)
         if not self.grouped:
             return [np.concatenate([q, k, v]), z, b, a]
+        nk, rest = _linear_heads(dims)[0], array.shape[1:]
         per_key = [t.reshape(nk, -1, *rest) for t in (q, k, v, z, b, a)]  # value heads follow their key head
-        return [
-            np.concatenate(per_key[:4], axis=1).reshape(-1, *rest),
-            np.concatenate(per_key[4:], axis=1).reshape(-1, *rest),
-        ]
+        qkvz = np.concatenate(per_key[:4], axis=1).reshape(-1, *rest)
+        return [qkvz, np.concatenate(per_key[4:], axis=1).reshape(-1, *rest)]
 
 
 @dataclass(frozen=True)

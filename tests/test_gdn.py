@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 from offline_bridge import convert
 from offline_bridge.rules import PlusOne
-from tools.megatron_fixtures import FixtureSpec, build_fixtures
+from tools.megatron_fixtures import FixtureSpec, build_fixtures, legacy_root
 
-DENSE = FixtureSpec("qwen3_5", tp=2, num_attention_heads=4)
+DENSE = FixtureSpec("qwen3_5", tp=2, num_attention_heads=4, legacy_twin=True)
 DENSE_PP2 = FixtureSpec("qwen3_5", tp=2, pp=2, num_attention_heads=4)
-MOE = FixtureSpec("qwen3_next", tp=2, num_attention_heads=4)  # expert TP 2, shared expert with its gate
+# expert TP 2, shared expert with its gate
+MOE = FixtureSpec("qwen3_next", tp=2, num_attention_heads=4, legacy_twin=True)
 GDN_SPECS = [DENSE, DENSE_PP2, MOE]
 ATOL = 1e-4  # the delta rule's chunked recurrence and the gates amplify fp32 rounding (measured ~4e-5)
 
@@ -44,6 +45,15 @@ def test_gdn_parity(spec: FixtureSpec, model_type: str | None, hf_type: str, gdn
     assert config["model_type"] == hf_type
     assert config["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]  # linear_attention_freq=4
     assert config["rope_parameters"]["partial_rotary_factor"] == 0.25
+    assert_matches_megatron(out, spec, gdn_checkpoints[spec], atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("spec", "model_type"), [(DENSE, None), (MOE, None), (MOE, "qwen3_5_moe")], ids=lambda c: getattr(c, "name", c)
+)
+def test_fused_tp_local_gdn_in_proj(spec: FixtureSpec, model_type: str | None, gdn_checkpoints: dict, tmp_path: Path):
+    """`--ckpt-format torch` keeps in_proj and conv1d fused, rows in TP-local blocks: regrouped by the args' TP."""
+    out = convert(legacy_root(gdn_checkpoints[spec]), tmp_path / "hf", model_type=model_type, progress=False)
     assert_matches_megatron(out, spec, gdn_checkpoints[spec], atol=ATOL)
 
 

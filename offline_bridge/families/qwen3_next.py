@@ -18,6 +18,7 @@ from ..rules import (
     GDN_CONV_PARTS,
     GDN_IN_PROJ_PARTS,
     Copy,
+    GatedDeltaConv,
     GatedDeltaInProj,
     GatedMLP,
     GatedQKV,
@@ -59,7 +60,7 @@ def linear_attention(in_proj: GatedDeltaInProj) -> tuple:
         (
             Copy.of((A + "in_proj.layer_norm_weight", M + "input_layernorm.weight"), H + "input_layernorm.weight"),
             in_proj,
-            Copy.of(A + "conv1d.weight", G + "conv1d.weight", saved_apart=GDN_CONV_PARTS),
+            GatedDeltaConv.of(A + "conv1d.weight", G + "conv1d.weight", saved_apart=GDN_CONV_PARTS),
             Copy.of(A + "A_log", G + "A_log"),
             Copy.of(A + "dt_bias", G + "dt_bias"),
             PlusOne.of(A + "out_norm.weight", G + "norm.weight"),

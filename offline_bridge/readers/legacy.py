@@ -53,6 +53,12 @@ _TP_RULES: tuple[tuple[str, int | str], ...] = (
     ("eh_proj.weight", 0),
     ("linear_proj.weight", 1),
     ("linear_fc2.weight", 1),
+    # Gated DeltaNet: in_proj and conv1d stay fused, rank-major (the GDN rules regroup them by the args' TP)
+    ("in_proj.weight", 0),
+    ("conv1d.weight", 0),
+    ("A_log", 0),
+    ("dt_bias", 0),
+    ("out_proj.weight", 1),
 )
 
 
