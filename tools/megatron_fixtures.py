@@ -937,7 +937,20 @@ def _layer_specs(spec: FixtureSpec, config, vp_stage: int | None, pp_rank: int):
     )
 
     if spec.is_gdn:
-        return _gdn_block_spec(spec, config, vp_stage, pp_rank), None
+        block = _gdn_block_spec(spec, config, vp_stage, pp_rank)
+        if not spec.mtp_num_layers:
+            return block, None
+        # The MTP layer's transformer layer is the block's last (full attention); its norms zero-centred too.
+        mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+        if mtp is not None:
+            norm = _zero_centred_rms_norm()
+            mtp.layer_specs = [
+                dataclasses.replace(
+                    s, submodules=dataclasses.replace(s.submodules, enorm=norm, hnorm=norm, layer_norm=norm)
+                )
+                for s in mtp.layer_specs
+            ]
+        return block, mtp
     if not spec.is_moe:
         return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"), None
     block = get_gpt_decoder_block_spec(

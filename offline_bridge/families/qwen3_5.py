@@ -55,7 +55,12 @@ def _moe_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _all_experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    return int(config["num_experts"]), frozenset(range(int(config["num_hidden_layers"])))
+    layers = frozenset(range(int(config["num_hidden_layers"])))
+    return int(config["num_experts"]), qwen3_next.with_mtp_experts(layers, config)
+
+
+DENSE_MLP = llama.MLP + llama.NORMS[1:]
+MOE_MLP = qwen3_next.ROUTER_AND_SHARED_EXPERT + PACKED_EXPERTS + llama.NORMS[1:]
 
 
 FAMILY = Family(
@@ -63,11 +68,13 @@ FAMILY = Family(
     architecture="Qwen3_5ForCausalLM",
     model_type="qwen3_5_text",
     head=llama.EMBEDDING,
-    layer=ATTENTION + llama.MLP + llama.NORMS[1:],
+    layer=ATTENTION + DENSE_MLP,
     tail=llama.FINAL,
     detect=lambda args: qwen3_next.is_gdn(args) and not getattr(args, "num_experts", None),
+    mtp=qwen3_next.mtp(DENSE_MLP),
     config={"attention_bias": False},
     from_args=_from_args,
+    mtp_layers=qwen3_next.mtp_layers,
     zero_centred_norms=True,
     partial_rotary=True,
 )
@@ -77,7 +84,8 @@ MOE_FAMILY = replace(
     name="qwen3_5_moe",
     architecture="Qwen3_5MoeForCausalLM",
     model_type="qwen3_5_moe_text",
-    layer=ATTENTION + qwen3_next.ROUTER_AND_SHARED_EXPERT + PACKED_EXPERTS + llama.NORMS[1:],
+    layer=ATTENTION + MOE_MLP,
+    mtp=qwen3_next.mtp(MOE_MLP),
     detect=lambda args: False,  # the same args as Qwen3-Next: only --model-type / --hf-config choose it
     from_args=_moe_from_args,
     experts=_all_experts,

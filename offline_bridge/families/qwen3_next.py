@@ -11,6 +11,8 @@ norm, plain in HF (+1). The tables here are shared with Qwen3.5 (`qwen3_5.py`).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError
@@ -23,6 +25,7 @@ from ..rules import (
     GatedMLP,
     GatedQKV,
     PlusOne,
+    Rule,
     dense_layer,
     full_attention_layer,
     linear_attention_layer,
@@ -91,14 +94,53 @@ ROUTER_AND_SHARED_EXPERT = only(
     ),
 )
 
-LAYER = (
-    linear_attention(IN_PROJ_GROUPED)
-    + GATED_ATTENTION
-    + ROUTER_AND_SHARED_EXPERT
-    + qwen3_moe.EXPERTS
-    + only(dense_layer, llama.MLP)
-    + llama.NORMS[1:]
-)
+MLP = ROUTER_AND_SHARED_EXPERT + qwen3_moe.EXPERTS + only(dense_layer, llama.MLP) + llama.NORMS[1:]
+
+LAYER = linear_attention(IN_PROJ_GROUPED) + GATED_ATTENTION + MLP
+
+
+def mtp(mlp: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """MTP depth k → HF `mtp.*` (which transformers skips on load): `enorm` / `hnorm` → `pre_fc_norm_embedding`
+    / `pre_fc_norm_hidden`, `eh_proj` → `fc`, `final_layernorm` → `norm`, and the transformer layer (Megatron
+    `transformer_layer`, newer `mtp_model_layer`: a full-attention layer) → `mtp.layers.{k}.*`."""
+    rules = tuple(replace(rule, when=None) for rule in GATED_ATTENTION) + mlp
+    layer = tuple(
+        replace(
+            rule,
+            sources=tuple(
+                s.replace(M, f"mtp.layers.{{k}}.{name}.")
+                for s in rule.sources
+                for name in ("transformer_layer", "mtp_model_layer")
+            ),
+            targets=tuple(t.replace(H, "mtp.layers.{k}.") for t in rule.targets),
+        )
+        for rule in rules
+    )
+    return (
+        Copy.of("mtp.layers.{k}.enorm.weight", "mtp.pre_fc_norm_embedding.weight"),
+        Copy.of("mtp.layers.{k}.hnorm.weight", "mtp.pre_fc_norm_hidden.weight"),
+        Copy.of(
+            "mtp.layers.{k}.eh_proj.weight", "mtp.fc.weight", expect=lambda c: (c["hidden_size"], 2 * c["hidden_size"])
+        ),
+        *layer,
+        Copy.of("mtp.layers.{k}.final_layernorm.weight", "mtp.norm.weight"),
+    )
+
+
+def mtp_layers(config: Mapping[str, Any]) -> int:
+    return int(config.get("mtp_num_hidden_layers") or 0)
+
+
+def with_mtp_experts(layers: frozenset[int], config: Mapping[str, Any]) -> frozenset[int]:
+    """MoE layers plus the MTP layers (HF index num_layers + k) when the last decoder layer, whose spec
+    Megatron's MTP layer takes, is MoE."""
+    last = int(config["num_hidden_layers"]) - 1
+    return layers | frozenset(range(last + 1, last + 1 + mtp_layers(config))) if last in layers else layers
+
+
+def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
+    experts, layers = qwen3_moe.experts(config)
+    return experts, with_mtp_experts(layers, config)
 
 
 def is_gdn(args: argparse.Namespace) -> bool:
@@ -127,6 +169,9 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
         problems.append(f"experimental_attention_variant={getattr(args, 'experimental_attention_variant', None)}")
     if problems:
         raise CheckpointError(f"not a Qwen3-Next / Qwen3.5 hybrid ({', '.join(problems)} where it needs them set)")
+    depth = int(getattr(args, "mtp_num_layers", None) or 0)
+    if depth > 1:
+        raise CheckpointError(f"mtp_num_layers={depth}: the HF checkpoint names one MTP layer (mtp.fc, mtp.norm)")
     theta = float(getattr(args, "rotary_base", 10000))
     partial = float(getattr(args, "rotary_percent", 1.0))
     return {
@@ -139,6 +184,7 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
         "linear_num_key_heads": int(args.linear_num_key_heads),
         "linear_num_value_heads": int(args.linear_num_value_heads),
         "partial_rotary_factor": partial,
+        "mtp_num_hidden_layers": depth,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": partial},
     }
 
@@ -179,9 +225,11 @@ FAMILY = Family(
     layer=LAYER,
     tail=llama.FINAL,
     detect=lambda args: is_gdn(args) and flag(args, "num_experts"),
+    mtp=mtp(MLP),
     config={"attention_bias": False},
     from_args=_from_args,
-    experts=qwen3_moe.experts,
+    experts=_experts,
+    mtp_layers=mtp_layers,
     zero_centred_norms=True,
     partial_rotary=True,
 )
