@@ -12,6 +12,7 @@ DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Anything 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .rules import (
     Copy,
     Dims,
     ExpertMajorA,
+    GatedDeltaPieces,
     GatedMLP,
     RankMajorB,
     RankMajorGatedMLP,
@@ -150,6 +152,8 @@ def build_adapter_plan(
             raise CheckpointError(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}; merge with `convert`"
             )
+        if isinstance(rule, GatedDeltaPieces):  # GDN in_proj B rows: TP-local blocks at the adapter's TP
+            rule = replace(rule, tp=delta.tp)
         for piece in _pieces(rule, delta, _modules(rule, index)):
             add(*piece)
         if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)

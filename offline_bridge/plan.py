@@ -166,12 +166,8 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
             if _packs_experts(rule, index)
             else find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
         )
-        if isinstance(rule, GatedDeltaPieces) and len(source.parts) == 1:  # fused: rows in TP-local blocks
-            rule = replace(rule, tp=_training_tp(reader, source.key))
-        if delta is not None and rule.saved_apart:
-            raise CheckpointError(
-                f"{source.key}: a LoRA adapter on a tensor Megatron saves apart (GDN in_proj) is not supported yet"
-            )
+        if isinstance(rule, GatedDeltaPieces):
+            source, rule = _gated_delta_layout(reader, rule, source, delta)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -185,6 +181,38 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
         names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
     return steps
+
+
+def _gated_delta_layout(
+    reader: CheckpointReader, rule: GatedDeltaPieces, source: Source, delta: Delta | None
+) -> tuple[Source, GatedDeltaPieces]:
+    """How a GDN in_proj / conv1d is read: a fused tensor (one part) holds rows in TP-local blocks at the
+    training TP. A LoRA B has no split factory, so its rows are TP-local blocks at the adapter's TP: the base
+    pieces are then read in that order too, base and delta add up, and the rule regroups the sum."""
+    if len(source.parts) == 1:
+        tp = _training_tp(reader, source.key)
+        if delta is not None and delta.tp != tp:
+            raise CheckpointError(
+                f"{source.key} is fused at training TP {tp} but its LoRA adapter was saved at TP {delta.tp}"
+            )
+        return source, replace(rule, tp=tp)
+    if delta is None:
+        return source, rule
+    return _rank_major(source, delta.tp), replace(rule, tp=delta.tp)
+
+
+def _rank_major(source: Source, tp: int) -> Source:
+    """The pieces' rows read as TP rank t's slice of every piece in turn, for t = 0 … tp-1."""
+    parts = []
+    for rank in range(tp):
+        for key, box in source.parts:
+            axis = len(box) - len(source.shape)  # the row axis, after any stacked axes
+            start, stop = box[axis]
+            if (stop - start) % tp:
+                raise CheckpointError(f"{key}: {stop - start} rows cannot be split over the adapter's TP {tp}")
+            rows = (stop - start) // tp
+            parts.append((key, (*box[:axis], (start + rank * rows, start + (rank + 1) * rows), *box[axis + 1 :])))
+    return replace(source, parts=tuple(parts))
 
 
 def _training_tp(reader: CheckpointReader, key: str) -> int:
