@@ -161,11 +161,10 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     steps = []
     for rule, index in expand(family, dims):
         source = _resolve(reader, rule, index, dims)
-        delta = (
-            None
-            if _packs_experts(rule, index)
-            else find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
-        )
+        if _packs_experts(rule, index):
+            delta = _stacked_delta(reader, rule, index, dims, lora)
+        else:
+            delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
         if isinstance(rule, GatedDeltaPieces):
             source, rule = _gated_delta_layout(reader, rule, source, delta)
         rule.check(source.shape, dims, source.key)
@@ -181,6 +180,27 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
         names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
     return steps
+
+
+def _stacked_delta(
+    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims, lora: Lora | None
+) -> Delta | None:
+    """The expert adapters on a packed parameter: expert e's `B_e @ A_e` lands on its rows of the stack."""
+    deltas = []
+    for e in range(dims.num_experts):
+        expert = {**index, "e": e}
+        deltas.append(
+            find_delta(finder(reader, expert, dims), rule.sources[0], lora, dims, _resolve(reader, rule, expert, dims))
+        )
+    found = [d for d in deltas if d is not None]
+    if not found:
+        return None
+    if len(found) != len(deltas) or any(d.layout != "plain" or d.magnitude is not None for d in found):
+        raise CheckpointError(
+            f"{found[0].sources()[0].key}: packed experts take plain LoRA adapters on every expert; "
+            "use a per-expert family (e.g. --model-type qwen3_next) for this adapter"
+        )
+    return replace(found[0], pieces=tuple(d.pieces[0] for d in found), layout="stacked")
 
 
 def _gated_delta_layout(

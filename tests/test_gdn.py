@@ -134,7 +134,11 @@ def test_zero_centred_norm_plus_one_rounds_like_torch(dtype: torch.dtype):
     assert np.array_equal(out.view(expected.dtype), expected)
 
 
-LORA = GdnAdapterSpec(DENSE)  # in_proj and out_proj of every GDN layer, saved at TP2
+LORA = GdnAdapterSpec(MOE)  # GDN in_proj / out_proj and every routed expert's fc1 / fc2, saved at TP2
+IN_PROJ_MODULES = {
+    None: ["in_proj_ba", "in_proj_qkvz"],
+    "qwen3_5_moe": ["in_proj_a", "in_proj_b", "in_proj_qkv", "in_proj_z"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -142,27 +146,29 @@ def gdn_adapter(gdn_checkpoints: dict, megatron_cache: Path) -> Path:
     return build_gdn_adapters([LORA], megatron_cache)[LORA]
 
 
-@pytest.mark.parametrize("base", ["torch_dist", "legacy"])
-def test_gdn_lora_merge_matches_megatron_at_tp2(base: str, gdn_adapter: Path, gdn_checkpoints: dict, tmp_path: Path):
-    """The in_proj B (TP-local rows, no split factory) merged into the split pieces, or into the fused legacy
-    base: the HF model equals Megatron's TP2 forward with each rank's adapter applied to its own shards."""
-    if base == "legacy":
-        out = convert(legacy_root(gdn_checkpoints[DENSE]), tmp_path / "hf", adapter=gdn_adapter, progress=False)
-    else:
-        out = convert(gdn_adapter, tmp_path / "hf", progress=False)  # adapter-only: base from run_config.yaml
-    assert_matches_megatron(out, DENSE, gdn_adapter, atol=ATOL)
+@pytest.mark.parametrize("model_type", [None, "qwen3_5_moe"])
+def test_gdn_lora_merge_matches_megatron_at_tp2(model_type: str | None, gdn_adapter: Path, tmp_path: Path):
+    """in_proj's B (TP-local rows, no split factory) merged into the split pieces, experts per expert or into
+    the packed stack: the HF model equals Megatron's TP2 forward with each rank's adapters on its own shards."""
+    out = convert(gdn_adapter, tmp_path / "hf", model_type=model_type, progress=False)  # base from run_config
+    assert_matches_megatron(out, MOE, gdn_adapter, atol=ATOL)
 
 
-def test_gdn_lora_export_loads_in_peft(gdn_adapter: Path, gdn_checkpoints: dict, tmp_path: Path):
-    """The exported adapter (A repeated, B split like in_proj) on the converted base: PEFT's merge equals ours."""
-    base = convert(gdn_checkpoints[DENSE], tmp_path / "base", progress=False)
-    merged = load_clean(convert(gdn_adapter, tmp_path / "merged", progress=False))
+@pytest.mark.parametrize("model_type", [None, "qwen3_5_moe"])
+def test_gdn_lora_export_loads_in_peft(
+    model_type: str | None, gdn_adapter: Path, gdn_checkpoints: dict, tmp_path: Path
+):
+    """The exported adapter (in_proj: A repeated, B split like the weight; experts as ParamWrapper tensors) on
+    the converted base: PEFT's merge equals ours, and so do its unmerged logits."""
+    base = convert(gdn_checkpoints[MOE], tmp_path / "base", model_type=model_type, progress=False)
+    merged = load_clean(convert(gdn_adapter, tmp_path / "merged", model_type=model_type, progress=False))
     peft_dir = export_adapter(gdn_adapter, tmp_path / "peft", hf_config=base / "config.json", progress=False)
     config = json.loads((peft_dir / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["in_proj_a", "in_proj_b", "in_proj_qkv", "in_proj_z", "out_proj"]
+    assert config["target_modules"] == [*IN_PROJ_MODULES[model_type], "out_proj"]
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
     model = PeftModel.from_pretrained(load_clean(base), peft_dir).eval()
     input_ids, _ = reference_logits(gdn_adapter)
-    with torch.no_grad():  # unmerged LoRA rounds differently; the delta rule amplifies it (measured ~8e-5)
+    with torch.no_grad():  # unmerged LoRA rounds differently; the delta rule amplifies it
         assert (model(input_ids).logits - merged(input_ids).logits).abs().max() <= 2 * ATOL
     unloaded, ours = model.merge_and_unload().state_dict(), merged.state_dict()
     assert unloaded.keys() == ours.keys()

@@ -1,18 +1,21 @@
-"""Megatron-Bridge LoRA adapters on Gated DeltaNet layers (`in_proj`, `out_proj`), written on CPU by megatron-core.
+"""Megatron-Bridge LoRA adapters on Gated DeltaNet hybrids, written on CPU by megatron-core.
 
 An adapter-only save like Megatron-Bridge's (``run_config.yaml`` names the base and the ``peft:`` settings) for
-a GDN base from :func:`tools.megatron_fixtures.build_fixtures`, at the adapter's TP. Per GDN layer ``i``:
+a GDN base from :func:`tools.megatron_fixtures.build_fixtures`, at the adapter's TP, sharded as Bridge's
+(Parallel)LinearAdapter shards them. Per GDN layer ``i`` (``decoder.layers.{i}.self_attention.``):
 
-- ``decoder.layers.{i}.self_attention.in_proj.adapter.linear_in.weight`` (A) ``[dim, H]``, replicated;
-- ``….in_proj.adapter.linear_out.weight`` (B) ``[P, dim]``, TP axis 0;
-- ``….out_proj.adapter.linear_in.weight`` (A) ``[dim, Vd]``, TP axis 1;
-- ``….out_proj.adapter.linear_out.weight`` (B) ``[H, dim]``, replicated.
+- ``in_proj.adapter.linear_in.weight`` (A) ``[dim, H]``, TP axis 0;
+- ``in_proj.adapter.linear_out.weight`` (B) ``[P, dim]``, TP axis 0, ``P = 2Kd + 2Vd + 2nv``;
+- ``out_proj.adapter.linear_in.weight`` (A) ``[dim, Vd]``, TP axis 1; ``….linear_out.weight`` (B) ``[H, dim]``, TP
+  axis 0.
 
-(``P`` the in_proj rows ``2Kd + 2Vd + 2nv``.) in_proj's B has no split factory: rank t's rows are its local
-``[q_t; k_t; v_t; z_t; b_t; a_t]``, so the file holds them rank-major and their meaning depends on the TP.
-The reference does not presuppose that layout: it is Megatron's own forward *at the adapter's TP* with the
-adapters applied the way they act in training, each rank adding ``(alpha/dim)·B_t @ A`` to its local in_proj
-and ``(alpha/dim)·B @ A_t`` to its local out_proj columns; logits gathered over TP ranks.
+On MoE bases every layer's routed experts too (``decoder.layers.{i}.mlp.experts.experts.linear_fc{1,2}.adapter.*``,
+one adapter per expert: A ``[E, dim, in]``, B ``[E, out, dim]``; fc1's B through megatron-core's swiglu factory).
+
+in_proj's B has no split factory: rank t's rows are its local ``[q_t; k_t; v_t; z_t; b_t; a_t]``, so the file
+holds them rank-major and their meaning depends on the TP. The reference does not presuppose that layout: it
+is Megatron's own forward *at the adapter's TP* with the adapters applied the way they act in training, each
+rank adding ``(alpha/dim)·B @ A`` restricted to its own shard of every wrapped weight; logits gathered over TP.
 
 Layout under ``cache_dir/<spec.name>/``: ``adapter/`` (the save root), ``reference.pt``, ``COMPLETE``.
 """
@@ -55,8 +58,8 @@ class GdnAdapterSpec:
     iteration: int = 20
 
     def __post_init__(self) -> None:
-        if self.base.family not in GDN_FAMILIES or self.base.pp != 1 or self.base.is_moe:
-            raise ValueError(f"GDN adapters are written for dense PP1 {GDN_FAMILIES} bases")
+        if self.base.family not in GDN_FAMILIES or self.base.pp != 1 or self.base.ep != 1:
+            raise ValueError(f"GDN adapters are written for PP1 EP1 {GDN_FAMILIES} bases")
 
     @property
     def name(self) -> str:
@@ -121,58 +124,113 @@ def _draw(spec: GdnAdapterSpec, layer: int, what: str, shape: tuple[int, ...]):
     return ADAPTER_STD * torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
+def _local(tensor, axis: int | None, rank: int, tp: int, gated: bool = False):
+    """A rank's shard of a global tensor (``gated``: fc1 rows, the rank's gate rows then its up rows)."""
+    import torch
+
+    if axis is None:
+        return tensor
+    if gated:
+        gate, up = tensor.chunk(2)
+        return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
+    return tensor.chunk(tp, dim=axis)[rank]
+
+
+class _Adapters:
+    """This rank's adapter ShardedTensors, and the adapters applied to its own weight shards."""
+
+    def __init__(self, spec: GdnAdapterSpec, rank: int) -> None:
+        self.spec, self.rank, self.state = spec, rank, {}
+
+    def wrap(self, weight, key: str, layer: int, column_parallel: bool, expert: tuple[int, int] | None = None) -> None:
+        """Draw A and B for the global shape of ``weight`` (this rank's shard of a column- or row-parallel
+        linear), save their shards as Bridge does, and add this rank's part of ``s·B@A`` to the shard.
+
+        Column-parallel bases: A split on its rank axis (gathered in the forward), B on its rows (fc1: the
+        rank's gate rows then its up rows, saved through the swiglu factory); row-parallel: A on its input axis,
+        B on its rows (gathered in the forward). ``expert``: (index, count) of the leading expert axis.
+        """
+        import torch
+
+        spec, rank, tp = self.spec, self.rank, self.spec.tp
+        rows, columns = weight.shape
+        rows, columns = (rows * tp, columns) if column_parallel else (rows, columns * tp)
+        a = _draw(spec, layer, f"{key}#{expert}.A", (spec.dim, columns))
+        b = _draw(spec, layer, f"{key}#{expert}.B", (rows, spec.dim))
+        gated = key.endswith("linear_fc1")
+        a_axis = 0 if column_parallel else 1
+        a_local, b_local = _local(a, a_axis, rank, tp), _local(b, 0, rank, tp, gated)
+        self._save(f"{key}.adapter.linear_in.weight", a_local, a_axis, expert, gated=False)
+        self._save(f"{key}.adapter.linear_out.weight", b_local, 0, expert, gated=gated)
+        with torch.no_grad():
+            weight += spec.scale * (b_local @ a if column_parallel else b @ a_local)
+
+    def _save(self, key: str, local, axis: int, expert: tuple[int, int] | None, *, gated: bool) -> None:
+        from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        prepend = () if expert is None else ((0, *expert),)
+        sharded = ShardedTensor.from_rank_offsets(
+            key,
+            local.contiguous(),
+            *prepend,
+            (len(prepend) + axis, self.rank, self.spec.tp),
+            replica_id=0,
+            prepend_axis_num=len(prepend),
+        )
+        if gated:
+            sharded = apply_swiglu_sharded_factory(sharded, prepend)
+        self.state[key if expert is None else f"{key}#{expert[0]}"] = sharded
+
+
 def _save_and_reference(spec: GdnAdapterSpec, base_root: str, save: str) -> None:
     import torch
     import yaml
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+    from megatron.core.transformer.moe.experts import SequentialMLP
 
     from tools.megatron_fixtures import _build_chunks, _init_parallel, _load_into, _rng_state, reference_logits
 
-    tp = spec.tp
-    _init_parallel(tp, 1, 1)
-    rank = ps.get_tensor_model_parallel_rank()
+    tp, base = spec.tp, spec.base
+    etp = tp if base.is_moe else None
+    _init_parallel(tp, 1, 1, 1, etp)
     iteration = int((Path(base_root) / "latest_checkpointed_iteration.txt").read_text().strip())
-    (model,) = _build_chunks(spec.base, tp, 1, 1, randomize=False)
-    _load_into([model], str(Path(base_root) / f"iter_{iteration:07d}"), spec.base)
+    (model,) = _build_chunks(base, tp, 1, 1, 1, etp, randomize=False)
+    _load_into([model], str(Path(base_root) / f"iter_{iteration:07d}"), base)
     model = model.float().eval()
-    state: dict[str, Any] = {}
-    for module in model.modules():
-        if not isinstance(module, GatedDeltaNet):
+    adapters = _Adapters(spec, ps.get_tensor_model_parallel_rank())
+    for name, module in model.named_modules():
+        if name.startswith("mtp."):
             continue
-        layer, prefix = module.layer_number - 1, f"decoder.layers.{module.layer_number - 1}.self_attention."
-        a_in = _draw(spec, layer, "in_proj.A", (spec.dim, module.hidden_size))
-        b_in = _draw(spec, layer, "in_proj.B", (module.in_proj_dim, spec.dim)).chunk(tp)[rank]
-        a_out = _draw(spec, layer, "out_proj.A", (spec.dim, module.v_dim)).chunk(tp, dim=1)[rank]
-        b_out = _draw(spec, layer, "out_proj.B", (module.hidden_size, spec.dim))
-        for key, tensor, axis in (
-            ("in_proj.adapter.linear_in.weight", a_in, None),
-            ("in_proj.adapter.linear_out.weight", b_in, 0),
-            ("out_proj.adapter.linear_in.weight", a_out, 1),
-            ("out_proj.adapter.linear_out.weight", b_out, None),
-        ):
-            sharding = () if axis is None else ((axis, rank, tp),)
-            state[prefix + key] = ShardedTensor.from_rank_offsets(
-                prefix + key, tensor.contiguous(), *sharding, replica_id=rank if axis is None else 0
-            )
-        with torch.no_grad():  # the adapters as they act in training, on this rank's shards
-            module.in_proj.weight += spec.scale * b_in @ a_in
-            module.out_proj.weight += spec.scale * b_out @ a_out
+        if isinstance(module, GatedDeltaNet):
+            prefix = f"decoder.layers.{module.layer_number - 1}.self_attention."
+            adapters.wrap(module.in_proj.weight, prefix + "in_proj", module.layer_number - 1, True)
+            adapters.wrap(module.out_proj.weight, prefix + "out_proj", module.layer_number - 1, False)
+        elif isinstance(module, SequentialMLP):
+            layer = int(name.split(".")[2])
+            prefix = f"decoder.layers.{layer}.mlp.experts.experts."
+            for e, expert in enumerate(module.local_experts):
+                where = (e, module.num_local_experts)
+                adapters.wrap(expert.linear_fc1.weight, prefix + "linear_fc1", layer, True, where)
+                adapters.wrap(expert.linear_fc2.weight, prefix + "linear_fc2", layer, False, where)
     iter_dir = Path(save) / f"iter_{spec.iteration:07d}"
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     common = {"checkpoint_version": 3.0, "iteration": spec.iteration}
-    dist_checkpointing.save({"model": state, **common, "rng_state": _rng_state()}, str(iter_dir))
+    dist_checkpointing.save({"model": adapters.state, **common, "rng_state": _rng_state()}, str(iter_dir))
     ids, _ = reference_logits(Path(base_root))
     pos = torch.arange(REFERENCE_SEQ).unsqueeze(0).expand(REFERENCE_BATCH, -1)
     mask = torch.triu(torch.ones(REFERENCE_SEQ, REFERENCE_SEQ), diagonal=1).bool()[None, None]
+    heads: list[torch.Tensor] = []  # the output layer's calls: MTP heads first, the main head last
+    hook = model.output_layer.register_forward_hook(lambda m, i, out: heads.append(out[0].transpose(0, 1).clone()))
     with torch.no_grad():
-        local = model(ids, position_ids=pos, attention_mask=mask)  # vocab-parallel logits
-    gathered = [torch.empty_like(local) for _ in range(tp)]
-    torch.distributed.all_gather(gathered, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        model(ids, position_ids=pos, attention_mask=mask, **({"labels": ids} if base.mtp_num_layers else {}))
+    hook.remove()
+    gathered = [torch.empty_like(heads[-1]) for _ in range(tp)]  # vocab-parallel logits
+    torch.distributed.all_gather(gathered, heads[-1].contiguous(), group=ps.get_tensor_model_parallel_group())
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (iter_dir / "run_config.yaml").write_text(yaml.safe_dump(_run_config(spec, base_root, save), sort_keys=True))
@@ -184,6 +242,7 @@ def _save_and_reference(spec: GdnAdapterSpec, base_root: str, save: str) -> None
 
 def _run_config(spec: GdnAdapterSpec, base_root: str, save: str) -> dict[str, Any]:
     """The parts of Megatron-Bridge's run_config.yaml a converter reads."""
+    targets = ["in_proj", "out_proj"] + (["linear_fc1", "linear_fc2"] if spec.base.is_moe else [])
     return {
         "checkpoint": {"pretrained_checkpoint": base_root, "save": save, "ckpt_format": "torch_dist"},
         "model": {"tensor_model_parallel_size": spec.tp, "pipeline_model_parallel_size": 1},
@@ -192,6 +251,6 @@ def _run_config(spec: GdnAdapterSpec, base_root: str, save: str) -> dict[str, An
             "alpha": spec.alpha,
             "dim": spec.dim,
             "dropout": 0.0,
-            "target_modules": ["in_proj", "out_proj"],
+            "target_modules": targets,
         },
     }
