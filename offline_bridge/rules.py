@@ -320,6 +320,12 @@ GDN_IN_PROJ_PARTS = (".query", ".key", ".value", ".z", ".beta", ".alpha")  # how
 GDN_CONV_PARTS = (".query", ".key", ".value")
 
 
+def _whole(key: str) -> str:
+    """The name of a tensor Megatron saved apart, from one of its pieces' keys."""
+    base, _, piece = key.rpartition(".")
+    return base if f".{piece}" in GDN_IN_PROJ_PARTS else key
+
+
 def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
     """(key heads, key head dim, value heads, value head dim) of the Gated DeltaNet layers."""
     c = dims.config
@@ -362,7 +368,7 @@ class GatedDeltaConv(GatedDeltaPieces):
         nk, dk, nv, dv = _linear_heads(dims)
         if shape[0] != 2 * nk * dk + nv * dv:
             raise CheckpointError(
-                f"{key} has {shape[0]} channels; the config's linear heads need {2 * nk * dk + nv * dv}"
+                f"{_whole(key)} has {shape[0]} channels; the config's linear heads need {2 * nk * dk + nv * dv}"
             )
         return [nk * dk, nk * dk, nv * dv]
 
@@ -381,7 +387,7 @@ class GatedDeltaInProj(GatedDeltaPieces):
         nk, dk, nv, dv = _linear_heads(dims)
         if shape[0] != 2 * nk * dk + 2 * nv * dv + 2 * nv or nv % nk:
             raise CheckpointError(
-                f"{key} has {shape[0]} rows; linear_num_key_heads={nk}, linear_key_head_dim={dk}, "
+                f"{_whole(key)} has {shape[0]} rows; linear_num_key_heads={nk}, linear_key_head_dim={dk}, "
                 f"linear_num_value_heads={nv}, linear_value_head_dim={dv} need {2 * nk * dk + 2 * nv * dv + 2 * nv}"
             )
         return [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv]

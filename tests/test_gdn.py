@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from judge import assert_matches_megatron, load_clean
+from judge import assert_matches_megatron, convert_fails, load_clean
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -118,6 +118,15 @@ def test_vision_language_config_prefixes_the_language_model(gdn_checkpoints: dic
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in names
     assert all(n.startswith("model.language_model.") for n in names - {"lm_head.weight"})
     assert_matches_megatron(out, DENSE, gdn_checkpoints[DENSE], atol=ATOL)
+
+
+def test_config_disagreeing_with_gdn_layers_names_the_tensor(gdn_checkpoints: dict, tmp_path: Path):
+    config = json.loads((convert(gdn_checkpoints[DENSE], tmp_path / "hf", progress=False) / "config.json").read_text())
+    config["linear_num_value_heads"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    error = convert_fails(gdn_checkpoints[DENSE], tmp_path / "out", "--hf-config", tmp_path / "config.json")
+    assert "decoder.layers.0.self_attention.in_proj.weight has 104 rows" in error
+    assert "linear_num_value_heads=8" in error
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
