@@ -73,14 +73,11 @@ def _find(
     sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
     for pattern in patterns:
         for key, axes in _candidates(pattern, index):
-            splits = [("_w", "_v"), saved_apart] if saved_apart else [("_w", "_v")]
+            apart = [[key + p for p in split] for split in (("_w", "_v"), saved_apart) if split]
             keys = (
                 [key]
                 if key in reader.tensors
-                else next(
-                    ([key + p for p in split] for split in splits if all(key + p in reader.tensors for p in split)),
-                    [key],
-                )
+                else next((k for k in apart if all(x in reader.tensors for x in k)), [key])
             )
             infos = [reader.tensors.get(k) for k in keys]
             if None in infos:

@@ -56,7 +56,7 @@ GATED_ATTENTION = only(
 )
 
 
-def linear_attention(in_proj: GatedDeltaInProj) -> tuple:
+def linear_attention(in_proj: GatedDeltaInProj) -> tuple[Rule, ...]:
     """A GDN layer's rules around the family's in_proj rule."""
     return only(
         linear_attention_layer,
