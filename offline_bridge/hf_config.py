@@ -131,7 +131,9 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Path | None]:
 def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | None) -> dict[str, Any]:
     """The config as written: dtype of the weights, and an explicit --vocab-size if one was given."""
     config = dict(config)
-    if vocab_size is not None:
+    if vocab_size is not None and isinstance(config.get("text_config"), dict):  # a vision-language config
+        config["text_config"] = {**config["text_config"], "vocab_size": vocab_size}
+    elif vocab_size is not None:
         config["vocab_size"] = vocab_size
     config["torch_dtype"] = config["dtype"] = dtype.torch_name
     return config
