@@ -17,6 +17,7 @@ in the per-expert layout, embeddings, DoRA on ParamWrapper targets) is refused.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ from .rules import (
     Copy,
     Dims,
     ExpertMajorA,
+    GatedDeltaPieces,
     GatedMLP,
+    Packed,
     RankMajorB,
     RankMajorGatedMLP,
     Repeat,
@@ -120,8 +123,11 @@ def _paramwrapper(
     found = [(rule, index, pair) for rule, index, pair in found if pair is not None]
     out = []
     for rule, index, (a, b) in found:
-        parameter = _FUSED_EXPERTS[type(rule)]
-        owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
+        if isinstance(rule, Packed):  # the HF parameter itself: `<owner>.gate_up_proj` / `down_proj`
+            owner, parameter = rule.targets[0].format(**index).rsplit(".", 1)
+        else:
+            parameter = _FUSED_EXPERTS[type(rule)]
+            owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
         inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
         name = f"{PREFIX}{owner}{inner}"
         target = (f"mlp.experts.{parameter}",)
@@ -150,13 +156,15 @@ def build_adapter_plan(
 
     work = expand(family, dims)
     if expert_format == "paramwrapper":
-        experts = [(rule, index) for rule, index in work if index.get("e") == 0]
-        work = [(rule, index) for rule, index in work if "e" not in index]
+        experts = [(rule, index) for rule, index in work if index.get("e") == 0 or isinstance(rule, Packed)]
+        work = [(rule, index) for rule, index in work if "e" not in index and not isinstance(rule, Packed)]
         for layer in sorted({index["i"] for _, index in experts}):
             for piece in _paramwrapper(family, reader, dims, [(r, i) for r, i in experts if i["i"] == layer]):
                 add(*piece)
     elif expert_format != "per-expert":
         raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
+    elif any(isinstance(rule, Packed) for rule, _ in work):
+        raise OptionError(f"--expert-format per-expert: {family.name} packs its experts; use paramwrapper")
     for rule, index in work:
         find = finder(reader, index, dims)
         delta = next((d for p in rule.sources if (d := find_delta(find, p, lora, dims)) is not None), None)
@@ -176,6 +184,8 @@ def build_adapter_plan(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
                 "(v4) layout cannot carry; use --expert-format paramwrapper (rank_pattern) or merge with `convert`"
             )
+        if isinstance(rule, GatedDeltaPieces):  # GDN in_proj B rows: TP-local blocks at the adapter's TP
+            rule = replace(rule, tp=delta.tp)
         for piece in _pieces(rule, delta, modules):
             add(*piece)
         if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)

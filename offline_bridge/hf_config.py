@@ -45,8 +45,8 @@ def _first(args: argparse.Namespace, *names: str, default: Any) -> Any:
     return next((getattr(args, n) for n in names if getattr(args, n, None) is not None), default)
 
 
-def _check_supported(args: argparse.Namespace) -> None:
-    """Refuse args whose model the dense families cannot express, instead of writing a wrong one."""
+def _check_supported(args: argparse.Namespace, family: Family) -> None:
+    """Refuse args whose model the family cannot express, instead of writing a wrong one."""
     problems = []
     if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
         problems.append(f"normalization={args.normalization} (need RMSNorm)")
@@ -56,21 +56,29 @@ def _check_supported(args: argparse.Namespace) -> None:
         problems.append("add_bias_linear=True (linear biases)")
     if getattr(args, "position_embedding_type", "rope") != "rope":
         problems.append(f"position_embedding_type={args.position_embedding_type} (need rope)")
-    if getattr(args, "rotary_percent", 1.0) != 1.0:
+    if getattr(args, "rotary_percent", 1.0) != 1.0 and not family.partial_rotary:
         problems.append(f"rotary_percent={args.rotary_percent} (partial rotary)")
     if getattr(args, "use_rope_scaling", False):
         problems.append("use_rope_scaling=True (Llama-3 rope scaling is not mapped yet)")
-    if getattr(args, "apply_layernorm_1p", False) or getattr(args, "layernorm_zero_centered_gamma", False):
-        problems.append("zero-centred layernorm gamma (these families use plain RMSNorm)")
+    if zero_centred_gamma(args) != family.zero_centred_norms:
+        problems.append(
+            f"zero-centred layernorm gamma {'off' if family.zero_centred_norms else 'on'} "
+            f"({family.name} norms are {'zero-centred' if family.zero_centred_norms else 'plain RMSNorm'})"
+        )
     if problems:
         raise CheckpointError("the checkpoint's model is not supported: " + "; ".join(problems))
+
+
+def zero_centred_gamma(args: argparse.Namespace) -> bool:
+    """Megatron-LM's `--apply-layernorm-1p` (TransformerConfig `layernorm_zero_centered_gamma`)."""
+    return bool(getattr(args, "apply_layernorm_1p", False) or getattr(args, "layernorm_zero_centered_gamma", False))
 
 
 def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size: int | None) -> dict[str, Any]:
     """config.json fields from Megatron-LM's args (what `save_pretrained` would write for the same model)."""
     if args is None:
         raise CheckpointError("the checkpoint has no Megatron args (common.pt); pass --hf-config")
-    _check_supported(args)
+    _check_supported(args, family)
     heads = _arg(args, "num_attention_heads")
     hidden = _arg(args, "hidden_size")
     if vocab_size is None:
@@ -123,13 +131,16 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Path | None]:
 def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | None) -> dict[str, Any]:
     """The config as written: dtype of the weights, and an explicit --vocab-size if one was given."""
     config = dict(config)
-    if vocab_size is not None:
+    if vocab_size is not None and isinstance(config.get("text_config"), dict):  # a vision-language config
+        config["text_config"] = {**config["text_config"], "vocab_size": vocab_size}
+    elif vocab_size is not None:
         config["vocab_size"] = vocab_size
     config["torch_dtype"] = config["dtype"] = dtype.torch_name
     return config
 
 
 def dims_of(config: dict[str, Any], family: Family) -> Dims:
+    config = dict(family.text_config(config))
     try:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])

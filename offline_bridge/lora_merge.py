@@ -53,7 +53,7 @@ def _fuse(deltas: list[Any], layout: str, dims: Dims) -> Any:
 
     if layout == "plain":
         return deltas[0]
-    if layout == "gated":  # canonical gate/up B rows went through the swiglu factory
+    if layout in ("gated", "stacked"):  # canonical [gate; up] (B rows put back in order), or packed experts
         return torch.cat(deltas)
     q, k, v = deltas  # canonical q / k / v: interleave per query group as the fused QKV weight is
     groups, columns = dims.num_query_groups, q.shape[1]

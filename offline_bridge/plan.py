@@ -14,7 +14,7 @@ from .dtypes import DType
 from .errors import CheckpointError, OptionError
 from .families import Family
 from .readers.base import CheckpointReader, is_model_key, is_quantizer_key
-from .rules import Dims, Rule
+from .rules import Dims, GatedDeltaPieces, Rule
 from .schema import Delta, FilePlan, Lora, Plan, Source, Step, Target
 
 __all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target", "build_plan", "parse_size"]
@@ -57,16 +57,28 @@ def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tupl
 
 
 def _find(
-    reader: CheckpointReader, patterns: tuple[str, ...], index: dict[str, int], dims: Dims, *, diagnose: bool = False
+    reader: CheckpointReader,
+    patterns: tuple[str, ...],
+    index: dict[str, int],
+    dims: Dims,
+    *,
+    diagnose: bool = False,
+    saved_apart: tuple[str, ...] = (),
 ) -> Source | None:
-    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one.
+    """The tensor of the first pattern present: spelled out per layer / expert, or a slice of a stacked one,
+    or its pieces saved apart (swiglu halves `_w` / `_v`, or the rule's ``saved_apart`` suffixes).
 
     A key whose stacked axes have the wrong size does not match; with ``diagnose`` it raises instead.
     """
     sizes = {"i": ("num_hidden_layers", dims.num_layers), "e": ("num_experts", dims.num_experts)}
     for pattern in patterns:
         for key, axes in _candidates(pattern, index):
-            keys = [key] if key in reader.tensors else [key + "_w", key + "_v"]  # halves saved apart
+            apart = [[key + p for p in split] for split in (("_w", "_v"), saved_apart) if split]
+            keys = (
+                [key]
+                if key in reader.tensors
+                else next((k for k in apart if all(x in reader.tensors for x in k)), [key])
+            )
             infos = [reader.tensors.get(k) for k in keys]
             if None in infos:
                 continue
@@ -94,8 +106,20 @@ def _find(
     return None
 
 
+def _packs_experts(rule: Rule, index: dict[str, int]) -> bool:
+    """A rule that stacks every expert of a layer into one HF parameter (`{e}` in its source only)."""
+    return "e" not in index and "{e}" in rule.sources[0]
+
+
 def _resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
-    source = _find(reader, rule.sources, index, dims) or _find(reader, rule.sources, index, dims, diagnose=True)
+    if _packs_experts(rule, index):  # every expert's parts, rows joined expert-major: one layer at a time
+        experts = [_resolve(reader, rule, {**index, "e": e}, dims) for e in range(dims.num_experts)]
+        first = experts[0]
+        rows = sum(s.shape[0] for s in experts)
+        return Source(tuple(p for s in experts for p in s.parts), (rows, *first.shape[1:]), first.dtype, first.pattern)
+    source = _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
+        reader, rule.sources, index, dims, diagnose=True, saved_apart=rule.saved_apart
+    )
     if source is not None:
         return source
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
@@ -134,7 +158,12 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
     steps = []
     for rule, index in expand(family, dims):
         source = _resolve(reader, rule, index, dims)
-        delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
+        if _packs_experts(rule, index):
+            delta = _stacked_delta(reader, rule, index, dims, lora)
+        else:
+            delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
+        if isinstance(rule, GatedDeltaPieces):
+            source, rule = _gated_delta_layout(reader, rule, source, delta)
         rule.check(source.shape, dims, source.key)
         shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
@@ -148,6 +177,67 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
         names = [t.format(**index) for t in rule.targets]
         steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
     return steps
+
+
+def _stacked_delta(
+    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims, lora: Lora | None
+) -> Delta | None:
+    """The expert adapters on a packed parameter: expert e's `B_e @ A_e` lands on its rows of the stack."""
+    deltas = []
+    for e in range(dims.num_experts):
+        expert = {**index, "e": e}
+        deltas.append(
+            find_delta(finder(reader, expert, dims), rule.sources[0], lora, dims, _resolve(reader, rule, expert, dims))
+        )
+    found = [d for d in deltas if d is not None]
+    if not found:
+        return None
+    if len(found) != len(deltas) or any(d.layout != "plain" or d.magnitude is not None for d in found):
+        raise CheckpointError(
+            f"{found[0].sources()[0].key}: packed experts take plain LoRA adapters on every expert; "
+            "use a per-expert family (e.g. --model-type qwen3_next) for this adapter"
+        )
+    return replace(found[0], pieces=tuple(d.pieces[0] for d in found), layout="stacked")
+
+
+def _gated_delta_layout(
+    reader: CheckpointReader, rule: GatedDeltaPieces, source: Source, delta: Delta | None
+) -> tuple[Source, GatedDeltaPieces]:
+    """How a GDN in_proj / conv1d is read: a fused tensor (one part) holds rows in TP-local blocks at the
+    training TP. A LoRA B has no split factory, so its rows are TP-local blocks at the adapter's TP: the base
+    pieces are then read in that order too, base and delta add up, and the rule regroups the sum."""
+    if len(source.parts) == 1:
+        tp = _training_tp(reader, source.key)
+        if delta is not None and delta.tp != tp:
+            raise CheckpointError(
+                f"{source.key} is fused at training TP {tp} but its LoRA adapter was saved at TP {delta.tp}"
+            )
+        return source, replace(rule, tp=tp)
+    if delta is None:
+        return source, rule
+    return _rank_major(source, delta.tp), replace(rule, tp=delta.tp)
+
+
+def _rank_major(source: Source, tp: int) -> Source:
+    """The pieces' rows read as TP rank t's slice of every piece in turn, for t = 0 … tp-1."""
+    parts = []
+    for rank in range(tp):
+        for key, box in source.parts:
+            axis = len(box) - len(source.shape)  # the row axis, after any stacked axes
+            start, stop = box[axis]
+            if (stop - start) % tp:
+                raise CheckpointError(f"{key}: {stop - start} rows cannot be split over the adapter's TP {tp}")
+            rows = (stop - start) // tp
+            parts.append((key, (*box[:axis], (start + rank * rows, start + (rank + 1) * rows), *box[axis + 1 :])))
+    return replace(source, parts=tuple(parts))
+
+
+def _training_tp(reader: CheckpointReader, key: str) -> int:
+    """The TP a TP-local layout was saved at, from the checkpoint's args."""
+    tp = getattr(reader.args, "tensor_model_parallel_size", None)
+    if not isinstance(tp, int) or tp < 1:
+        raise CheckpointError(f"{key} is fused in its TP-local layout, but the checkpoint's args give no training TP")
+    return tp
 
 
 def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:

@@ -66,7 +66,9 @@ class Delta:
     ``W + scale · fuse(B_i @ A_i)``, then for DoRA ``m / ||·||_row`` per output row."""
 
     pieces: tuple[tuple[Source, Source] | None, ...]  # (A [rank, in], B [out_i, rank]); None: an absent piece
-    layout: str  # how the pieces form the fused delta: "plain", "qkv" (per query group) or "gated" ([gate; up])
+    # how the pieces form the fused delta: "plain", "qkv" (per query group), "gated" ([gate; up]) or "stacked"
+    # (packed experts: one piece per expert, rows stacked)
+    layout: str
     scale: float
     magnitude: Source | None = None  # DoRA's weight_magnitude [out]
     tp: int = 1  # training TP (see Lora.tp)

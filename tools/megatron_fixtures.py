@@ -48,10 +48,13 @@ if TYPE_CHECKING:
     import torch
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
-FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3_next")
+# Gated DeltaNet hybrids: `qwen3_5` dense, `qwen3_next` with experts (shared expert and its gate); the same
+# Megatron model converts to Qwen3-Next, Qwen3.5 or Qwen3.5-MoE, which differ only in their HF layouts.
+GDN_FAMILIES = ("qwen3_5", "qwen3_next")
+FAMILIES = (*DENSE_FAMILIES, "qwen3_5", *MOE_FAMILIES)
 MLA_FAMILIES = ("deepseek_v3",)  # multi-latent attention
-QK_NORM_FAMILIES = ("qwen3", "qwen3_moe")
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", *GDN_FAMILIES)
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 MARKER = "COMPLETE"
 REFERENCE_FILE = "reference.pt"
@@ -62,6 +65,14 @@ SEQ_LENGTH = 64
 INIT_METHOD_STD = 0.08
 ROUTER_STD = 0.1  # router weights: logits of order 1, so top-k picks differ between tokens
 EXPERT_BIAS_STD = 0.1  # DeepSeek-V3 expert bias (a buffer; zero at init in Megatron)
+
+# Gated DeltaNet layers (linear attention): two key heads and four value heads, so the per-key-head grouping
+# of Qwen3-Next and the value-head repeat both matter; every LINEAR_ATTENTION_FREQ-th layer is full attention.
+LINEAR_NUM_KEY_HEADS, LINEAR_NUM_VALUE_HEADS = 2, 4
+LINEAR_KEY_HEAD_DIM, LINEAR_VALUE_HEAD_DIM = 8, 8
+LINEAR_CONV_KERNEL_DIM = 4
+LINEAR_ATTENTION_FREQ = 4
+GDN_ROTARY_PERCENT = 0.25  # Qwen3-Next / Qwen3.5 rotate a quarter of each head (partial_rotary_factor)
 
 _log = logging.getLogger(__name__)
 
@@ -275,6 +286,15 @@ class FixtureSpec:
         return self.family in MLA_FAMILIES
 
     @property
+    def is_gdn(self) -> bool:
+        """A Gated DeltaNet hybrid: zero-centred norms, gated full attention, partial rotary."""
+        return self.family in GDN_FAMILIES
+
+    @property
+    def rotary_percent(self) -> float:
+        return GDN_ROTARY_PERCENT if self.is_gdn else 1.0
+
+    @property
     def qk_layernorm(self) -> bool:
         """Megatron's qk_layernorm: Qwen3 q/k norms, or MLA's q / kv latent norms."""
         return self.family in QK_NORM_FAMILIES or self.is_mla
@@ -319,6 +339,8 @@ def family_defaults(family: str, num_layers: int) -> dict[str, Any]:
         "moe_router_topk_scaling_factor": 0,
         "mtp_num_layers": 0,
     }
+    if family == "qwen3_next":
+        return {**softmax_moe, "moe_shared_expert_intermediate_size": 32}
     if family != "deepseek_v3":
         return softmax_moe
     return {
@@ -374,6 +396,8 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, et
         raise ValueError("hidden_size must be divisible by num_attention_heads")
     if pad_vocab_size(spec.vocab_size, spec.tp) % tp:
         raise ValueError("padded vocab must be divisible by tp")
+    if spec.is_gdn and (LINEAR_NUM_KEY_HEADS % tp or spec.kv_channels * GDN_ROTARY_PERCENT % 2):
+        raise ValueError(f"Gated DeltaNet needs tp dividing {LINEAR_NUM_KEY_HEADS} key heads and an even rotary dim")
     if not spec.is_moe:
         if ep != 1 or etp != tp:
             raise ValueError(f"{spec.family} has no experts: ep must be 1 and etp unset")
@@ -607,6 +631,23 @@ def _patch_megatron_for_cpu() -> None:
     moe_utils.te_general_gemm = None
     # The TE extension shim imports without TE (leaving TELinear None); MLA then takes TE paths.
     multi_latent_attention.HAVE_TE = False
+    _patch_gated_delta_net()
+
+
+def _patch_gated_delta_net() -> None:
+    """GatedDeltaNet refuses to build without flash-linear-attention, though with
+    ``deterministic_mode`` it runs torch's delta rule and a plain conv1d; only fla's ``l2norm`` is
+    called otherwise (its math below). Its gated norm is ``torch.compile``d: run it eagerly."""
+    import torch
+    from megatron.core.ssm import gated_delta_net
+
+    def l2norm(x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+    gated_delta_net.HAVE_FLA = True
+    gated_delta_net.l2norm = l2norm
+    norm = gated_delta_net.GatedDeltaNet._apply_gated_norm
+    gated_delta_net.GatedDeltaNet._apply_gated_norm = getattr(norm, "_torchdynamo_orig_callable", norm)
 
 
 def _init_parallel(tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None) -> None:
@@ -684,6 +725,8 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+    if spec.is_gdn:
+        common.update(_gdn_config(spec))
     if not spec.is_moe:
         return TransformerConfig(**common)
     deepseek = spec.family == "deepseek_v3"
@@ -725,6 +768,92 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         rotary_base=spec.rotary_base,  # MLA reads the base from the config, not from GPTModel
         **_mla_rope(spec),
     )
+
+
+def _gdn_config(spec: FixtureSpec) -> dict[str, Any]:
+    """Qwen3-Next / Qwen3.5 settings by their TransformerConfig names (Megatron-LM's args use the same ones,
+    except `apply_layernorm_1p` for the zero-centred norms)."""
+    return {
+        "experimental_attention_variant": "gated_delta_net",
+        "linear_attention_freq": LINEAR_ATTENTION_FREQ,
+        "linear_conv_kernel_dim": LINEAR_CONV_KERNEL_DIM,
+        "linear_key_head_dim": LINEAR_KEY_HEAD_DIM,
+        "linear_value_head_dim": LINEAR_VALUE_HEAD_DIM,
+        "linear_num_key_heads": LINEAR_NUM_KEY_HEADS,
+        "linear_num_value_heads": LINEAR_NUM_VALUE_HEADS,
+        "attention_output_gate": True,
+        "layernorm_zero_centered_gamma": True,
+        "deterministic_mode": True,  # torch's chunked delta rule and conv1d (no fla / causal-conv1d kernels)
+        **({"moe_shared_expert_gate": True} if spec.is_moe else {}),
+    }
+
+
+def _zero_centred_rms_norm() -> type:
+    """RMSNorm with a zero-centred gamma, ``x / rms(x) · (1 + w)`` in fp32 as Transformer Engine computes it;
+    torch's norms behind the local spec refuse ``layernorm_zero_centered_gamma``."""
+    import torch
+
+    class ZeroCentredRMSNorm(torch.nn.Module):
+        def __init__(self, config, hidden_size: int, eps: float = 1e-6, **kwargs):
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (y * (1 + self.weight.float())).type_as(x)
+
+    return ZeroCentredRMSNorm
+
+
+def _gdn_block_spec(spec: FixtureSpec, config, vp_stage: int | None, pp_rank: int):
+    """This stage's layers of a Gated DeltaNet hybrid, built by hand (Megatron's own hybrid block spec needs
+    Transformer Engine): GatedDeltaNet or gated full attention per ``linear_attention_freq``, dense or MoE
+    MLP per ``moe_layer_freq``, zero-centred norms everywhere, norm keys named as TE-fused runs write them."""
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_linear_attention_pattern,
+        get_moe_layer_pattern,
+    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    norm = _zero_centred_rms_norm()
+    local_spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    local = local_spec.submodules
+    attention = local.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, q_layernorm=norm, k_layernorm=norm)
+    )
+    gdn = ModuleSpec(
+        module=GatedDeltaNet,
+        submodules=GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear),
+    )
+    moe_mlp = None
+    if spec.is_moe:
+        moe_mlp = get_gpt_layer_local_spec(num_experts=spec.num_experts, normalization="RMSNorm").submodules.mlp
+    moe_pattern = get_moe_layer_pattern(config) if spec.is_moe else [0] * spec.num_layers
+    layers = []
+    for linear, moe in zip(get_linear_attention_pattern(config), moe_pattern):
+        fused = "self_attention.in_proj." if linear else "self_attention.linear_qkv."
+        keys = {"input_layernorm.": fused + "layer_norm_"}
+        if not moe:
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        sub = dataclasses.replace(
+            local,
+            input_layernorm=norm,
+            self_attention=gdn if linear else attention,
+            pre_mlp_layernorm=norm,
+            mlp=moe_mlp if moe else local.mlp,
+            sharded_state_dict_keys_map=keys,
+        )
+        layers.append(dataclasses.replace(local_spec, submodules=sub))
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=layers[offset : offset + count], layer_norm=norm)
 
 
 def _mla_rope(spec: FixtureSpec) -> dict[str, Any]:
@@ -807,6 +936,21 @@ def _layer_specs(spec: FixtureSpec, config, vp_stage: int | None, pp_rank: int):
         get_gpt_mtp_block_spec,
     )
 
+    if spec.is_gdn:
+        block = _gdn_block_spec(spec, config, vp_stage, pp_rank)
+        if not spec.mtp_num_layers:
+            return block, None
+        # The MTP layer's transformer layer is the block's last (full attention); its norms zero-centred too.
+        mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+        if mtp is not None:
+            norm = _zero_centred_rms_norm()
+            mtp.layer_specs = [
+                dataclasses.replace(
+                    s, submodules=dataclasses.replace(s.submodules, enorm=norm, hnorm=norm, layer_norm=norm)
+                )
+                for s in mtp.layer_specs
+            ]
+        return block, mtp
     if not spec.is_moe:
         return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"), None
     block = get_gpt_decoder_block_spec(
@@ -857,6 +1001,7 @@ def _build_chunks(
             share_embeddings_and_output_weights=spec.tied,
             position_embedding_type="rope",
             rotary_base=spec.rotary_base,
+            rotary_percent=spec.rotary_percent,
             vp_stage=vp_stage,
             **extra,
         )
@@ -875,6 +1020,8 @@ def _build_chunks(
                     p.copy_(1 + 0.3 * noise if is_norm else 0.2 * noise)
                 if spec.is_moe:
                     _randomize_moe(model, spec, pp_rank, vp)
+                if spec.is_gdn:
+                    _randomize_gdn(model, spec, pp_rank, vp, tp_rank)
         model = model.to(_torch_dtype(spec.dtype))
         if randomize and spec.is_moe:
             _randomize_expert_bias(model, spec, pp_rank, vp)
@@ -908,6 +1055,20 @@ def _randomize_moe(model, spec: FixtureSpec, pp_rank: int, vp: int) -> None:
         elif isinstance(module, TopKRouter):
             gen = torch.Generator().manual_seed(_crc_seed(spec.seed, spec.family, name, "router", pp_rank, vp))
             module.weight.copy_(ROUTER_STD * torch.randn(module.weight.shape, generator=gen, dtype=torch.float32))
+
+
+def _randomize_gdn(model, spec: FixtureSpec, pp_rank: int, vp: int, tp_rank: int) -> None:
+    """Per-TP-rank values for GatedDeltaNet's TP-sharded conv1d, A_log and dt_bias: Megatron initialises
+    them from the shared seed, so TP ranks would hold equal halves and hide a misplaced shard."""
+    import torch
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    for name, module in model.named_modules():
+        if not isinstance(module, GatedDeltaNet):
+            continue
+        for pname, p in (("conv1d", module.conv1d.weight), ("A_log", module.A_log), ("dt_bias", module.dt_bias)):
+            gen = torch.Generator().manual_seed(_crc_seed(spec.seed, spec.family, name, pname, pp_rank, vp, tp_rank))
+            p.copy_((0.3 if pname == "conv1d" else 0.5) * torch.randn(p.shape, generator=gen, dtype=torch.float32))
 
 
 def _randomize_expert_bias(model, spec: FixtureSpec, pp_rank: int, vp: int) -> None:
@@ -944,12 +1105,12 @@ def _make_args(
         position_embedding_type="rope",
         use_rotary_position_embeddings=True,
         rotary_base=spec.rotary_base,
-        rotary_percent=1.0,
+        rotary_percent=spec.rotary_percent,
         rotary_interleaved=False,
         use_rope_scaling=False,
         normalization="RMSNorm",
         norm_epsilon=1e-6,
-        apply_layernorm_1p=False,
+        apply_layernorm_1p=spec.is_gdn,  # Megatron-LM's flag for layernorm_zero_centered_gamma
         swiglu=True,
         add_qkv_bias=spec.family == "qwen2",
         add_bias_linear=False,
@@ -995,6 +1156,9 @@ def _make_args(
     )
     if spec.is_moe:
         _add_moe_args(args, spec, tp, ep, etp, world)
+    if spec.is_gdn:
+        vars(args).update({k: v for k, v in _gdn_config(spec).items() if k != "layernorm_zero_centered_gamma"})
+        args.deterministic_mode = False  # a training run uses the fla kernels
     return args
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
-from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
+from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
 from .base import Family
 
 __all__ = ["FAMILIES", "Family", "family_by_name", "family_for_args", "family_for_config"]
@@ -22,6 +22,11 @@ FAMILIES: dict[str, Family] = {
         qwen3_moe.FAMILY,
         mixtral.FAMILY,
         deepseek_v3.FAMILY,
+        qwen3_next.FAMILY,
+        qwen3_5.FAMILY,
+        qwen3_5.MOE_FAMILY,
+        qwen3_5.VL_FAMILY,
+        qwen3_5.VL_MOE_FAMILY,
     )
 }
 

@@ -29,6 +29,12 @@ class Family:
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
     mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
+    # Gated DeltaNet hybrids: HF norms compute `x · (1 + w)` like Megatron's zero-centred gamma, and the
+    # config can express a partial rotary embedding (`partial_rotary_factor`).
+    zero_centred_norms: bool = False
+    partial_rotary: bool = False
+    text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config
+    """The part of the HF config describing the language model (a vision-language config nests it)."""
 
 
 def as_mtp(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:

@@ -20,6 +20,11 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=llama.ATTENTION + QK_NORMS + llama.MLP + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: flag(args, "qk_layernorm") and not flag(args, "add_qkv_bias") and not flag(args, "num_experts"),
+    detect=lambda args: (
+        flag(args, "qk_layernorm")
+        and not flag(args, "add_qkv_bias")
+        and not flag(args, "num_experts")
+        and not flag(args, "experimental_attention_variant")
+    ),
     config={"attention_bias": False, "use_sliding_window": False},
 )

@@ -52,7 +52,7 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
+def experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
     experts, step = int(config.get("num_experts") or 0), int(config.get("decoder_sparse_step") or 1)
     dense = set(config.get("mlp_only_layers") or [])
     layers = range(int(config["num_hidden_layers"]))
@@ -67,9 +67,12 @@ FAMILY = Family(
     layer=llama.ATTENTION + qwen3.QK_NORMS + ROUTER + EXPERTS + only(dense_layer, llama.MLP) + llama.NORMS,
     tail=llama.FINAL,
     detect=lambda args: (
-        flag(args, "num_experts") and flag(args, "qk_layernorm") and not flag(args, "multi_latent_attention")
+        flag(args, "num_experts")
+        and flag(args, "qk_layernorm")
+        and not flag(args, "multi_latent_attention")
+        and not flag(args, "experimental_attention_variant")
     ),
     config={"attention_bias": False, "use_sliding_window": False},
     from_args=_from_args,
-    experts=_experts,
+    experts=experts,
 )

@@ -57,6 +57,12 @@ _TP_RULES: tuple[tuple[str, int | str], ...] = (
     # [gate_0; up_0; gate_1; ...], as torch_dist holds it (see formats/quant.md). Scalars are replicated.
     ("linear_qkv.weight_quantizer._amax", 0),
     ("linear_fc1.weight_quantizer._amax", 0),
+    # Gated DeltaNet: in_proj and conv1d stay fused, rank-major (the GDN rules regroup them by the args' TP)
+    ("in_proj.weight", 0),
+    ("conv1d.weight", 0),
+    ("A_log", 0),
+    ("dt_bias", 0),
+    ("out_proj.weight", 1),
 )
 
 
