@@ -91,27 +91,11 @@ def build_gdn_adapters(specs: Iterable[GdnAdapterSpec], cache_dir: Path) -> dict
 
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
     """Entry point of every spawned rank (the gloo set-up of tools.megatron_fixtures)."""
-    import os
-    import warnings
-    from datetime import timedelta
+    from tools.megatron_fixtures import cpu_rank
 
-    warnings.filterwarnings("ignore")
-    import torch
-
-    from tools.megatron_fixtures import _patch_megatron_for_cpu
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-    try:
-        _patch_megatron_for_cpu()
+    with cpu_rank(rank, world, port):
         for job in jobs:
             _save_and_reference(**job)
-    finally:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def _draw(spec: GdnAdapterSpec, layer: int, what: str, shape: tuple[int, ...]):

@@ -39,7 +39,7 @@ import shutil
 import socket
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -581,8 +581,10 @@ def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | N
 # --------------------------------------------------------------------------- inside workers
 
 
-def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
-    """Entry point of every spawned rank."""
+@contextlib.contextmanager
+def cpu_rank(rank: int, world: int, port: int) -> Iterator[None]:
+    """One spawned rank's life: a gloo process group, megatron-core patched for CPU torch, then torn down.
+    Every fixture writer's worker (here, lora_fixtures, quant_fixtures, gdn_lora_fixtures) runs inside it."""
     import warnings
     from datetime import timedelta
 
@@ -594,19 +596,19 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
         _patch_megatron_for_cpu()
-        if task == "save":
-            for job in jobs:
-                _save_job(**job)
-        elif task == "reference":
-            for job in jobs:
-                _reference_job(**job)
-        else:
-            raise ValueError(task)
+        yield
     finally:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
+    """Entry point of every spawned rank."""
+    with cpu_rank(rank, world, port):
+        for job in jobs:
+            {"save": _save_job, "reference": _reference_job}[task](**job)
 
 
 def _patch_megatron_for_cpu() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,26 +94,11 @@ def build_quant_fixtures(specs: Iterable[QuantSpec], cache_dir: Path) -> dict[Qu
 
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
     """Entry point of every spawned rank."""
-    import warnings
-    from datetime import timedelta
+    from tools.megatron_fixtures import cpu_rank
 
-    warnings.filterwarnings("ignore")
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-    try:
-        from tools.megatron_fixtures import _patch_megatron_for_cpu
-
-        _patch_megatron_for_cpu()
+    with cpu_rank(rank, world, port):
         for job in jobs:
             _save_job(**job)
-    finally:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def _calibration_forward(model, spec: QuantSpec) -> None:
