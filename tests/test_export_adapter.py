@@ -84,6 +84,20 @@ def test_peft_logits_equal_the_merged_model(exported: dict[str, Path]) -> None:
         torch.testing.assert_close(unloaded[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def export_round(
+    spec, adapters: dict, checkpoints: dict, tmp_path: Path, *options: str
+) -> tuple[Path, Path, Path, dict]:
+    """Convert the base, merge the adapter with `convert`, export it with `export-adapter ... *options`.
+
+    Returns (base, merged, adapter, adapter_config)."""
+    adapter = adapters[spec]
+    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
+    merged = convert(adapter, tmp_path / "merged", progress=False)
+    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q", *options])
+    assert result.exit_code == 0, result.output
+    return base, merged, adapter, json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+
+
 def assert_peft_reproduces(base: Path, peft_dir: Path, merged: Path, adapter: Path) -> None:
     """Real PEFT on the converted base gives the logits and, merged and unloaded, the tensors of `convert`."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -103,14 +117,9 @@ def assert_peft_reproduces(base: Path, peft_dir: Path, merged: Path, adapter: Pa
 def test_expert_adapters_in_peft(spec, expert_format: str, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
     """Qwen3-MoE expert adapters (and a router LoRA onto `mlp.gate.weight`, a ParamWrapper target): PEFT on
     the converted base reproduces `convert --adapter` in both expert formats."""
-    adapter = adapters[spec]
-    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
-    merged = convert(adapter, tmp_path / "merged", progress=False)
-    result = CliRunner().invoke(
-        main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q", "--expert-format", expert_format]
+    base, merged, adapter, config = export_round(
+        spec, adapters, checkpoints, tmp_path, "--expert-format", expert_format
     )
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     keys = load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
     router = ["mlp.gate.weight"] if "router" in spec.targets else []
     if expert_format == "paramwrapper":
@@ -131,14 +140,9 @@ def test_deepseek_v3_in_peft(spec, expert_format: str, adapters: dict, checkpoin
     """DeepSeek-V3 with Bridge's default targets: MLA projections are nn.Linear (target_modules); the router (no
     nn.Linear) and the dense and shared-expert MLPs (whose names PEFT would re-aim at the fused experts) are
     ParamWrapper parameters; routed experts in either expert format."""
-    adapter = adapters[spec]
-    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
-    merged = convert(adapter, tmp_path / "merged", progress=False)
-    result = CliRunner().invoke(
-        main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q", "--expert-format", expert_format]
+    base, merged, adapter, config = export_round(
+        spec, adapters, checkpoints, tmp_path, "--expert-format", expert_format
     )
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     q = ["q_a_proj", "q_b_proj"] if spec.base.q_lora_rank else ["q_proj"]
     mlp = [f"mlp.{kind}{m}.weight" for kind in ("", "shared_experts.") for m in ("down_proj", "gate_proj", "up_proj")]
     attention = [*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
@@ -159,11 +163,7 @@ def test_deepseek_v3_in_peft(spec, expert_format: str, adapters: dict, checkpoin
 
 @pytest.mark.parametrize("spec", [*CANONICAL_SPECS, DORA_SPEC], ids=lambda s: s.name)
 def test_canonical_lora_and_dora_in_peft(spec, adapters: dict, checkpoints: dict, tmp_path: Path) -> None:
-    adapter = adapters[spec]
-    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
-    merged = convert(adapter, tmp_path / "merged", progress=False)
-    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
-    assert result.exit_code == 0, result.output
+    base, merged, adapter, _ = export_round(spec, adapters, checkpoints, tmp_path)
     assert_peft_reproduces(base, tmp_path / "peft", merged, adapter)
 
 
@@ -171,12 +171,7 @@ def test_normalized_expert_ranks(adapters: dict, checkpoints: dict, tmp_path: Pa
     """normalize_moe_lora: expert ranks dim // topk (fc1 rounded up to expert TP) go to rank_pattern and PEFT
     scales them by alpha / that rank, as Bridge does; the per-expert (v4) layout cannot carry them."""
     spec = MOE_LORA_SPECS[3]
-    adapter = adapters[spec]
-    base = convert(checkpoints[spec.base], tmp_path / "base", progress=False)
-    merged = convert(adapter, tmp_path / "merged", progress=False)
-    result = CliRunner().invoke(main, ["export-adapter", str(adapter), str(tmp_path / "peft"), "-q"])
-    assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    base, merged, adapter, config = export_round(spec, adapters, checkpoints, tmp_path)
     assert config["r"] == spec.dim
     assert config["rank_pattern"] == {
         r"mlp\.experts\.gate_up_proj": spec.effective_dim("linear_fc1"),
