@@ -162,13 +162,13 @@ def convert(
             sys.stdout.write(describe(plan))
             return Path(out_dir)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
+            digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
             if conversion.quant is not None:
-                write_quant(conversion.quant, plan, conversion.family, reader, staging)
+                digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
             write_json(staging / "config.json", conversion.config)
             if conversion.model_dir is not None:
                 copy_side_files(conversion.model_dir, staging)
-            write_manifest(staging, "convert", options, describe_sources(reader, hf_config))
+            write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
     return Path(out_dir)
 
 

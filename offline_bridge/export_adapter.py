@@ -290,7 +290,7 @@ def export_adapter(
         lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
         plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
         with staged_output(out_dir, overwrite=overwrite) as staging:
-            write_weights(plan, reader, staging, progress=progress)
+            digests = write_weights(plan, reader, staging, progress=progress)
             write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
-            write_manifest(staging, "export-adapter", options, sources)
+            write_manifest(staging, "export-adapter", options, sources, digests)
     return Path(out_dir)

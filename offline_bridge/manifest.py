@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from .errors import CheckpointError
 from .readers.base import CheckpointReader
 from .readers.combined import CombinedReader
 from .safetensors_file import SafetensorsFile
-from .writer import default_workers, write_json
+from .writer import write_json
 
 __all__ = [
     "MANIFEST",
@@ -118,33 +117,36 @@ def _tool_version() -> str:
     return __version__
 
 
-def write_manifest(out_dir: Path, command: str, options: Mapping[str, Any], sources: list[dict[str, Any]]) -> None:
+def write_manifest(
+    out_dir: Path,
+    command: str,
+    options: Mapping[str, Any],
+    sources: list[dict[str, Any]],
+    digests: Mapping[tuple[str, str], str],
+) -> None:
     """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
 
-    Tensors are hashed from the files just written (still in the page cache), on a few threads: the writer
-    keeps its kernel-side copies, and the hashes are of exactly the bytes `verify` will read."""
+    ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them: hashed while the
+    bytes were written, read back from the files, so they are of exactly the bytes `verify` will read."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
-    with ThreadPoolExecutor(default_workers()) as pool:
-        for path in sorted(out_dir.iterdir()):
-            if path.name == MANIFEST:
-                continue
-            if path.suffix != ".safetensors":
-                files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                continue
-            with SafetensorsFile(path) as st:
-                header = hashlib.sha256(st.header()).hexdigest()
-                files[path.name] = {"size": path.stat().st_size, "header_sha256": header}
-                entries = list(st.tensors.values())
-                digests = pool.map(lambda entry, st=st: st.sha256(entry.name), entries)
-                for entry, digest in zip(entries, digests, strict=True):
-                    tensors[entry.name] = {
-                        "file": path.name,
-                        "dtype": entry.dtype.safetensors,
-                        "shape": list(entry.shape),
-                        "data_offsets": [entry.begin - st.header_size, entry.end - st.header_size],
-                        "sha256": digest,
-                    }
+    for path in sorted(out_dir.iterdir()):
+        if path.name == MANIFEST:
+            continue
+        if path.suffix != ".safetensors":
+            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            continue
+        with SafetensorsFile(path) as st:
+            header = hashlib.sha256(st.header()).hexdigest()
+            files[path.name] = {"size": path.stat().st_size, "header_sha256": header}
+            for entry in st.tensors.values():
+                tensors[entry.name] = {
+                    "file": path.name,
+                    "dtype": entry.dtype.safetensors,
+                    "shape": list(entry.shape),
+                    "data_offsets": [entry.begin - st.header_size, entry.end - st.header_size],
+                    "sha256": digests[path.name, entry.name],
+                }
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "offline-bridge", "version": _tool_version()},

@@ -238,11 +238,14 @@ def _stored_algo(plan: Plan) -> str | None:
     return "FP8" if scales and plain else None
 
 
-def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path) -> None:
+def write_quant(
+    quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path
+) -> dict[tuple[str, str], str]:
     """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
-    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`)."""
+    stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`).
+    Returns the amax tensors' sha256 (as `write_weights`)."""
     steps, files = layout(list(quant.steps), 2**62, stem=Path(AMAX_FILE).stem)
-    write_weights(Plan(tuple(steps), tuple(files), FLOAT32, plan.dims), reader, out_dir, progress=False)
+    digests = write_weights(Plan(tuple(steps), tuple(files), FLOAT32, plan.dims), reader, out_dir, progress=False)
     names = [t.name for step in quant.steps for t in step.targets]
     calibrated = {_module(_module(n)) for n in names if n.endswith(".weight_quantizer._amax")}
     stored = {_module(t.name) for t in plan.targets() if t.dtype == FP8}
@@ -268,6 +271,7 @@ def write_quant(quant: Quant, plan: Plan, family: Family, reader: CheckpointRead
             "megatron_args": {k: _jsonable(v) for k, v in sorted(args.items()) if "quant" in k or k.startswith("fp8")},
         },
     )
+    return digests
 
 
 def fp8_plan(plan: Plan, quant: Quant | None, reader: CheckpointReader, max_shard_size: int) -> tuple[Plan, dict]:

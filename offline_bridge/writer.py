@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib
 import json
 import os
@@ -42,7 +43,6 @@ from .transfer import Run, plan_runs, selected_rows
 __all__ = [
     "INDEX_FILE",
     "OutputFiles",
-    "TensorHook",
     "default_workers",
     "read_source",
     "staged_output",
@@ -54,11 +54,8 @@ __all__ = [
 INDEX_FILE = "model.safetensors.index.json"
 MAX_OPEN_FILES = 32  # output files and checkpoint files each kept open at once
 MIN_BUDGET = 256 * 2**20  # bytes of tensors in flight, at least (more if one step needs more)
+_HASH_BLOCK = 16 * 2**20  # bytes read back at a time to hash a written tensor (per thread)
 _IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
-
-# Called once per written tensor, from worker threads, with the tensor's bytes in order (the concatenation
-# of the buffers); a step is done only when its hook calls return.
-TensorHook = Callable[[Target, Sequence[memoryview]], None]
 
 
 def default_workers() -> int:
@@ -119,13 +116,19 @@ def _alive(pid: int) -> bool:
 
 class OutputFiles:
     """The plan's safetensors files: headers written first, tensors put at their offsets by any thread; each
-    file is flushed to disk (fsync) and closed as soon as its last tensor is in."""
+    file is flushed to disk (fsync) and closed as soon as its last tensor is in.
+
+    Every tensor is hashed as soon as it is in place, read back from its output file (still in the page
+    cache) on the thread that wrote it: ``digests`` holds the sha256 of exactly the bytes `verify` will read,
+    and the hashing overlaps the other threads' copies and the disk's writeback."""
 
     def __init__(self, out_dir: Path, plan: Plan, limit: int = MAX_OPEN_FILES) -> None:
         self._dir = out_dir
         self._fds: HandleCache[str, int] = HandleCache(self._open, os.close, limit)
         self._left = Counter(t.file for t in plan.targets())
         self._lock = threading.Lock()
+        self._scratch = threading.local()
+        self.digests: dict[tuple[str, str], str] = {}  # (file, tensor) -> sha256 hex
         for file in plan.files:
             fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -137,14 +140,14 @@ class OutputFiles:
                 self._flush(file.name)
 
     def _open(self, name: str) -> int:
-        return os.open(self._dir / name, os.O_WRONLY)
+        return os.open(self._dir / name, os.O_RDWR)  # read too: tensors are hashed from the file
 
     def write(self, target: Target, blocks: Sequence[memoryview]) -> None:
         """Put ``target``'s bytes (the concatenation of ``blocks``) in place."""
         with self._fds.use(target.file) as fd:
             _pwrite_all(fd, blocks, target.offset)
-            _start_writeback(fd, target)
-        self._done(target)
+            digest = self._hash(fd, target)
+        self._done(target, digest)
 
     def copy(self, target: Target, runs: Sequence[Run], sources: HandleCache[str, int]) -> None:
         """Put ``target``'s bytes in place straight from the checkpoint files (contiguous runs only)."""
@@ -152,11 +155,25 @@ class OutputFiles:
             for run in runs:
                 with sources.use(run.path) as source:
                     _copy_range(source, fd, run.length, run.src, target.offset + run.dst, run.path)
-            _start_writeback(fd, target)
-        self._done(target)
+            digest = self._hash(fd, target)
+        self._done(target, digest)
 
-    def _done(self, target: Target) -> None:
+    def _hash(self, fd: int, target: Target) -> str:
+        """The sha256 of the tensor just put in place, read back; then its writeback starts."""
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None:
+            buffer = self._scratch.buffer = memoryview(bytearray(_HASH_BLOCK))
+        digest = hashlib.sha256()
+        for start in range(target.offset, target.offset + target.nbytes, _HASH_BLOCK):
+            block = buffer[: min(_HASH_BLOCK, target.offset + target.nbytes - start)]
+            _pread_all(fd, [block], start, str(self._dir / target.file))
+            digest.update(block)
+        _start_writeback(fd, target)
+        return digest.hexdigest()
+
+    def _done(self, target: Target, digest: str) -> None:
         with self._lock:
+            self.digests[target.file, target.name] = digest
             self._left[target.file] -= 1
             complete = not self._left[target.file]
         if complete:
@@ -182,11 +199,11 @@ def write_weights(
     progress: bool = True,
     device: str = "auto",
     workers: int | None = None,
-    on_tensor: TensorHook | None = None,
-) -> None:
+) -> dict[tuple[str, str], str]:
     """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded).
 
-    ``workers`` threads (default `default_workers`) run the steps; ``on_tensor`` sees every tensor's bytes.
+    ``workers`` threads (default `default_workers`) run the steps.
+    Returns the sha256 of every tensor as written, by (file name, tensor name).
     """
     merges = _TorchThreads() if any(step.delta is not None for step in plan.steps) else None
     runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
@@ -204,21 +221,19 @@ def write_weights(
                 if merges is not None and step.delta is not None:
                     merges.limit()
                 if step_runs is None:
-                    _compute(step, reader, outputs, plan.dims, device, on_tensor)
+                    _compute(step, reader, outputs, plan.dims, device)
                 else:
                     for target, target_runs in zip(step.targets, step_runs):
-                        if _file_to_file(target_runs, on_tensor):
+                        if _file_to_file(target_runs):
                             outputs.copy(target, target_runs, sources)
                             continue
                         data = _gather(target, target_runs, sources, scratch)
                         outputs.write(target, [data])
-                        if on_tensor is not None:
-                            on_tensor(target, [data])
                 with lock:
                     bar.update(sum(t.nbytes for t in step.targets))
 
             def cost(step: Step) -> int:
-                return _footprint(step, runs[id(step)], on_tensor)
+                return _footprint(step, runs[id(step)])
 
             run_bounded(write_step, steps, workers or default_workers(), cost)
     finally:
@@ -235,6 +250,7 @@ def write_weights(
                 "weight_map": {t.name: t.file for t in targets},
             },
         )
+    return outputs.digests
 
 
 T = TypeVar("T")
@@ -326,31 +342,27 @@ def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader
     return min((e.path, e.offset) for e in extents) if extents else ("", 0)
 
 
-def _file_to_file(runs: Sequence[Run], on_tensor: TensorHook | None) -> bool:
-    """Whether a target's bytes go file to file: whole runs, and no hook that must see them."""
-    return on_tensor is None and all(run.count == 1 for run in runs)
+def _file_to_file(runs: Sequence[Run]) -> bool:
+    """Whether a target's bytes go file to file: whole runs, no rows to gather."""
+    return all(run.count == 1 for run in runs)
 
 
-def _footprint(step: Step, runs: list[list[Run]] | None, on_tensor: TensorHook | None) -> int:
+def _footprint(step: Step, runs: list[list[Run]] | None) -> int:
     """Bytes a step holds in memory while it runs (file-to-file copies hold none)."""
     if runs is not None:
-        gathered = [t.nbytes for t, r in zip(step.targets, runs) if not _file_to_file(r, on_tensor)]
+        gathered = [t.nbytes for t, r in zip(step.targets, runs) if not _file_to_file(r)]
         return max(gathered, default=0)
     numel = int(np.prod(step.source.shape, dtype=np.int64))
     merged = 4 * numel if step.delta is not None and step.delta.layout != "plain" else 0  # a fused fp32 delta
     return numel * step.source.dtype.itemsize + sum(t.nbytes for t in step.targets) + merged
 
 
-def _compute(
-    step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, on_tensor: TensorHook | None
-) -> None:
+def _compute(step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str) -> None:
     """Read the step's source, merge its adapter, cast and apply its rule, in memory."""
     for target, blocks in zip(step.targets, _computed(reader, step, device, dims), strict=True):
         if sum(len(block) for block in blocks) != target.nbytes:
             raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
         outputs.write(target, blocks)
-        if on_tensor is not None:
-            on_tensor(target, blocks)
 
 
 def step_outputs(
