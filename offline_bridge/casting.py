@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
+from functools import cache
 from typing import Any
 
 import numpy as np
 
 from .dtypes import DType
 
-__all__ = ["as_numpy", "cast"]
+__all__ = ["as_numpy", "cast", "preload_torch"]
 
 _CARRIER = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}  # torch types that view any dtype's bytes
+
+
+@cache
+def preload_torch() -> None:
+    """Start importing torch in the background (over a second of CPU) for a conversion that will need it."""
+    threading.Thread(target=importlib.import_module, args=("torch",), daemon=True, name="import-torch").start()
 
 
 def cast(array: np.ndarray, source: DType, target: DType) -> np.ndarray:

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .casting import preload_torch
 from .dtypes import DType, by_option
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
@@ -142,6 +143,8 @@ def convert(
         "device": device,
         "export_fp8": export_fp8,
     }
+    if (adapter is not None or base is not None) and not dry_run:
+        preload_torch()  # merges need it; importing takes longer than planning
     reader, lora = open_checkpoint(
         ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
     )

@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import OptionError
 
-__all__ = ["DTYPES", "DType", "by_option", "by_storage_class", "by_torch_name"]
+__all__ = ["DTYPES", "FLOAT32", "DType", "by_option", "by_storage_class", "by_torch_name"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ DTYPES: tuple[DType, ...] = (
     DType("float8_e4m3fn", "F8_E4M3", "u1", "Float8_e4m3fnStorage", "fp8_e4m3"),
     DType("float8_e5m2", "F8_E5M2", "u1", "Float8_e5m2Storage", "fp8_e5m2"),
 )
+
+FLOAT32 = DTYPES[0]
 
 _BY_TORCH = {d.torch_name: d for d in DTYPES}
 _BY_STORAGE = {d.storage_class: d for d in DTYPES}

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .casting import cast
-from .dtypes import DType, by_option, by_torch_name
+from .dtypes import FLOAT32, DType, by_torch_name
 from .errors import CheckpointError, OptionError
 from .families import Family
 from .plan import Plan, Source, Step, Target, expand, finder, layout
@@ -42,7 +42,6 @@ FP8_MAX = 448.0  # largest finite FP8-E4M3 value
 AMAX_FILE = "quant_amax.safetensors"
 CONFIG_FILE = "hf_quant_config.json"
 STATE_DIR = "modelopt_state"  # Megatron-LM's save_sharded_modelopt_state, inside the iteration directory
-FLOAT32 = by_option("fp32")
 FP8 = by_torch_name("float8_e4m3fn")
 
 

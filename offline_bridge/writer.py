@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from .casting import as_numpy, cast
+from .casting import as_numpy, cast, preload_torch
 from .errors import BridgeError, CheckpointError, OptionError
 from .handles import HandleCache
 from .lora_merge import merge_tensor
@@ -55,6 +54,9 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_OPEN_FILES = 32  # output files and checkpoint files each kept open at once
 MIN_BUDGET = 256 * 2**20  # bytes of tensors in flight, at least (more if one step needs more)
 _HASH_BLOCK = 16 * 2**20  # bytes read back at a time to hash a written tensor (per thread)
+# bytes per write call: one call of tens of MB costs 4x the CPU of 1 MB calls into a file's page cache (seen
+# on Linux 6.18, ext4: the kernel's per-call page-cache work grows faster than the bytes)
+_WRITE_CHUNK = 2**20
 _IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
 
 
@@ -118,9 +120,9 @@ class OutputFiles:
     """The plan's safetensors files: headers written first, tensors put at their offsets by any thread; each
     file is flushed to disk (fsync) and closed as soon as its last tensor is in.
 
-    Every tensor is hashed as soon as it is in place, read back from its output file (still in the page
-    cache) on the thread that wrote it: ``digests`` holds the sha256 of exactly the bytes `verify` will read,
-    and the hashing overlaps the other threads' copies and the disk's writeback."""
+    Every tensor is hashed as it is put in place, on the thread that writes it, so hashing overlaps the other
+    threads' copies and the disk's writeback: from memory when written from memory, else read back from the
+    page cache. ``digests`` holds the sha256 of the bytes `verify` will read."""
 
     def __init__(self, out_dir: Path, plan: Plan, limit: int = MAX_OPEN_FILES) -> None:
         self._dir = out_dir
@@ -146,8 +148,11 @@ class OutputFiles:
         """Put ``target``'s bytes (the concatenation of ``blocks``) in place."""
         with self._fds.use(target.file) as fd:
             _pwrite_all(fd, blocks, target.offset)
-            digest = self._hash(fd, target)
-        self._done(target, digest)
+            digest = hashlib.sha256()
+            for block in blocks:
+                digest.update(block)
+            _start_writeback(fd, target)
+        self._done(target, digest.hexdigest())
 
     def copy(self, target: Target, runs: Sequence[Run], sources: HandleCache[str, int]) -> None:
         """Put ``target``'s bytes in place straight from the checkpoint files (contiguous runs only)."""
@@ -155,11 +160,12 @@ class OutputFiles:
             for run in runs:
                 with sources.use(run.path) as source:
                     _copy_range(source, fd, run.length, run.src, target.offset + run.dst, run.path)
-            digest = self._hash(fd, target)
+            digest = self._read_back_hash(fd, target)
+            _start_writeback(fd, target)
         self._done(target, digest)
 
-    def _hash(self, fd: int, target: Target) -> str:
-        """The sha256 of the tensor just put in place, read back; then its writeback starts."""
+    def _read_back_hash(self, fd: int, target: Target) -> str:
+        """The sha256 of a tensor copied file to file, read back (from the page cache) on this thread."""
         buffer = getattr(self._scratch, "buffer", None)
         if buffer is None:
             buffer = self._scratch.buffer = memoryview(bytearray(_HASH_BLOCK))
@@ -168,7 +174,6 @@ class OutputFiles:
             block = buffer[: min(_HASH_BLOCK, target.offset + target.nbytes - start)]
             _pread_all(fd, [block], start, str(self._dir / target.file))
             digest.update(block)
-        _start_writeback(fd, target)
         return digest.hexdigest()
 
     def _done(self, target: Target, digest: str) -> None:
@@ -218,10 +223,8 @@ def write_weights(
 
             def write_step(step: Step) -> None:
                 step_runs = runs[id(step)]
-                if merges is not None and step.delta is not None:
-                    merges.limit()
                 if step_runs is None:
-                    _compute(step, reader, outputs, plan.dims, device)
+                    _compute(step, reader, outputs, plan.dims, device, merges)
                 else:
                     for target, target_runs in zip(step.targets, step_runs):
                         if _file_to_file(target_runs):
@@ -259,10 +262,10 @@ T = TypeVar("T")
 class _TorchThreads:
     """Merges run on the writer's threads; torch's own thread pool on top of them only makes the threads wait
     for each other (5-8x slower merges on a busy 2-core machine). torch (a second to import) starts loading
-    in the background at once; the first merge limits it to one thread, `restore` undoes that."""
+    in the background (if not yet); the first merge limits it to one thread, `restore` undoes that."""
 
     def __init__(self) -> None:
-        threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
+        preload_torch()
         self._lock = threading.Lock()
         self._before: int | None = None
 
@@ -357,9 +360,12 @@ def _footprint(step: Step, runs: list[list[Run]] | None) -> int:
     return numel * step.source.dtype.itemsize + sum(t.nbytes for t in step.targets) + merged
 
 
-def _compute(step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str) -> None:
+def _compute(
+    step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, merges: _TorchThreads | None
+) -> None:
     """Read the step's source, merge its adapter, cast and apply its rule, in memory."""
-    for target, blocks in zip(step.targets, _computed(reader, step, device, dims), strict=True):
+    before_merge = None if merges is None else merges.limit
+    for target, blocks in zip(step.targets, _computed(reader, step, device, dims, before_merge), strict=True):
         if sum(len(block) for block in blocks) != target.nbytes:
             raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
         outputs.write(target, blocks)
@@ -376,10 +382,13 @@ def step_outputs(
     return outputs
 
 
-def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> list[list[memoryview]]:
+def _computed(
+    reader: CheckpointReader, step: Step, device: str, dims: Dims, before_merge: Callable[[], None] | None = None
+) -> list[list[memoryview]]:
     """The bytes of the step's HF tensors. The source is cast (or merged and rounded once, on the merge
     device) as a whole; a rule that only picks rows then takes them as views, any other rule is applied.
-    On a GPU the merged weight is split there too (`offline_bridge.gpu`)."""
+    On a GPU the merged weight is split there too (`offline_bridge.gpu`). ``before_merge`` is called once the
+    merge's inputs are read (torch may still be loading meanwhile)."""
     array = read_source(reader, step.source)
     (dtype,) = {t.dtype for t in step.targets}
     delta = step.delta
@@ -389,6 +398,8 @@ def _computed(reader: CheckpointReader, step: Step, device: str, dims: Dims) -> 
         whole = cast(array, step.source.dtype, dtype)
     else:
         pieces = [None if p is None else (read_source(reader, p[0]), read_source(reader, p[1])) for p in delta.pieces]
+        if before_merge is not None:
+            before_merge()
         merged = merge_tensor(
             array,
             step.source.dtype,
@@ -497,9 +508,16 @@ def _pread_all(fd: int, views: list[memoryview], offset: int, path: str) -> None
 
 
 def _pwrite_all(fd: int, views: Sequence[memoryview], offset: int) -> None:
-    """Write ``views`` one after the other at ``offset`` (gathered write, retried when short)."""
-    for first in range(0, len(views), _IOV_MAX):
-        batch = list(views[first : first + _IOV_MAX])
+    """Write ``views`` one after the other at ``offset`` (gathered writes, retried when short), at most
+    `_WRITE_CHUNK` bytes a call."""
+    pieces = [view[at : at + _WRITE_CHUNK] for view in views for at in range(0, len(view), _WRITE_CHUNK)]
+    first = 0
+    while first < len(pieces):
+        size, stop = len(pieces[first]), first + 1
+        while stop < len(pieces) and stop - first < _IOV_MAX and size + len(pieces[stop]) <= _WRITE_CHUNK:
+            size += len(pieces[stop])
+            stop += 1
+        batch, first = pieces[first:stop], stop
         while batch:
             done = os.pwritev(fd, batch, offset)
             offset += done
