@@ -1,5 +1,5 @@
 """`python -m offline_bridge` is the `offline-bridge` command."""
 
-from .cli import main
+from .cli import entry
 
-main(prog_name="offline-bridge")
+entry()

@@ -105,8 +105,8 @@ def merge_tensor(
     if layout == "plain" and factors[0] is not None:  # B @ A block by block: no full-size delta
         b, a = factors[0]
 
-        def delta(block: slice, into: Any) -> None:
-            torch.matmul(b[block], a, out=into)
+        def add_delta(block: slice, merged: Any) -> None:
+            merged.addmm_(b[block], a, alpha=scale)
 
     else:  # an untargeted CanonicalLoRA part adds nothing; canonical gate/up B rows went through the swiglu factory
         parts = fused_part_rows(layout, dims, rows, len(pieces))
@@ -116,8 +116,8 @@ def merge_tensor(
             dims,
         )
 
-        def delta(block: slice, into: Any) -> None:
-            into.copy_(fused[block])
+        def add_delta(block: slice, merged: Any) -> None:
+            merged.add_(fused[block], alpha=scale)
 
     m = None
     if magnitude is not None:
@@ -127,9 +127,8 @@ def merge_tensor(
     scratch = torch.empty(min(step, rows), columns, device=target)
     for start in range(0, rows, step):
         block = slice(start, start + step)
-        merged = scratch[: min(step, rows - start)]
-        delta(block, merged)
-        merged.mul_(scale).add_(w[block])  # W + scale · delta, rounded as written
+        merged = scratch[: min(step, rows - start)].copy_(w[block])
+        add_delta(block, merged)  # W + scale · delta in fp32, rounded once as written
         if m is not None:  # DoRA: each output row rescaled to its learned magnitude
             merged = m[block].unsqueeze(1) * merged / merged.norm(dim=1, keepdim=True)
         out[block] = merged

@@ -42,6 +42,7 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path: Path) -> None:
 
 def test_help_lists_every_option() -> None:
     done = subprocess.run(["offline-bridge", "convert", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     for option in (
         "--hf-config",
         "--model-type",

@@ -17,14 +17,14 @@ the timing. Peak RSS is the child's ``ru_maxrss`` (`os.wait4`). The anchors:
 - megatron-core: `dist_checkpointing.load_plain_tensors`, then `save_file`.
 
 They write Megatron's own names (no HF mapping), which is less work than a conversion. `offline-bridge`
-flushes every file it writes to disk (`fsync`), which `cp -r` and the anchors do not: the table also shows
-`cp -r` followed by `sync` of each copied file.
+flushes every file it writes to disk (`fsync`) and hashes every tensor it writes (sha256, for the manifest),
+which `cp -r` and the anchors do not: the table also shows `cp -r` followed by `sync` of each copied file,
+and by `sync` and a sha256 of each file (`openssl sha256`: the same guarantees as a conversion).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.lora_fixtures import AdapterSpec  # noqa: E402
-from tools.megatron_fixtures import MARKER, FixtureSpec, write_checkpoint  # noqa: E402
+from tools.megatron_fixtures import FixtureSpec, pending_builds, write_checkpoint  # noqa: E402
 
 SPEC = FixtureSpec(
     "llama",
@@ -73,11 +73,11 @@ class Sample:
 def base_checkpoint(cache: Path) -> Path:
     """The benchmark checkpoint's save root, written by megatron-core on first use."""
     root = cache / SPEC.name / "ckpt"
-    if not (cache / SPEC.name / MARKER).exists():
-        print(f"writing the benchmark checkpoint to {root} (megatron-core, 4 ranks) ...", file=sys.stderr)
-        shutil.rmtree(cache / SPEC.name, ignore_errors=True)
-        write_checkpoint(SPEC, root)
-        (cache / SPEC.name / MARKER).write_text(json.dumps({"spec": SPEC.name}) + "\n")
+    cache.mkdir(parents=True, exist_ok=True)
+    with pending_builds(cache, [SPEC], ".bench-build.lock") as todo:
+        if todo:
+            print(f"writing the benchmark checkpoint to {root} (megatron-core, 4 ranks) ...", file=sys.stderr)
+            write_checkpoint(SPEC, root)
     return root
 
 
@@ -87,12 +87,11 @@ def adapter_checkpoint(cache: Path) -> Path:
 
     base = base_checkpoint(cache)
     root = cache / ADAPTER.name / ADAPTER.save_dir
-    if not (cache / ADAPTER.name / MARKER).exists():
-        print(f"writing the benchmark adapter to {root} ...", file=sys.stderr)
-        shutil.rmtree(cache / ADAPTER.name, ignore_errors=True)
-        root.mkdir(parents=True)
-        _spawn(ADAPTER.world_size, "save", [{"spec": ADAPTER, "base_root": str(base), "save": str(root)}])
-        (cache / ADAPTER.name / MARKER).write_text(json.dumps({"spec": ADAPTER.name}) + "\n")
+    with pending_builds(cache, [ADAPTER], ".bench-build.lock") as todo:
+        if todo:
+            print(f"writing the benchmark adapter to {root} ...", file=sys.stderr)
+            root.mkdir(parents=True)
+            _spawn(ADAPTER.world_size, "save", [{"spec": ADAPTER, "base_root": str(base), "save": str(root)}])
     return root
 
 
@@ -247,6 +246,13 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
         script = 'cp -r "$1" "$2" && find "$2" -type f -exec sync {} +'
         return Tool("`cp -r`, then `sync` of each file", lambda out: ["sh", "-c", script, "sh", str(src), str(out)])
 
+    def cp_guaranteed(src: Path) -> Tool:  # what convert guarantees: bytes on disk and a sha256 of every byte
+        # openssl's sha256 uses the CPU's SHA instructions, as Python's hashlib does (coreutils' is 7x slower)
+        script = 'cp -r "$1" "$2" && find "$2" -type f -exec sync {} + && find "$2" -type f -exec openssl sha256 {} +'
+        return Tool(
+            "`cp -r`, `sync`, `openssl sha256` of each file", lambda out: ["sh", "-c", script, "sh", str(src), str(out)]
+        )
+
     def convert(name: str, *extra: str) -> Tool:
         return Tool(name, lambda out: [*cli, "convert", str(base), str(out), "--quiet", *workers, *extra])
 
@@ -261,7 +267,7 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
         adapter = adapter_checkpoint(args.cache)
         merge = convert("`offline-bridge convert --adapter` (merge)", "--adapter", str(adapter), "--device", "cpu")
         plain = convert("`offline-bridge convert`")
-        return [cp(base), cp_synced(base), plain, merge], base, "base + LoRA (qkv, proj, fc1, fc2)"
+        return [cp(base), cp_guaranteed(base), plain, merge], base, "base + LoRA (qkv, proj, fc1, fc2)"
     iter_dir = iteration_dir(base)
     anchors = [
         Tool(
@@ -273,7 +279,8 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
             lambda out: [*bench, "--anchor", "mcore", str(iter_dir), str(out)],
         ),
     ]
-    return [cp(base), cp_synced(base), *anchors, convert("`offline-bridge convert`")], base, "base checkpoint"
+    floors = [cp(base), cp_synced(base), cp_guaranteed(base)]
+    return [*floors, *anchors, convert("`offline-bridge convert`")], base, "base checkpoint"
 
 
 def main() -> None:

@@ -22,22 +22,19 @@ Layout under ``cache_dir/<spec.name>/``: ``adapter/`` (the save root), ``referen
 
 from __future__ import annotations
 
-import fcntl
-import json
-import shutil
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tools.megatron_fixtures import (
     GDN_FAMILIES,
-    MARKER,
     REFERENCE_BATCH,
     REFERENCE_FILE,
     REFERENCE_SEQ,
     FixtureSpec,
     build_fixtures,
+    pending_builds,
 )
 
 __all__ = ["GdnAdapterSpec", "build_gdn_adapters"]
@@ -78,14 +75,10 @@ def build_gdn_adapters(specs: Iterable[GdnAdapterSpec], cache_dir: Path) -> dict
     specs = list(dict.fromkeys(specs))
     bases = build_fixtures([s.base for s in specs], cache_dir)
     result = {s: cache_dir / s.name / ADAPTER_DIR for s in specs}
-    with open(cache_dir / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for spec in (s for s in specs if not (cache_dir / s.name / MARKER).exists()):
-            shutil.rmtree(cache_dir / spec.name, ignore_errors=True)
-            (cache_dir / spec.name).mkdir(parents=True)
+    with pending_builds(cache_dir, specs, ".gdn-lora-build.lock") as todo:
+        for spec in todo:
             job = {"spec": spec, "base_root": str(bases[spec.base]), "save": str(result[spec])}
             _spawn(spec.tp, "gdn_lora", [job], worker=_worker)
-            (cache_dir / spec.name / MARKER).write_text(json.dumps(asdict(spec)) + "\n")
     return result
 
 

@@ -69,8 +69,6 @@ without the layer axis.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import shutil
 import zlib
 from collections.abc import Iterable
@@ -80,12 +78,12 @@ from typing import TYPE_CHECKING, Any
 
 from tools.megatron_fixtures import (
     DENSE_FAMILIES,
-    MARKER,
     REFERENCE_BATCH,
     REFERENCE_FILE,
     REFERENCE_SEQ,
     FixtureSpec,
     build_fixtures,
+    pending_builds,
     world_size,
 )
 
@@ -790,14 +788,13 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
     specs = list(dict.fromkeys(specs))
     base_roots = build_fixtures(list(dict.fromkeys(s.base for s in specs)), cache_dir)
     result = {s: cache_dir / s.name / s.save_dir for s in specs}
-    with open(cache_dir / ".lora-build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        todo = [s for s in specs if not (cache_dir / s.name / MARKER).exists()]
+
+    def record(s: AdapterSpec) -> dict:
+        return {**dataclasses.asdict(s), "base": dataclasses.asdict(s.base), "base_root": str(base_roots[s.base])}
+
+    with pending_builds(cache_dir, specs, ".lora-build.lock", record) as todo:
         if not todo:
             return result
-        for s in todo:
-            shutil.rmtree(cache_dir / s.name, ignore_errors=True)
-            (cache_dir / s.name).mkdir(parents=True)
         jobs = {s: {"spec": s, "base_root": str(base_roots[s.base]), "save": str(result[s])} for s in todo}
         layouts: dict[tuple[int, int, int], list[AdapterSpec]] = {}
         for s in todo:
@@ -805,9 +802,6 @@ def build_adapters(specs: Iterable[AdapterSpec], cache_dir: Path) -> dict[Adapte
         for group in layouts.values():
             _spawn(group[0].world_size, "save", [jobs[s] for s in group])
         _spawn(1, "reference", [jobs[s] for s in todo])
-        for s in todo:
-            record = {**dataclasses.asdict(s), "base": dataclasses.asdict(s.base), "base_root": str(base_roots[s.base])}
-            (cache_dir / s.name / MARKER).write_text(json.dumps(record) + "\n")
     return result
 
 

@@ -39,7 +39,7 @@ import shutil
 import socket
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -441,6 +441,24 @@ def _check_moe(spec: FixtureSpec, tp: int, pp: int, ep: int, etp: int) -> None:
 # --------------------------------------------------------------------------- public API
 
 
+@contextlib.contextmanager
+def pending_builds(
+    cache_dir: Path, specs: Iterable[Any], lock: str, record: Callable[[Any], dict] = dataclasses.asdict
+) -> Iterator[list[Any]]:
+    """The cache's build protocol, shared by every fixture builder: hold the file lock ``cache_dir/lock``
+    (concurrent callers, e.g. pytest-xdist workers, wait), yield the specs whose directory lacks its marker,
+    each emptied, and once the block succeeds write each one's marker (``record(spec)`` as JSON) last."""
+    with open(cache_dir / lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        todo = [s for s in specs if not (cache_dir / s.name / MARKER).exists()]
+        for spec in todo:
+            shutil.rmtree(cache_dir / spec.name, ignore_errors=True)
+            (cache_dir / spec.name).mkdir(parents=True)
+        yield todo
+        for spec in todo:
+            (cache_dir / spec.name / MARKER).write_text(json.dumps(record(spec)) + "\n")
+
+
 def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[FixtureSpec, Path]:
     """Write every spec's checkpoint and reference logits under ``cache_dir/<spec.name>/``.
 
@@ -449,20 +467,14 @@ def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[Fixtur
     spawn per (tp, pp, vpp, ep, etp) layout writes all its specs, then a single 1-process spawn
     computes Megatron's reference logits for all of them (process start-up dominates).
     MoE layouts (ep > 1) run on :func:`world_size` ranks (data parallelism fills the rest).
-    A file lock serialises concurrent callers (e.g. pytest-xdist workers).
     """
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = list(dict.fromkeys(specs))
     result = {s: cache_dir / s.name / "ckpt" for s in specs}
-    with open(cache_dir / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        todo = [s for s in specs if not (cache_dir / s.name / MARKER).exists()]
+    with pending_builds(cache_dir, specs, ".build.lock") as todo:
         if not todo:
             return result
-        for s in todo:
-            shutil.rmtree(cache_dir / s.name, ignore_errors=True)
-            (cache_dir / s.name).mkdir(parents=True)
         layouts: dict[tuple[int, int, int, int, int | None], list[FixtureSpec]] = {}
         for s in todo:
             layouts.setdefault((s.tp, s.pp, s.vpp, s.ep, s.etp), []).append(s)
@@ -473,8 +485,6 @@ def build_fixtures(specs: Iterable[FixtureSpec], cache_dir: Path) -> dict[Fixtur
         for s in todo:
             if s.common_in_dcp:
                 _drop_common_pt(result[s] / f"iter_{s.iteration:07d}")
-        for s in todo:
-            (cache_dir / s.name / MARKER).write_text(json.dumps(dataclasses.asdict(s)) + "\n")
     return result
 
 

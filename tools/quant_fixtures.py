@@ -21,10 +21,6 @@ Layout: ``cache_dir/<spec.name>/ckpt`` (a save root; with ``base.legacy_twin`` a
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +28,6 @@ from typing import Any
 
 from tools.megatron_fixtures import (
     LEGACY_DIR,
-    MARKER,
     FixtureSpec,
     _build_chunks,
     _init_parallel,
@@ -41,6 +36,7 @@ from tools.megatron_fixtures import (
     _rng_state,
     _save_legacy,
     _sd_metadata,
+    pending_builds,
 )
 
 CALIBRATION_BATCH, CALIBRATION_SEQ = 2, 16
@@ -77,15 +73,9 @@ def build_quant_fixtures(specs: Iterable[QuantSpec], cache_dir: Path) -> dict[Qu
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = list(dict.fromkeys(specs))
     result = {s: cache_dir / s.name / "ckpt" for s in specs}
-    with open(cache_dir / ".quant-build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for s in specs:
-            if (cache_dir / s.name / MARKER).exists():
-                continue
-            shutil.rmtree(cache_dir / s.name, ignore_errors=True)
-            (cache_dir / s.name).mkdir(parents=True)
+    with pending_builds(cache_dir, specs, ".quant-build.lock") as todo:
+        for s in todo:
             _spawn(s.base.world_size, "save", [{"spec": s, "save": str(result[s])}], worker=_worker)
-            (cache_dir / s.name / MARKER).write_text(json.dumps(dataclasses.asdict(s)) + "\n")
     return result
 
 
