@@ -126,8 +126,8 @@ def write_manifest(
 ) -> None:
     """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
 
-    ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them: hashed while the
-    bytes were written, read back from the files, so they are of exactly the bytes `verify` will read."""
+    ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them, hashed as each
+    tensor was put in place (see `writer.OutputFiles`)."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for path in sorted(out_dir.iterdir()):
