@@ -5,6 +5,7 @@ Usage (from the repository root; the first run writes the checkpoint, ~1 min, 2.
     python tools/bench.py [--cache DIR] [--runs 5] [--workers N]      # cp, DCP, megatron-core, convert
     python tools/bench.py --lora                                      # merge cost: convert vs convert --adapter
     python tools/bench.py --export-adapter                            # export-adapter vs cp of the adapter
+    python tools/bench.py --lora --layers 44                          # the same on a 4.5 GB checkpoint
 
 The benchmark checkpoint is a llama-family model written by megatron-core itself (bf16, TP2 PP2, 2.2 GB),
 cached under ``--cache``; ``--lora`` adds a Megatron-Bridge LoRA adapter (all four targets). Every tool runs
@@ -25,6 +26,7 @@ and by `sync` and a sha256 of each file (`openssl sha256`: the same guarantees a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -53,7 +55,6 @@ SPEC = FixtureSpec(
     num_query_groups=4,
     vocab_size=32000,
 )
-ADAPTER = AdapterSpec(SPEC)  # LoRA rank 8 on linear_qkv, linear_proj, linear_fc1, linear_fc2, saved at TP2
 DEFAULT_CACHE = Path.home() / ".cache" / "offline-bridge" / "bench"
 
 
@@ -70,28 +71,30 @@ class Sample:
     rss: int  # bytes
 
 
-def base_checkpoint(cache: Path) -> Path:
+def base_checkpoint(cache: Path, spec: FixtureSpec) -> Path:
     """The benchmark checkpoint's save root, written by megatron-core on first use."""
-    root = cache / SPEC.name / "ckpt"
+    root = cache / spec.name / "ckpt"
     cache.mkdir(parents=True, exist_ok=True)
-    with pending_builds(cache, [SPEC], ".bench-build.lock") as todo:
+    with pending_builds(cache, [spec], ".bench-build.lock") as todo:
         if todo:
             print(f"writing the benchmark checkpoint to {root} (megatron-core, 4 ranks) ...", file=sys.stderr)
-            write_checkpoint(SPEC, root)
+            write_checkpoint(spec, root)
     return root
 
 
-def adapter_checkpoint(cache: Path) -> Path:
-    """The LoRA adapter's save root (adapter-only, as Megatron-Bridge saves it), written on first use."""
+def adapter_checkpoint(cache: Path, spec: FixtureSpec) -> Path:
+    """The LoRA adapter's save root (adapter-only, as Megatron-Bridge saves it), written on first use: rank 8
+    on linear_qkv, linear_proj, linear_fc1 and linear_fc2, saved at TP2."""
     from tools.lora_fixtures import _spawn
 
-    base = base_checkpoint(cache)
-    root = cache / ADAPTER.name / ADAPTER.save_dir
-    with pending_builds(cache, [ADAPTER], ".bench-build.lock") as todo:
+    base = base_checkpoint(cache, spec)
+    adapter = AdapterSpec(spec)
+    root = cache / adapter.name / adapter.save_dir
+    with pending_builds(cache, [adapter], ".bench-build.lock") as todo:
         if todo:
             print(f"writing the benchmark adapter to {root} ...", file=sys.stderr)
             root.mkdir(parents=True)
-            _spawn(ADAPTER.world_size, "save", [{"spec": ADAPTER, "base_root": str(base), "save": str(root)}])
+            _spawn(adapter.world_size, "save", [{"spec": adapter, "base_root": str(base), "save": str(root)}])
     return root
 
 
@@ -237,7 +240,7 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
     bench = [*python, str(Path(__file__).resolve())]
     cli = [*python, "-m", "offline_bridge"]
     workers = ["--workers", str(args.workers)] if args.workers else []
-    base = base_checkpoint(args.cache)
+    base = base_checkpoint(args.cache, args.spec)
 
     def cp(src: Path) -> Tool:
         return Tool("`cp -r`", lambda out: ["cp", "-r", str(src), str(out)])
@@ -257,14 +260,14 @@ def tools_for(args: argparse.Namespace) -> tuple[list[Tool], Path, str]:
         return Tool(name, lambda out: [*cli, "convert", str(base), str(out), "--quiet", *workers, *extra])
 
     if args.export_adapter:
-        adapter = adapter_checkpoint(args.cache)
+        adapter = adapter_checkpoint(args.cache, args.spec)
         export = Tool(
             "`offline-bridge export-adapter`",
             lambda out: [*cli, "export-adapter", str(adapter), str(out), "--quiet", "--base", str(base)],
         )
-        return [cp(adapter), export], adapter, f"LoRA adapter ({ADAPTER.name.split('--')[0]})"
+        return [cp(adapter), export], adapter, f"LoRA adapter ({AdapterSpec(args.spec).name.split('--')[0]})"
     if args.lora:
-        adapter = adapter_checkpoint(args.cache)
+        adapter = adapter_checkpoint(args.cache, args.spec)
         merge = convert("`offline-bridge convert --adapter` (merge)", "--adapter", str(adapter), "--device", "cpu")
         plain = convert("`offline-bridge convert`")
         return [cp(base), cp_guaranteed(base), plain, merge], base, "base + LoRA (qkv, proj, fc1, fc2)"
@@ -290,6 +293,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--workers", type=int, help="offline-bridge --workers (default: its own)")
+    parser.add_argument(
+        "--layers", type=int, default=SPEC.num_layers, help=f"transformer layers (default {SPEC.num_layers}: 2.25 GB)"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="merge cost: convert with and without --adapter")
     mode.add_argument("--export-adapter", action="store_true", help="export-adapter against cp of the adapter")
@@ -300,14 +306,15 @@ def main() -> None:
         ANCHORS[name](Path(iter_dir), Path(out))
         return
     args.cache = args.cache.resolve()
+    args.spec = spec = dataclasses.replace(SPEC, num_layers=args.layers)
     tools, copied, what = tools_for(args)
     scratch = (args.scratch or args.cache / "scratch").resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     samples = measure(tools, scratch, args.runs, args.warmup)
-    largest = largest_tensor(base_checkpoint(args.cache))
+    largest = largest_tensor(base_checkpoint(args.cache, spec))
     print(
-        f"{what}: {size_of(copied) / 1e9:.2f} GB; base: {SPEC.family}, {SPEC.dtype}, TP{SPEC.tp} PP{SPEC.pp}, "
-        f"{SPEC.num_layers} layers, hidden {SPEC.hidden_size}, largest tensor {largest / 1e9:.3f} GB; "
+        f"{what}: {size_of(copied) / 1e9:.2f} GB; base: {spec.family}, {spec.dtype}, TP{spec.tp} PP{spec.pp}, "
+        f"{spec.num_layers} layers, hidden {spec.hidden_size}, largest tensor {largest / 1e9:.3f} GB; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; median of {args.runs} runs after "
         f"{args.warmup} warm-up\n"
     )
