@@ -9,7 +9,8 @@ Usage (from the repository root; the first run writes the checkpoint, ~1 min, 2.
 
 The benchmark checkpoint is a llama-family model written by megatron-core itself (bf16, TP2 PP2, 2.2 GB),
 cached under ``--cache``; ``--lora`` adds a Megatron-Bridge LoRA adapter (all four targets). Every tool runs
-in its own process, one after the other in turn (so load from other processes hits them alike), after a
+in its own process, one after the other in turn (so load from other processes hits them alike; each round
+starts with the next tool), after a
 warm-up round that also fills the page cache; outputs are deleted and flushed (`sync`) between runs, outside
 the timing. Peak RSS is the child's ``ru_maxrss`` (`os.wait4`). The anchors:
 
@@ -124,12 +125,13 @@ def remove(path: Path) -> None:
 
 
 def measure(tools: list[Tool], scratch: Path, runs: int, warmup: int) -> dict[str, list[Sample]]:
-    """Every tool once per round, in turn; the warm-up rounds are dropped."""
+    """Every tool once per round, in turn, each round starting with the next tool (whichever runs after
+    another's output was deleted pays for it on some VMs); the warm-up rounds are dropped."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as installed: .pyc cached
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     samples: dict[str, list[Sample]] = {t.name: [] for t in tools}
     for round_ in range(warmup + runs):
-        for tool in tools:
+        for tool in tools[round_ % len(tools) :] + tools[: round_ % len(tools)]:  # each round starts elsewhere
             out = scratch / "out"
             remove(out)
             os.sync()
