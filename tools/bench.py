@@ -5,14 +5,13 @@ Usage (from the repository root; the first run writes the checkpoint, ~1 min, 2.
     python tools/bench.py [--cache DIR] [--runs 5] [--workers N]      # cp, DCP, megatron-core, convert
     python tools/bench.py --lora                                      # merge cost: convert vs convert --adapter
     python tools/bench.py --export-adapter                            # export-adapter vs cp of the adapter
-    python tools/bench.py --lora --layers 44                          # the same on a 4.5 GB checkpoint
+    python tools/bench.py --lora --layers 44                          # the same on a 4.2 GB checkpoint
 
 The benchmark checkpoint is a llama-family model written by megatron-core itself (bf16, TP2 PP2, 2.2 GB),
 cached under ``--cache``; ``--lora`` adds a Megatron-Bridge LoRA adapter (all four targets). Every tool runs
 in its own process, one after the other in turn (so load from other processes hits them alike; each round
-starts with the next tool), after a
-warm-up round that also fills the page cache; outputs are deleted and flushed (`sync`) between runs, outside
-the timing. Peak RSS is the child's ``ru_maxrss`` (`os.wait4`). The anchors:
+starts with the next tool), after a warm-up round that also fills the page cache; outputs are deleted and
+flushed (`sync`) between runs, outside the timing. Peak RSS is the child's ``ru_maxrss`` (`os.wait4`). The anchors:
 
 - PyTorch DCP: `torch.distributed.checkpoint.state_dict_loader._load_state_dict` with
   `_EmptyStateDictLoadPlanner` and ``no_dist=True``, then `safetensors.torch.save_file`;
