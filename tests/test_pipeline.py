@@ -75,11 +75,14 @@ def _data_offsets(file: Path) -> dict[str, tuple[int, int]]:
 def test_workers_and_file_limits_give_identical_bytes(
     checkpoints: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: object, dtype: str
 ) -> None:
-    """One thread, or three threads with a single open file of each kind at a time: the same files."""
+    """One thread, or three threads with a single open file of each kind at a time and writes cut into odd
+    small calls of a few buffers each: the same files."""
     fds_before = len(os.listdir("/proc/self/fd"))
     one = convert(checkpoints[spec], tmp_path / "one", dtype=dtype, max_shard_size="100KB", workers=1, progress=False)
     monkeypatch.setattr(writer, "MAX_OPEN_FILES", 1)
     monkeypatch.setattr(writer, "MIN_BUDGET", 1)  # steps wait for each other's memory too
+    monkeypatch.setattr(writer, "_WRITE_CHUNK", 1000)
+    monkeypatch.setattr(writer, "_IOV_MAX", 3)
     three = convert(
         checkpoints[spec], tmp_path / "three", dtype=dtype, max_shard_size="100KB", workers=3, progress=False
     )
