@@ -339,8 +339,7 @@ class _Budget:
 def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader) -> tuple[str, int]:
     """Where the step's first bytes lie in the checkpoint (file, offset): steps are run in this order."""
     if runs:
-        first = min((run.path, run.src) for target_runs in runs for run in target_runs)
-        return first
+        return min((run.path, run.src) for target_runs in runs for run in target_runs)
     extents = reader.extents(step.source.key)
     return min((e.path, e.offset) for e in extents) if extents else ("", 0)
 

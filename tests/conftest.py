@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.lora_fixtures import AdapterSpec, build_adapters  # noqa: E402
-from tools.megatron_fixtures import MARKER, FixtureSpec, build_fixtures, reshard  # noqa: E402
+from tools.megatron_fixtures import FixtureSpec, build_fixtures, pending_builds, reshard  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (2, 2, 1), (1, 2, 2)]
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -109,9 +109,8 @@ def adapters(megatron_cache: Path, checkpoints: dict[FixtureSpec, Path]) -> dict
 @pytest.fixture(scope="session")
 def base_tp2pp2(checkpoints: dict[FixtureSpec, Path], megatron_cache: Path) -> Path:
     """BASE_SPEC's save re-saved at TP2 PP2 by Megatron's own loader, cached beside the fixtures."""
-    fixture = megatron_cache / f"{BASE_SPEC.name}-reshard-tp2pp2"
-    if not (fixture / MARKER).exists():
-        shutil.rmtree(fixture, ignore_errors=True)
-        reshard(checkpoints[BASE_SPEC], BASE_SPEC, fixture / "ckpt", tp=2, pp=2)
-        (fixture / MARKER).write_text("")
-    return fixture / "ckpt"
+    resharded = SimpleNamespace(name=f"{BASE_SPEC.name}-reshard-tp2pp2")
+    with pending_builds(megatron_cache, [resharded], ".reshard.lock", lambda _: {}) as todo:
+        if todo:
+            reshard(checkpoints[BASE_SPEC], BASE_SPEC, megatron_cache / resharded.name / "ckpt", tp=2, pp=2)
+    return megatron_cache / resharded.name / "ckpt"

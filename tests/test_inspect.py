@@ -15,7 +15,6 @@ from conftest import LEGACY_SPECS, LORA_SPECS, MOE_SPECS, PARITY_SPECS, ROOT
 
 from offline_bridge.cli import main
 from offline_bridge.inspection import inspect_checkpoint
-from tools.lora_fixtures import build_adapters
 from tools.megatron_fixtures import FixtureSpec, legacy_root
 
 SPECS = [
@@ -72,9 +71,9 @@ def test_legacy_twin(spec: FixtureSpec, checkpoints: dict) -> None:
     assert {t["chunks"] for t in legacy["tensors"]} == {spec.tp}  # one piece per TP rank file
 
 
-def test_lora_adapter(megatron_cache: Path, checkpoints: dict) -> None:
+def test_lora_adapter(adapters: dict) -> None:
     spec = LORA_SPECS[0]
-    report = _inspect(build_adapters([spec], megatron_cache)[spec])
+    report = _inspect(adapters[spec])
     adapter = report["adapter"]
     assert adapter.pop("base").endswith(f"{spec.base.name}/ckpt")  # run_config.yaml's pretrained_checkpoint
     assert adapter == {

@@ -17,7 +17,6 @@ import offline_bridge
 from offline_bridge import convert, export_adapter
 from offline_bridge.cli import main
 from offline_bridge.manifest import MANIFEST
-from tools.lora_fixtures import build_adapters
 
 NAME = "model.layers.2.self_attn.k_proj.weight"
 
@@ -100,9 +99,9 @@ def test_verify_truncated_and_unreadable(sharded: Path, tmp_path: Path) -> None:
     assert _verify(out)[0] == 2
 
 
-def test_export_adapter_writes_a_manifest(megatron_cache: Path, checkpoints: dict, tmp_path: Path) -> None:
+def test_export_adapter_writes_a_manifest(adapters: dict, tmp_path: Path) -> None:
     spec = LORA_SPECS[0]
-    out = export_adapter(build_adapters([spec], megatron_cache)[spec], tmp_path / "peft", progress=False)
+    out = export_adapter(adapters[spec], tmp_path / "peft", progress=False)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["command"] == "export-adapter"
     assert [s["role"] for s in manifest["sources"]] == ["checkpoint", "base (args only)"]

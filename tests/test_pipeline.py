@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from offline_bridge import convert, lora_merge, writer
 from offline_bridge.cli import main
-from tools.lora_fixtures import AdapterSpec, build_adapters
+from tools.lora_fixtures import AdapterSpec
 
 SPEC = next(s for s in PARITY_SPECS if s.family == "qwen3" and s.tp == 2 and s.pp == 2 and s.dtype == "bf16")
 FP32_SPEC = next(s for s in PARITY_SPECS if s.family == "qwen2" and s.tp == 2 and s.pp == 2 and s.dtype == "fp32")
@@ -96,7 +96,7 @@ def test_workers_and_file_limits_give_identical_bytes(
 
 @pytest.mark.parametrize("spec", [LORA_SPECS[0], DORA_SPEC, CANONICAL_SPECS[0]], ids=["lora", "dora", "canonical"])
 def test_merges_in_row_blocks(
-    megatron_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: AdapterSpec
+    adapters: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: AdapterSpec
 ) -> None:
     """A merge worked through one row at a time gives the same bytes on one thread or three, and the values of
     the merge in one block (which test_lora compares bit for bit with W + s·B@A) up to the rounding of B@A;
@@ -104,7 +104,7 @@ def test_merges_in_row_blocks(
     import torch
     from safetensors.torch import load_file
 
-    adapter = build_adapters([spec], megatron_cache)[spec]
+    adapter = adapters[spec]
     whole = load_file(convert(adapter, tmp_path / "whole", progress=False) / "model.safetensors")
     monkeypatch.setattr(lora_merge, "ROW_BLOCK", 1)
     one = convert(adapter, tmp_path / "one", workers=1, progress=False) / "model.safetensors"

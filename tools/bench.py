@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from tools.lora_fixtures import AdapterSpec  # noqa: E402
 from tools.megatron_fixtures import FixtureSpec, pending_builds, write_checkpoint  # noqa: E402
+from tools.megatron_fixtures import _free_port as free_port  # noqa: E402
 
 SPEC = FixtureSpec(
     "llama",
@@ -205,7 +206,7 @@ def anchor_mcore(iter_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     state = dist_checkpointing.load_plain_tensors(str(iter_dir))
     out.mkdir(parents=True)
@@ -221,12 +222,6 @@ def _flat(state: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
-
-
-def _free_port() -> int:
-    from tools.megatron_fixtures import _free_port as free_port
-
-    return free_port()
 
 
 ANCHORS = {"dcp": anchor_dcp, "mcore": anchor_mcore}
