@@ -27,7 +27,7 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef
-from ..torch_save import TorchArchive, is_contiguous, release_pages
+from ..torch_save import TorchArchive, is_contiguous, release_pages, view
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
 
 __all__ = ["LegacyReader"]
@@ -235,7 +235,9 @@ class LegacyReader(CheckpointReader):
         shards = self._shards.get(key)
         if shards is None:
             raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
-        parts = [self._archives[s.file].array(self._ref(s)) for s in sorted(shards, key=lambda s: s.tp)]
+        shards = sorted(shards, key=lambda s: s.tp)
+        starts = [self._archives[s.file].storage_start(self._ref(s)) for s in shards]
+        parts = [view(self._maps[s.file], start, self._ref(s)) for s, start in zip(shards, starts)]
         rule = self._tp_rule(key, parts[0].ndim)
         if rule is None or len(parts) == 1:
             for shard, other in zip(shards[1:], parts[1:]):
@@ -252,11 +254,9 @@ class LegacyReader(CheckpointReader):
         box = box or full_box(whole.shape)
         result = np.array(whole[tuple(slice(a, b) for a, b in box)])
         del whole, parts
-        for shard in shards:
-            archive, ref = self._archives[shard.file], self._ref(shard)
-            release_pages(
-                self._maps[shard.file], archive.storage_start(ref), ref.storage.numel * ref.storage.dtype.itemsize
-            )
+        for shard, start in zip(shards, starts):
+            storage = self._ref(shard).storage
+            release_pages(self._maps[shard.file], start, storage.numel * storage.dtype.itemsize)
         return result
 
     def extents(self, key: str) -> list[Extent] | None:

@@ -129,11 +129,6 @@ class TorchDistReader(CheckpointReader):
         storage = self._storage.get((self._prefix + key, offsets))
         return None if storage is None else str(storage.relative_path)
 
-    @property
-    def objects(self) -> list[str]:
-        """Keys of the non-tensor entries (ShardedObjects such as `rng_state/shard_0.1_2.2`)."""
-        return list(self._objects)
-
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
         info, key = self._info(key)
         box = box or full_box(info.shape)
