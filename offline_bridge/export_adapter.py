@@ -191,7 +191,7 @@ def build_adapter_plan(
         if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
             m = delta.magnitude
             m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
-            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in _modules(rule, index)])
+            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
     unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
     if unused:
         raise CheckpointError(
