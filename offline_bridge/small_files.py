@@ -1,0 +1,70 @@
+"""Opening files a checkpoint, a config or a manifest names: regular files only, small ones read under a limit.
+
+A path in a checkpoint directory may be a FIFO (opening it blocks forever), a device (`/dev/zero` never
+ends) or a sparse file of terabytes. Everything we open goes through here: opened non-blocking, checked to
+be a regular file with `fstat` on the open descriptor (no race with a swapped path), and files read whole
+are refused above a size limit before a byte is read. Our own code because no library offers the check on
+the descriptor.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import CheckpointError
+
+__all__ = ["JSON_LIMIT", "METADATA_LIMIT", "TEXT_LIMIT", "open_regular", "read_small", "read_small_text"]
+
+TEXT_LIMIT = 1 << 16  # tracker files, markers: a few bytes in practice
+JSON_LIMIT = 64 << 20  # config.json, metadata.json, manifests, run_config.yaml
+METADATA_LIMIT = 1 << 30  # `.metadata` / `common.pt`: further bounded by the files they describe
+
+
+def open_regular(path: str | Path, what: str = "file", error: type[Exception] = CheckpointError) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (never blocks on a FIFO)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot open the {what} ({exc.strerror})") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path}: the {what} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small(path: str | Path, limit: int, what: str = "file", error: type[Exception] = CheckpointError) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes (checked before reading)."""
+    fd = open_regular(path, what, error)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(f"{path}: the {what} is {size} bytes, more than the {limit} such a file can take")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:  # grew while we read
+            raise error(f"{path}: the {what} grew past {limit} bytes while being read")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def read_small_text(path: str | Path, limit: int, what: str = "file", error: type[Exception] = CheckpointError) -> str:
+    """``read_small`` decoded as UTF-8; undecodable bytes are an error naming the file."""
+    data = read_small(path, limit, what, error)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: the {what} is not UTF-8 text (byte {exc.start})") from exc
