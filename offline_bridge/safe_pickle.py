@@ -13,14 +13,17 @@ import io
 import operator
 import pathlib
 import pickle
-import pickletools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .dtypes import DType, by_storage_class, by_torch_name
 from .errors import CheckpointError, UnsafePickleError
+from .pickle_bounds import check_nesting, check_opcodes
 
 __all__ = ["Record", "StorageRef", "TensorRef", "TorchSize", "safe_loads"]
+
+NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
 
 
 class Record:
@@ -106,22 +109,15 @@ def _bytearray(data: Any = b"", *rest: Any) -> bytearray:
     return bytearray(data, *rest)
 
 
-class _NdarrayName:
-    """What a pickle gets for `numpy.ndarray`: an argument `_reconstruct` accepts; calling it builds nothing."""
+def _hashing(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``factory`` (a set, a mapping, a tuple) whose arguments are checked first not to nest too deep: it
+    hashes its members, and hashing a deeply nested tuple crashes the interpreter."""
 
+    def build(*args: Any) -> Any:
+        check_nesting(args)
+        return factory(*args)
 
-_NDARRAY = _NdarrayName()
-
-
-def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> Any:
-    """numpy's pickle entry point, limited to what numpy writes: an empty array that BUILD then fills (numpy
-    checks the data against the shape there); any other shape would allocate on the pickle's say-so."""
-    import numpy  # numpy's own data-only reconstructor
-
-    if subtype is not _NDARRAY or tuple(shape) != (0,):
-        raise UnsafePickleError(f"numpy _reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array")
-    core = getattr(numpy, "_core", None) or numpy.core
-    return core.multiarray._reconstruct(numpy.ndarray, (0,), dtype)
+    return build
 
 
 def _record_class(module: str, name: str) -> type[Record]:
@@ -137,19 +133,19 @@ _DCP_MODULES = (
     "torch.distributed._shard.metadata",
 )
 _REAL = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _hashing(collections.OrderedDict),
     ("argparse", "Namespace"): argparse.Namespace,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
     ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # pickled by Python >= 3.13
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
     ("pathlib", "Path"): pathlib.Path,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): _hashing(set),
+    ("builtins", "frozenset"): _hashing(frozenset),
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): _bytearray,
     ("_io", "BytesIO"): io.BytesIO,  # Transformer Engine's _extra_state in legacy checkpoints
-    ("torch", "Size"): TorchSize,
+    ("torch", "Size"): _hashing(TorchSize),
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch.serialization", "_get_layout"): _layout,
@@ -171,18 +167,12 @@ class _Unpickler(pickle.Unpickler):
             dtype = by_torch_name(name) or by_storage_class(name)
             if dtype is not None:
                 return dtype
-        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in (
-            "dtype",
-            "scalar",
-            "_reconstruct",
-            "ndarray",
-        ):
-            if name in ("_reconstruct", "ndarray"):
-                return _reconstruct_array if name == "_reconstruct" else _NDARRAY
-            import numpy  # numpy's own data-only reconstructors
+        if module in NUMPY_MODULES:
+            from .safe_numpy import numpy_global  # numpy is imported only for pickles that name it
 
-            core = getattr(numpy, "_core", None) or numpy.core
-            return getattr(numpy, name, None) or getattr(core.multiarray, name)
+            found = numpy_global(name)
+            if found is not None:
+                return found
         if module in _DCP_MODULES or module.startswith(_STUB_PREFIXES):
             return self._classes.setdefault((module, name), _record_class(module, name))
         raise UnsafePickleError(
@@ -199,25 +189,12 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(storage_type, str(key), operator.index(numel))
 
 
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-def _check_opcodes(data: bytes | memoryview) -> None:
-    """Walk the opcodes once without building anything, refusing what would make the C unpickler allocate on
-    the pickle's say-so: a length field (BINBYTES, BINUNICODE8, ...) that runs past the data (a buffer of the
-    claimed size comes first), or a memo index beyond the opcodes so far (the memo table grows to it: index
-    1e9 is 16 GB). Pickles number their memo entries 0, 1, 2, ..., one opcode each at least."""
-    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
-        if opcode.name in _MEMO_PUTS and arg > count:
-            raise ValueError(f"memo index {arg} at opcode {count} is out of sequence")
-
-
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
-        _check_opcodes(data)
+        check_opcodes(data)
         return _Unpickler(io.BytesIO(data), source).load()
-    except UnsafePickleError:
-        raise
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(str(exc) if source in str(exc) else f"{source}: {exc}") from exc
     except Exception as exc:  # a truncated or garbled pickle
         raise CheckpointError(f"{source}: cannot unpickle ({type(exc).__name__}: {exc})") from exc
