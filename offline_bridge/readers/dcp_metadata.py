@@ -2,9 +2,9 @@
 
 The file is read whole (through `small_files`) only if it is no larger than the shard files beside it (a
 real one is a few percent of them; `_FLOOR` for tiny checkpoints), and its entries are counted before any
-is catalogued: every chunk and object needs a record of its own in a shard file, so there cannot be more
-of them than the shard files hold records of `_MIN_RECORD` bytes. Then each entry is checked for the types
-and ranks DCP writes.
+is catalogued: DCP pickles each chunk and record as objects of their own (150 bytes and more), so a pickle
+listing more than one per `_MIN_ENTRY` bytes repeats objects through its memo to claim memory. Then each
+entry is checked for the types and ranks DCP writes, and the records for being disjoint.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .base import TensorInfo
 __all__ = ["Catalog", "read_catalog"]
 
 _FLOOR = 1 << 20  # bytes of `.metadata` allowed whatever the shard files' size
-_MIN_RECORD = 64  # bytes: no chunk or object record is smaller (a torch.save archive is over 1 KB)
+_MIN_ENTRY = 16  # bytes of pickle per chunk or record, at least
 
 Chunks = list[tuple[tuple[int, ...], tuple[int, ...]]]
 
@@ -44,15 +44,14 @@ def read_catalog(file: Path) -> Catalog:
     """The catalog of the `.metadata` ``file``, whose shard files are the `*.distcp` beside it."""
     shard_bytes = sum(p.stat().st_size for p in file.parent.glob("*.distcp") if p.is_file())
     limit = min(METADATA_LIMIT, max(_FLOOR, shard_bytes))
-    metadata = safe_loads(read_small(file, limit, "DCP metadata"), str(file))
+    data = read_small(file, limit, "DCP metadata")
+    metadata = safe_loads(data, str(file))
     entries = _field(metadata, "state_dict_metadata", file)
     records = _field(metadata, "storage_data", file)
     try:
         count = len(records) + sum(len(getattr(entry, "chunks", None) or ()) for entry in entries.values())
-        if count > max(len(entries), shard_bytes // _MIN_RECORD):
-            raise CheckpointError(
-                f"{file}: lists {count} chunks and records, more than the {shard_bytes} bytes of .distcp files can hold"
-            )
+        if count > len(data) // _MIN_ENTRY:
+            raise CheckpointError(f"{file}: lists {count} chunks and records in {len(data)} bytes (repeated objects)")
         return _catalog(entries, records, file)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError) as exc:
         raise CheckpointError(f"{file}: DCP metadata is malformed ({type(exc).__name__}: {exc})") from exc
