@@ -19,7 +19,7 @@ from typing import Any
 
 from .dtypes import DType, by_storage_class, by_torch_name
 from .errors import CheckpointError, UnsafePickleError
-from .pickle_bounds import check_nesting, check_opcodes
+from .pickle_bounds import HashDepth, check_nesting, check_opcodes
 
 __all__ = ["Record", "StorageRef", "TensorRef", "TorchSize", "safe_loads"]
 
@@ -109,17 +109,6 @@ def _bytearray(data: Any = b"", *rest: Any) -> bytearray:
     return bytearray(data, *rest)
 
 
-def _hashing(factory: Callable[..., Any]) -> Callable[..., Any]:
-    """``factory`` (a set, a mapping, a tuple) whose arguments are checked first not to nest too deep: it
-    hashes its members, and hashing a deeply nested tuple crashes the interpreter."""
-
-    def build(*args: Any) -> Any:
-        check_nesting(args)
-        return factory(*args)
-
-    return build
-
-
 def _record_class(module: str, name: str) -> type[Record]:
     base = TensorProperties if name == "TensorProperties" else Record
     return type(name, (base,), {"_qualname": f"{module}.{name}"})
@@ -133,24 +122,25 @@ _DCP_MODULES = (
     "torch.distributed._shard.metadata",
 )
 _REAL = {
-    ("collections", "OrderedDict"): _hashing(collections.OrderedDict),
+    ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
     ("pathlib", "PosixPath"): pathlib.PosixPath,
     ("pathlib._local", "PosixPath"): pathlib.PosixPath,  # pickled by Python >= 3.13
     ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
     ("pathlib", "Path"): pathlib.Path,
-    ("builtins", "set"): _hashing(set),
-    ("builtins", "frozenset"): _hashing(frozenset),
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): _bytearray,
     ("_io", "BytesIO"): io.BytesIO,  # Transformer Engine's _extra_state in legacy checkpoints
-    ("torch", "Size"): _hashing(TorchSize),
+    ("torch", "Size"): TorchSize,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch.serialization", "_get_layout"): _layout,
     ("_codecs", "encode"): _latin1_bytes,
 }
+_HASHING = (set, frozenset, collections.OrderedDict, TorchSize)
 _STUB_PREFIXES = ("megatron.", "nemo.", "transformer_engine.", "modelopt.")
 
 
@@ -159,10 +149,22 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self._source = source
         self._classes: dict[tuple[str, str], type] = {}
+        self._depths = HashDepth()
+
+    def _hashing(self, factory: Callable[..., Any]) -> Callable[..., Any]:
+        """``factory`` (a set, a mapping, a tuple), its arguments checked first not to nest too deep: it
+        hashes its members (or its result will be hashed), and hashing a deep tuple crashes the interpreter."""
+
+        def build(*args: Any) -> Any:
+            self._depths.check_items(*args)
+            return factory(*args)
+
+        return build
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _REAL:
-            return _REAL[(module, name)]
+            found = _REAL[(module, name)]
+            return self._hashing(found) if found in _HASHING else found
         if module == "torch":
             dtype = by_torch_name(name) or by_storage_class(name)
             if dtype is not None:
@@ -193,7 +195,9 @@ def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
         check_opcodes(data)
-        return _Unpickler(io.BytesIO(data), source).load()
+        value = _Unpickler(io.BytesIO(data), source).load()
+        check_nesting(value)
+        return value
     except UnsafePickleError as exc:
         raise UnsafePickleError(str(exc) if source in str(exc) else f"{source}: {exc}") from exc
     except Exception as exc:  # a truncated or garbled pickle

@@ -1,0 +1,148 @@
+"""Forging checkpoints as an attacker would, and running the CLI on them as a user would.
+
+A forged checkpoint is a copy of examples/tiny-llama with one file rebuilt: a pickle put in `common.pt` or
+`.metadata`, a record replaced in a `.distcp` file (appended to it, the metadata pointing there). The CLI
+runs in a subprocess under a memory cap (`RLIMIT_AS`) and a time limit, so that a crash, a hang or an
+allocation bomb is an outcome the test sees, not the end of the test run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import resource
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "tiny-llama"
+ITERATION = "iter_0000010"
+MEMORY = 3 << 30  # bytes of address space for the CLI
+SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path) -> Outcome:
+    """``python -m offline_bridge ARGS`` under the memory cap and the time limit."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "offline_bridge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS,
+        preexec_fn=cap,
+        env=env,
+        check=False,
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def assert_refused(outcome: Outcome, *named: str) -> str:
+    """Exit 2 with exactly one line on stderr, naming each of ``named``; returns the line."""
+    lines = outcome.stderr.strip().splitlines()
+    assert outcome.code == 2 and len(lines) == 1, f"exit {outcome.code}, stderr:\n{outcome.stderr[-3000:]}"
+    assert all(name in lines[0] for name in named), lines[0]
+    return lines[0]
+
+
+def copy_example(tmp_path: Path) -> Path:
+    """A private copy of examples/tiny-llama; returns its iteration directory."""
+    return Path(shutil.copytree(EXAMPLE, tmp_path / "ckpt")) / ITERATION
+
+
+class Payload:
+    """What an attacker pickles: running it creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+class Reduce:
+    """Pickles as ``func(*args)`` followed by BUILD ``state`` (if given): any structure numpy or torch could
+    be asked to build."""
+
+    def __init__(self, func: Callable, args: tuple, state: object = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple:
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def rezip(members: list[tuple[str, bytes]]) -> bytes:
+    """A zip of ``members`` (stored, in order, duplicates kept) as torch.save lays them out."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name), data)
+    return out.getvalue()
+
+
+def members(data: bytes) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def with_pickle(archive: bytes, data_pkl: bytes) -> bytes:
+    """The torch.save ``archive`` with its data.pkl replaced."""
+    return rezip([(name, data_pkl if name.endswith("/data.pkl") else data) for name, data in members(archive)])
+
+
+def record_of(tensor: torch.Tensor) -> bytes:
+    """What DCP writes for a chunk: `torch.save(tensor)` to a stream."""
+    out = io.BytesIO()
+    torch.save(tensor, out)
+    return out.getvalue()
+
+
+def load_metadata(iteration: Path):  # our own fixture: trusted here
+    return pickle.loads((iteration / ".metadata").read_bytes())
+
+
+def save_metadata(iteration: Path, metadata: object) -> None:
+    (iteration / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def replace_record(iteration: Path, key: str, chunk: int, record: bytes) -> str:
+    """Point chunk number ``chunk`` of ``key`` at ``record``, appended to its `.distcp` file; returns the file."""
+    metadata = load_metadata(iteration)
+    offsets = metadata.state_dict_metadata[key].chunks[chunk].offsets
+    index = next(i for i in metadata.storage_data if i.fqn == key and tuple(i.offset) == tuple(offsets))
+    info = metadata.storage_data[index]
+    file = iteration / info.relative_path
+    start = file.stat().st_size
+    with open(file, "ab") as handle:
+        handle.write(record)
+    info.offset, info.length = start, len(record)
+    save_metadata(iteration, metadata)
+    return info.relative_path
+
+
+def read_record(iteration: Path, key: str, chunk: int) -> bytes:
+    """The bytes of chunk number ``chunk`` of ``key``'s record."""
+    metadata = load_metadata(iteration)
+    offsets = metadata.state_dict_metadata[key].chunks[chunk].offsets
+    info = next(v for i, v in metadata.storage_data.items() if i.fqn == key and tuple(i.offset) == tuple(offsets))
+    with open(iteration / info.relative_path, "rb") as handle:
+        handle.seek(info.offset)
+        return handle.read(info.length)
