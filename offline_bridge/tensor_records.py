@@ -29,8 +29,10 @@ def check_shape(values: Iterable[Any], what: str) -> tuple[int, ...]:
         shape = tuple(operator.index(n) for n in values)
     except TypeError as exc:
         raise CheckpointError(f"{what}: shape is not a list of integers ({exc})") from exc
-    if len(shape) > MAX_DIMS or any(n < 0 for n in shape):
-        raise CheckpointError(f"{what}: shape {shape if len(shape) <= 8 else f'of {len(shape)} dimensions'} is invalid")
+    if len(shape) > MAX_DIMS:
+        raise CheckpointError(f"{what}: shape of {len(shape)} dimensions, more than {MAX_DIMS}")
+    if any(n < 0 for n in shape):
+        raise CheckpointError(f"{what}: shape {shape} has a negative size")
     return shape
 
 
@@ -73,6 +75,7 @@ def check_chunk_record(ref: Any, dtype: DType, sizes: tuple[int, ...], source: s
     """A `.distcp` record is the tensor the metadata says: a tensor, of its dtype and its sizes."""
     if not isinstance(ref, TensorRef):
         raise CheckpointError(f"{source}: record holds a {type(ref).__name__}, not a tensor")
+    check_shape(ref.shape, f"{source}: tensor record")
     if ref.storage.dtype != dtype:
         raise CheckpointError(f"{source}: chunk dtype {ref.storage.dtype} differs from metadata {dtype}")
     if tuple(ref.shape) != tuple(sizes):

@@ -8,6 +8,7 @@ allocation bomb is an outcome the test sees, not the end of the test run.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import pickle
@@ -112,6 +113,20 @@ def record_of(tensor: torch.Tensor) -> bytes:
     """What DCP writes for a chunk: `torch.save(tensor)` to a stream."""
     out = io.BytesIO()
     torch.save(tensor, out)
+    return out.getvalue()
+
+
+def tensor_pickle(storage: type, numel: int, offset: int, size: tuple, stride: tuple) -> bytes:
+    """data.pkl of a torch.save archive: `_rebuild_tensor_v2` of storage `data/0` with any layout."""
+    key = object()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> tuple | None:
+            return ("storage", storage, "0", "cpu", numel) if obj is key else None
+
+    out = io.BytesIO()
+    args = (key, offset, size, stride, False, collections.OrderedDict())
+    Pickler(out, protocol=2).dump(Reduce(torch._utils._rebuild_tensor_v2, args))
     return out.getvalue()
 
 

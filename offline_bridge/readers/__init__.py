@@ -25,7 +25,7 @@ def open_reader(iteration_dir: Path, *, check_crc: bool = False) -> CheckpointRe
             backend = json.loads(marker.read_text()).get("sharded_backend")
         except (OSError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
-    if backend in (None, "torch_dist") and (iteration_dir / ".metadata").is_file():
+    if backend in (None, "torch_dist") and (iteration_dir / ".metadata").exists():  # a FIFO too: refused there
         return TorchDistReader(iteration_dir, check_crc=check_crc)
     if backend == "zarr":
         return ZarrReader(iteration_dir)

@@ -41,7 +41,7 @@ class TorchDistReader(CheckpointReader):
         self.path = Path(path)
         self._check_crc = check_crc
         self._metadata_file = self.path / ".metadata"
-        if not self._metadata_file.is_file():
+        if not self._metadata_file.exists():
             raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
         catalog = read_catalog(self._metadata_file)
         self._chunks, self._objects, self._storage = catalog.chunks, catalog.objects, catalog.storage
