@@ -95,10 +95,6 @@ class TorchArchive:
         if len(pickles) != 1:
             raise CheckpointError(f"{source}: expected one data.pkl in the archive, found {len(pickles)}")
         self._root = pickles[0][: -len("data.pkl")]
-        if self._root + "byteorder" in self._members:  # absent in old archives: torch then reads little-endian
-            order = self._member("byteorder")
-            if order != b"little":
-                raise CheckpointError(f"{source}: byteorder is {bytes(order[:16])!r}; only little-endian is read")
 
     def _member(self, name: str) -> memoryview:
         begin, size = self._span(name)
@@ -127,7 +123,12 @@ class TorchArchive:
 
     def load(self) -> Any:
         """The unpickled object; tensors in it come back as `TensorRef`s (no bytes read)."""
-        return safe_loads(self._member("data.pkl"), self.source)
+        pickled = self._member("data.pkl")
+        if self._root + "byteorder" in self._members:  # absent in old archives: torch then reads little-endian
+            order = self._member("byteorder")
+            if order != b"little":
+                raise CheckpointError(f"{self.source}: byteorder is {bytes(order[:16])!r}; only little-endian is read")
+        return safe_loads(pickled, self.source)
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """A read-only numpy view of a tensor's bytes (bf16 as uint16); no copy."""
