@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from hostile import (
     Outcome,
     assert_refused,
@@ -32,6 +33,7 @@ from hostile import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.distributed.checkpoint.api import CheckpointException
 
 from offline_bridge import convert
 from offline_bridge.errors import CheckpointError
@@ -123,6 +125,9 @@ def test_a_transposed_chunk_is_refused_as_dcp_does(tmp_path: Path) -> None:
     """A (64, 128) record for a (128, 64) chunk: same element count, other sizes."""
     iteration = copy_example(tmp_path)
     file = replace_record(iteration, EMBEDDING, 0, record_of(chunk(iteration).reshape(64, 128)))
+    with pytest.raises(CheckpointException) as refused:  # DCP's own reader
+        dcp.load({EMBEDDING: torch.empty(256, 64, dtype=torch.bfloat16)}, checkpoint_id=iteration, no_dist=True)
+    assert "mismatch sizes" in str(refused.value.failures)
     assert "does not match metadata (128, 64)" in refuses_convert(iteration, file)
     inspect_reports(iteration, "does not match metadata")
 
