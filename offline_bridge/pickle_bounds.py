@@ -59,8 +59,8 @@ def check_opcodes(data: bytes | memoryview) -> None:
 
 
 def _walk(data: bytes | memoryview) -> None:
-    """The opcodes of ``data``, simulated. Each stack item is a cell [depth, size, items]; the memo holds the same cells, so that a container
-    filled after it was memoized is seen at its full size wherever it is used."""
+    """The opcodes of ``data``, simulated. Each stack item is a cell [depth, size, items]; the memo holds the
+    same cells, so that a container filled after it was memoized is seen at its full size wherever it is used."""
     stack: list[list] = []
     marks: list[int] = []  # where each MARK is in the stack, as the unpickler keeps them
     memo: dict[int, list] = {}
@@ -72,7 +72,7 @@ def _walk(data: bytes | memoryview) -> None:
             push(memo[arg])  # KeyError for an index never set
         elif kind == _MAKE and not (below or marked):  # a constant, a global, an empty container
             if pushed:
-                push([0, len(arg) if isinstance(arg, str | bytes) else 1, []])
+                push([0, max(1, len(arg)) if isinstance(arg, str | bytes) else 1, []])
         elif kind == _PUSH_MARK:
             marks.append(len(stack))
         elif len(stack) - (marks[-1] if marks and not marked else 0) < (below or kind in (_PUT, _MEMOIZE, _DUP)):
@@ -95,7 +95,7 @@ def _walk(data: bytes | memoryview) -> None:
                 cell[1] += sum(c[1] for c in taken[1:]) if kind == _STATE else len(taken) - 1
                 cell[2].extend(taken[1:])
             else:
-                size = len(arg) if isinstance(arg, str | bytes) else max(1, len(taken))
+                size = max(1, len(arg) if isinstance(arg, str | bytes) else len(taken))
                 cell = [1 + max([c[0] for c in taken], default=-1), size, taken]
             if cell[0] > MAX_NESTING:
                 raise ValueError(f"objects nested more than {MAX_NESTING} deep")

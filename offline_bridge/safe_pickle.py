@@ -2,7 +2,10 @@
 
 Nothing a pickle names is imported or called unless it is on the allow-list below. torch and DCP classes
 are replaced by inert records (so reading metadata needs no torch import); Megatron classes are stubbed
-as records that only store what the pickle hands them; anything else raises `UnsafePickleError`.
+as records that only store what the pickle hands them; numpy's names get stand-ins that build plain
+numbers only (`safe_numpy`); anything else raises `UnsafePickleError`. Before the C unpickler runs, its
+opcodes are walked once (`pickle_bounds`): what it would allocate, nest or copy on the pickle's say-so is
+bounded by the pickle's size.
 """
 
 from __future__ import annotations

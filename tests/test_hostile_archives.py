@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hostile import (
-    Outcome,
-    assert_refused,
+from hostile import Outcome, assert_refused, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.api import CheckpointException
+from torch_forgery import (
     copy_example,
     load_metadata,
     members,
@@ -27,13 +29,9 @@ from hostile import (
     record_of,
     replace_record,
     rezip,
-    run_cli,
     save_metadata,
     tensor_pickle,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch.distributed.checkpoint.api import CheckpointException
 
 from offline_bridge import convert
 from offline_bridge.errors import CheckpointError
@@ -64,14 +62,14 @@ def forged(data: bytes, **changes: bytes) -> bytes:
 
 def refuses_convert(iteration: Path, *named: str) -> str:
     out = iteration.parent.parent / "out"
-    line = assert_refused(run_cli("convert", iteration, out, "--quiet"), *named)
+    line = assert_refused(run_cli("convert", iteration, out, "--quiet", cwd=iteration.parent.parent), *named)
     assert not out.exists()
     return line
 
 
 def inspect_reports(iteration: Path, text: str) -> None:
     """`inspect` names the problem `convert` refuses: as an error line of its report."""
-    result: Outcome = run_cli("inspect", iteration)
+    result: Outcome = run_cli("inspect", iteration, cwd=iteration.parent.parent)
     assert result.code == 0 and any(text in line for line in result.stdout.splitlines() if line.startswith("error"))
 
 
@@ -108,7 +106,7 @@ def test_common_pt_with_a_second_archive_is_refused(where: str, tmp_path: Path) 
     if where == "after":  # torch reads the first archive or refuses; zipfile would find the second
         with contextlib.suppress(RuntimeError):
             assert torch.load(io.BytesIO(file.read_bytes()), weights_only=False)["args"].hidden_size == 64
-    assert_refused(run_cli("inspect", iteration), "common.pt", "not a torch.save archive")
+    assert_refused(run_cli("inspect", iteration, cwd=iteration.parent.parent), "common.pt", "not a torch.save archive")
 
 
 def test_a_big_endian_record_is_refused(tmp_path: Path) -> None:
@@ -205,7 +203,7 @@ def test_metadata_shapes(size: tuple, sizes: tuple, why: str, tmp_path: Path) ->
     if why == "cannot hold":
         inspect_reports(iteration, "cannot hold")
     else:
-        assert_refused(run_cli("inspect", iteration), ".metadata")
+        assert_refused(run_cli("inspect", iteration, cwd=iteration.parent.parent), ".metadata")
 
 
 def test_chunks_repeated_through_the_memo_are_refused(tmp_path: Path) -> None:
@@ -217,7 +215,7 @@ def test_chunks_repeated_through_the_memo_are_refused(tmp_path: Path) -> None:
     save_metadata(iteration, metadata)
     assert (iteration / ".metadata").stat().st_size < 1 << 20
     start = time.monotonic()
-    assert "150" in assert_refused(run_cli("inspect", iteration), ".metadata", "chunks")
+    assert "150" in assert_refused(run_cli("inspect", iteration, cwd=iteration.parent.parent), ".metadata", "chunks")
     assert time.monotonic() - start < 30
 
 
@@ -286,7 +284,7 @@ def test_legacy_parallel_sizes_are_bounded_by_the_rank_files(tmp_path: Path) -> 
     rank.mkdir(parents=True)
     args = argparse.Namespace(tensor_model_parallel_size=100_000, pipeline_model_parallel_size=100_000, num_layers=1)
     torch.save({"args": args, "model": {"x": torch.zeros(2)}}, rank / "model_optim_rng.pt")
-    line = assert_refused(run_cli("inspect", tmp_path / "iter_0000001"), "model_optim_rng.pt")
+    line = assert_refused(run_cli("inspect", tmp_path / "iter_0000001", cwd=tmp_path), "model_optim_rng.pt")
     assert "tensor_model_parallel_size=100000" in line
 
 

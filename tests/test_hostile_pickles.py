@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hostile import Payload, Reduce, assert_refused, copy_example, run_cli, with_pickle
+from hostile import assert_refused, run_cli
 from numpy._core import multiarray
+from torch_forgery import Payload, Reduce, copy_example, with_pickle
 
 from offline_bridge.errors import CheckpointError
 from offline_bridge.safe_pickle import safe_loads
@@ -142,7 +143,7 @@ def test_cli_refuses(case: str, place: str, pickles: dict[str, bytes], marker: P
     iteration = copy_example(tmp_path)
     name, forge = PLACES[place]
     forge(iteration, data)
-    assert_refused(run_cli("inspect", iteration), name)
+    assert_refused(run_cli("inspect", iteration, cwd=tmp_path), name)
     assert not marker.exists(), "the payload ran"
 
 
@@ -150,7 +151,7 @@ def test_a_large_metadata_is_refused_by_its_size(tmp_path: Path) -> None:
     """A .metadata larger than the shard files it describes (and than 1 MiB) is not even read."""
     iteration = copy_example(tmp_path)
     (iteration / ".metadata").write_bytes(b"\x80\x02X" + struct.pack("<I", 3 << 20) + b"x" * (3 << 20) + b".")
-    line = assert_refused(run_cli("convert", iteration, tmp_path / "out"), ".metadata")
+    line = assert_refused(run_cli("convert", iteration, tmp_path / "out", cwd=tmp_path), ".metadata")
     assert "bytes" in line and not (tmp_path / "out").exists()
 
 

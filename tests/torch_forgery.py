@@ -1,9 +1,8 @@
-"""Forging checkpoints as an attacker would, and running the CLI on them as a user would.
+"""Forging torch checkpoints as an attacker would: by structure, not by flipping bytes.
 
 A forged checkpoint is a copy of examples/tiny-llama with one file rebuilt: a pickle put in `common.pt` or
-`.metadata`, a record replaced in a `.distcp` file (appended to it, the metadata pointing there). The CLI
-runs in a subprocess under a memory cap (`RLIMIT_AS`) and a time limit, so that a crash, a hang or an
-allocation bomb is an outcome the test sees, not the end of the test run.
+`.metadata`, a record replaced in a `.distcp` file (appended to it, the metadata pointing there). Tests run
+the CLI on them through `hostile.run_cli` (a process of its own, under a memory cap and a time limit).
 """
 
 from __future__ import annotations
@@ -12,13 +11,9 @@ import collections
 import io
 import os
 import pickle
-import resource
 import shutil
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,42 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny-llama"
 ITERATION = "iter_0000010"
-MEMORY = 3 << 30  # bytes of address space for the CLI
-SECONDS = 60
-
-
-@dataclass(frozen=True)
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args: str | Path) -> Outcome:
-    """``python -m offline_bridge ARGS`` under the memory cap and the time limit."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "offline_bridge", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=SECONDS,
-        preexec_fn=cap,
-        env=env,
-        check=False,
-    )
-    return Outcome(done.returncode, done.stdout, done.stderr)
-
-
-def assert_refused(outcome: Outcome, *named: str) -> str:
-    """Exit 2 with exactly one line on stderr, naming each of ``named``; returns the line."""
-    lines = outcome.stderr.strip().splitlines()
-    assert outcome.code == 2 and len(lines) == 1, f"exit {outcome.code}, stderr:\n{outcome.stderr[-3000:]}"
-    assert all(name in lines[0] for name in named), lines[0]
-    return lines[0]
 
 
 def copy_example(tmp_path: Path) -> Path:
