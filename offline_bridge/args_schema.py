@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import CheckpointError
 
 __all__ = ["ARGS_SCHEMA", "Kind", "checked_args", "checked_value"]
@@ -32,21 +34,22 @@ class Kind:
     convert: Callable[[Any], Any]
 
 
+_BOOLS = (bool, np.bool_)
+
+
 def _int(value: Any) -> int | None:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
-        return int(value)
-    return None
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, _BOOLS) else None
 
 
 def _float(value: Any) -> float | None:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if isinstance(value, numbers.Real) and not isinstance(value, _BOOLS):
         number = float(value)
         return number if math.isfinite(number) else None
     return None
 
 
 def _bool(value: Any) -> bool | None:
-    return bool(value) if isinstance(value, bool) or type(value).__name__ == "bool_" else None
+    return bool(value) if isinstance(value, _BOOLS) else None
 
 
 def _where(test: Callable[[Any], bool], base: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -64,43 +64,47 @@ class ShapeCheck:
 
     pattern: re.Pattern[str]
     axis: int
-    field: str  # the args field(s) the expectation comes from, as the error names them
     expected: Callable[[Args], int | None]
-    values: Callable[[Args], str]  # the args' values, as the error shows them
+    names: tuple[str, ...]  # the args fields the expectation comes from, shown in the error
+    derived: str = ""  # what the expectation is when computed from several fields ("QKV rows")
+
+    def said(self, args: Args, expected: int) -> str:
+        values = ", ".join(f"{n}={getattr(args, n, None)}" for n in self.names)
+        return f"{values} give {expected} {self.derived}" if self.derived else values
 
 
-def _check(pattern: str, axis: int, field: str, expected: Callable[[Args], int | None], *names: str) -> ShapeCheck:
-    shown = names or (field,)
-    return ShapeCheck(
-        re.compile(pattern), axis, field, expected, lambda a: ", ".join(f"{n}={getattr(a, n, None)}" for n in shown)
-    )
+def _check(pattern: str, axis: int, field: str) -> ShapeCheck:
+    return ShapeCheck(re.compile(pattern), axis, lambda a: _get(a, field), (field,))
 
 
 _LAYER = r"^decoder\.layers\.(?:\d+\.)?"
 _EXPERTS = r"mlp\.experts\.(?:experts\.|local_experts\.)?(?:\d+\.)?"
 
 SHAPE_CHECKS = (
-    _check(r"^embedding\.word_embeddings\.weight$", -1, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(r"^output_layer\.weight$", -1, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(r"^decoder\.final_layernorm\.weight$", -1, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(r"^embedding\.word_embeddings\.weight$", -2, "padded_vocab_size", lambda a: _get(a, "padded_vocab_size")),
-    _check(_LAYER + r"mlp\.linear_fc2\.weight$", -1, "ffn_hidden_size", lambda a: _get(a, "ffn_hidden_size")),
-    _check(_LAYER + r"mlp\.linear_fc2\.weight$", -2, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(_LAYER + r"mlp\.linear_fc1\.weight$", -2, "ffn_hidden_size", _fc1_rows, "ffn_hidden_size", "swiglu"),
-    _check(_LAYER + r"mlp\.linear_fc1\.weight$", -1, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(
-        _LAYER + r"self_attention\.linear_qkv\.weight$",
+    _check(r"^embedding\.word_embeddings\.weight$", -1, "hidden_size"),
+    _check(r"^output_layer\.weight$", -1, "hidden_size"),
+    _check(r"^decoder\.final_layernorm\.weight$", -1, "hidden_size"),
+    _check(r"^embedding\.word_embeddings\.weight$", -2, "padded_vocab_size"),
+    _check(_LAYER + r"mlp\.linear_fc2\.weight$", -1, "ffn_hidden_size"),
+    _check(_LAYER + r"mlp\.linear_fc2\.weight$", -2, "hidden_size"),
+    ShapeCheck(re.compile(_LAYER + r"mlp\.linear_fc1\.weight$"), -2, _fc1_rows, ("ffn_hidden_size", "swiglu"), "rows"),
+    _check(_LAYER + r"mlp\.linear_fc1\.weight$", -1, "hidden_size"),
+    ShapeCheck(
+        re.compile(_LAYER + r"self_attention\.linear_qkv\.weight$"),
         -2,
-        "num_query_groups × kv_channels",
         _qkv_rows,
-        "num_attention_heads",
-        "num_query_groups",
-        "kv_channels",
-        "group_query_attention",
+        ("num_attention_heads", "num_query_groups", "kv_channels", "group_query_attention"),
+        "QKV rows",
     ),
-    _check(_LAYER + r"self_attention\.linear_qkv\.weight$", -1, "hidden_size", lambda a: _get(a, "hidden_size")),
-    _check(_LAYER + r"mlp\.router\.weight$", -2, "num_experts", lambda a: _get(a, "num_experts")),
-    _check(_LAYER + _EXPERTS + r"linear_fc2\.weight$", -1, "moe_ffn_hidden_size", _expert_ffn),
+    _check(_LAYER + r"self_attention\.linear_qkv\.weight$", -1, "hidden_size"),
+    _check(_LAYER + r"mlp\.router\.weight$", -2, "num_experts"),
+    ShapeCheck(
+        re.compile(_LAYER + _EXPERTS + r"linear_fc2\.weight$"),
+        -1,
+        _expert_ffn,
+        ("moe_ffn_hidden_size", "ffn_hidden_size"),
+        "expert columns",
+    ),
 )
 
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -134,8 +138,8 @@ def check_args_against_tensors(args: Args, tensors: Mapping[str, TensorInfo], wh
                 continue
             if info.shape[check.axis] != expected:
                 raise CheckpointError(
-                    f"{where}: {check.values(args)} give {check.field} = {expected}, but {key} has shape "
-                    f"{list(info.shape)} ({info.shape[check.axis]} on axis {len(info.shape) + check.axis})"
+                    f"{where}: {check.said(args, expected)}, but {key} has shape {list(info.shape)} "
+                    f"({info.shape[check.axis]} on axis {len(info.shape) + check.axis})"
                 )
     vocab, rows = _get(args, "vocab_size"), tensors.get("embedding.word_embeddings.weight")
     if vocab and rows is not None and rows.shape and rows.shape[0] < vocab:
