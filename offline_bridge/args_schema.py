@@ -124,6 +124,7 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "rotary_percent": FRACTION,
     "use_rope_scaling": FLAG,
     "rope_scaling_factor": POSITIVE,
+    "rotary_seq_len_interpolation_factor": POSITIVE,
     "rope_type": Kind("'rope' or 'yarn'", _one_of("rope", "yarn")),
     "rotary_scaling_factor": POSITIVE,
     "original_max_position_embeddings": POSITIVE_INT,

@@ -62,6 +62,10 @@ def _check_supported(args: argparse.Namespace, family: Family) -> None:
         problems.append(f"rotary_percent={args.rotary_percent} (partial rotary)")
     if getattr(args, "use_rope_scaling", False):
         problems.append("use_rope_scaling=True (Llama-3 rope scaling is not mapped yet)")
+    if getattr(args, "rotary_seq_len_interpolation_factor", None) not in (None, 1, 1.0):
+        problems.append(
+            f"rotary_seq_len_interpolation_factor={args.rotary_seq_len_interpolation_factor} (linear rope scaling)"
+        )
     if zero_centred_gamma(args) != family.zero_centred_norms:
         problems.append(
             f"zero-centred layernorm gamma {'off' if family.zero_centred_norms else 'on'} "

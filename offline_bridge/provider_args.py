@@ -84,7 +84,11 @@ RENAMED = {
     "layernorm_epsilon": "norm_epsilon",
     "rope_scaling": "use_rope_scaling",
     "rope_scaling_factor": "rope_scaling_factor",
+    "seq_len_interpolation_factor": "rotary_seq_len_interpolation_factor",
 }
+
+# Fields of Bridge's Llama31ModelProvider (before 0.6), which always applies Llama 3.1 rope scaling.
+LLAMA31_ROPE_SCALING = ("scale_factor", "old_context_len")
 
 
 def target_name(value: Any) -> Any:
@@ -108,6 +112,8 @@ def provider_args(model: Mapping[str, Any], where: str) -> argparse.Namespace:
     if "share_embeddings_and_output_weights" in model:
         shared = value("share_embeddings_and_output_weights", "untie_embeddings_and_output_weights")
         args["untie_embeddings_and_output_weights"] = None if shared is None else not shared
+    if all(model.get(name) is not None for name in LLAMA31_ROPE_SCALING):
+        args["use_rope_scaling"] = True
     gated = value("gated_linear_unit", "swiglu") if "gated_linear_unit" in model else False
     activation = target_name(model.get("activation_func"))
     # Megatron-LM's --swiglu is a gated linear unit with SiLU
