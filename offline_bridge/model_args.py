@@ -24,7 +24,7 @@ from .provider_args import provider_args
 from .readers import CheckpointReader, LegacyReader
 from .readers.base import TensorInfo
 from .readers.combined import CombinedReader
-from .run_config import load_run_config
+from .run_config import RunConfig, load_run_config
 
 __all__ = ["ARGS_SOURCES", "ModelArgs", "find_model_args", "model_args_of"]
 
@@ -37,20 +37,25 @@ EMBEDDING = "embedding.word_embeddings.weight"
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The model's Megatron args (checked), where they were read and the HF model Bridge names, if any."""
+    """The model's Megatron args (checked), where they were read and the HF model a Bridge run names."""
 
     args: argparse.Namespace
     source: str  # one of ARGS_SOURCES
     file: Path
-
-    @property
-    def hf_model_id(self) -> str | None:
-        """The HF model a Bridge run started from (`model.hf_model_id`): shown, never fetched."""
-        return getattr(self.args, "hf_model_id", None)
+    hf_model: str | None = None  # `model.hf_model_id`, else the HF tokenizer's `tokenizer_model`: shown, never fetched
 
     def describe(self) -> str:
-        hint = f", from HF model {self.hf_model_id}" if self.hf_model_id else ""
+        hint = f", from HF model {self.hf_model}" if self.hf_model else ""
         return f"{self.source} ({self.file}{hint})"
+
+
+def _hf_model(run_config: RunConfig) -> str | None:
+    """Where Bridge records the HF model a run started from (a hint for the user only)."""
+    tokenizer = run_config.tokenizer or {}
+    hints = [(run_config.model or {}).get("hf_model_id")]
+    if tokenizer.get("tokenizer_type") == "HuggingFaceTokenizer":
+        hints.append(tokenizer.get("tokenizer_model"))
+    return next((h for h in hints if isinstance(h, str) and 0 < len(h) <= 256), None)
 
 
 def _saved_args(reader: CheckpointReader) -> ModelArgs | None:
@@ -76,7 +81,7 @@ def _run_config_args(directory: Path, tensors: Mapping[str, TensorInfo]) -> Mode
     embedding = tensors.get(EMBEDDING)
     if embedding is not None and embedding.shape:
         args.padded_vocab_size = embedding.shape[0]
-    return ModelArgs(args, "run_config.yaml model:", run_config.file)
+    return ModelArgs(args, "run_config.yaml model:", run_config.file, _hf_model(run_config))
 
 
 def find_model_args(reader: CheckpointReader) -> ModelArgs | None:

@@ -27,6 +27,7 @@ class RunConfig:
     pretrained_checkpoint: str | None  # checkpoint.pretrained_checkpoint: the base save root or iter dir
     tensor_parallel: int  # model.tensor_model_parallel_size of the run that saved it
     model: dict[str, Any] | None = None  # the model: section, a provider dataclass dump (see provider_args)
+    tokenizer: dict[str, Any] | None = None  # the tokenizer: section (tokenizer_model: an HF model id or path)
 
 
 def find_run_config(iteration_dir: Path) -> Path | None:
@@ -64,4 +65,4 @@ def load_run_config(iteration_dir: Path) -> RunConfig | None:
         raise CheckpointError(
             f"{file}: checkpoint.pretrained_checkpoint must be a path, got {type(pretrained).__name__}"
         )
-    return RunConfig(file, _section(data, "peft"), pretrained, tp or 1, model)
+    return RunConfig(file, _section(data, "peft"), pretrained, tp or 1, model, _section(data, "tokenizer"))
