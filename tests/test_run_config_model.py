@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import MOE_SPECS, PARITY_SPECS
 from judge import convert_fails
 
 from offline_bridge.cli import main
@@ -193,18 +194,50 @@ def _moe_args(**extra: Any) -> argparse.Namespace:
     return argparse.Namespace(**{**args, **extra})
 
 
+def _plain(value: Any) -> bool:
+    """A value YAML's safe dumper writes as is (Bridge writes other objects as `_target_` mappings)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _as_provider(args: argparse.Namespace) -> dict[str, Any]:
+    """The provider fields of a model Megatron-LM ``args`` describe, each under its TransformerConfig name."""
     renamed = {
         "num_experts": "num_moe_experts",
         "norm_epsilon": "layernorm_epsilon",
         "swiglu": "gated_linear_unit",
         "untie_embeddings_and_output_weights": "share_embeddings_and_output_weights",
     }
-    model = {renamed.get(k, k): v for k, v in vars(args).items() if k not in ("group_query_attention",)}
+    dropped = ("group_query_attention", "max_position_embeddings", "apply_layernorm_1p", "padded_vocab_size")
+    model = {renamed.get(k, k): v for k, v in vars(args).items() if k not in dropped and _plain(v)}
     model["share_embeddings_and_output_weights"] = not args.untie_embeddings_and_output_weights
+    model["layernorm_zero_centered_gamma"] = bool(getattr(args, "apply_layernorm_1p", False))
     model["activation_func"] = {"_call_": False, "_target_": "torch.nn.functional.silu"}
-    model.pop("max_position_embeddings")
     return model
+
+
+FIXTURES = [
+    next(s for s in PARITY_SPECS if s.tied),
+    next(s for s in MOE_SPECS if s.family == "qwen3_moe" and s.moe_layer_freq != 1),  # a dense layer
+    next(s for s in MOE_SPECS if s.family == "mixtral"),
+    next(s for s in MOE_SPECS if s.family == "deepseek_v3"),  # MLA, shared experts, MTP
+]
+
+
+@pytest.mark.parametrize("spec", FIXTURES, ids=lambda s: s.name)
+def test_megatron_fixture_with_run_config_instead_of_args(spec: Any, checkpoints: dict, tmp_path: Path) -> None:
+    """A megatron-core save whose args are replaced by the provider fields Bridge would write converts to
+    the same files."""
+    root = Path(shutil.copytree(checkpoints[spec], tmp_path / "bridge"))
+    iteration = next(root.glob("iter_*"))
+    args = torch.load(iteration / "common.pt", weights_only=False)["args"]  # our own fixture
+    (iteration / "common.pt").unlink()
+    (iteration / "run_config.yaml").write_text(yaml.safe_dump({"model": _as_provider(args)}))
+    convert(str(checkpoints[spec]), str(tmp_path / "from-args"))
+    convert(str(root), str(tmp_path / "from-run-config"))
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "from-args" / name).read_bytes() == (tmp_path / "from-run-config" / name).read_bytes()
 
 
 @pytest.mark.parametrize(
