@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # what `ModelArgs.source` may say, in the order the sources are tried
 ARGS_SOURCES = ("common.pt args", ".metadata common_state args", "model_optim_rng.pt args", "run_config.yaml model:")
 EMBEDDING = "embedding.word_embeddings.weight"
+PROVIDER_CORE = ("num_layers", "hidden_size")  # fields every provider dump has
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ def _saved_args(reader: CheckpointReader) -> ModelArgs | None:
 def _run_config_args(directory: Path, tensors: Mapping[str, TensorInfo]) -> ModelArgs | None:
     """The provider's args; Bridge's `vocab_size` is the tokenizer's, the embedding's rows the padded size."""
     run_config = load_run_config(directory)
-    if run_config is None or not run_config.model:
-        return None
+    if run_config is None or not all(name in (run_config.model or {}) for name in PROVIDER_CORE):
+        return None  # no model: section, or one with only parallel sizes (not a provider dump)
     where = str(run_config.file)
     args = checked_args(provider_args(run_config.model, where), where)
     embedding = tensors.get(EMBEDDING)

@@ -153,9 +153,11 @@ def test_yaml_that_would_build_objects_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_no_config_anywhere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [None, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 1}])
+def test_no_config_anywhere(tmp_path: Path, model: dict | None) -> None:
+    """No args, and no model: section (or one with only the parallel sizes, not a provider dump)."""
     root = bridge_save(tmp_path)
-    (root / ITERATION / "run_config.yaml").write_text(yaml.safe_dump({"peft": None, "model": None}))
+    (root / ITERATION / "run_config.yaml").write_text(yaml.safe_dump({"peft": None, "model": model}))
     line = convert_fails(root, tmp_path / "out")
     assert "no run_config.yaml with a model: section" in line and "--hf-config" in line
 
