@@ -171,8 +171,6 @@ ARGS_SCHEMA: dict[str, Kind] = {
     # Megatron-Bridge's peft: section
     "lora_alpha": NUMBER,
     "lora_dim": POSITIVE_INT,
-    # where the model came from (Megatron-Bridge), a hint only
-    "hf_model_id": NAME,
 }
 
 

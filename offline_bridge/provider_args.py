@@ -75,7 +75,6 @@ SAME_NAMES = (
     "virtual_pipeline_model_parallel_size",
     "expert_model_parallel_size",
     "expert_tensor_parallel_size",
-    "hf_model_id",
 )
 
 # provider field -> Megatron-LM argument, same meaning under another name
@@ -118,6 +117,4 @@ def provider_args(model: Mapping[str, Any], where: str) -> argparse.Namespace:
     activation = target_name(model.get("activation_func"))
     # Megatron-LM's --swiglu is a gated linear unit with SiLU
     args["swiglu"] = bool(gated) and isinstance(activation, str) and activation.rsplit(".", 1)[-1] == "silu"
-    args["activation_func"] = activation
-    args["params_dtype"] = target_name(model.get("params_dtype"))
     return argparse.Namespace(**args)
