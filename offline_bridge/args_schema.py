@@ -189,7 +189,8 @@ def checked_value(name: str, value: Any, where: str, label: str | None = None) -
 
 def checked_args(args: argparse.Namespace, where: str) -> argparse.Namespace:
     """A copy of ``args`` with every field of the schema checked (and in Python form)."""
-    values = dict(vars(args))
-    for name in ARGS_SCHEMA.keys() & values.keys():
-        values[name] = checked_value(name, values[name], where)
-    return argparse.Namespace(**values)
+    checked = argparse.Namespace()
+    vars(checked).update(vars(args))  # keys as the pickle made them (not necessarily identifiers)
+    for name in ARGS_SCHEMA.keys() & vars(checked).keys():
+        setattr(checked, name, checked_value(name, getattr(checked, name), where))
+    return checked

@@ -64,7 +64,10 @@ def _saved_args(reader: CheckpointReader) -> ModelArgs | None:
     if args is None:
         return None
     if isinstance(reader, LegacyReader):
-        source, file = "model_optim_rng.pt args", next(reader.path.glob("mp_rank_*/model_optim_rng.pt"), reader.path)
+        source, file = (
+            "model_optim_rng.pt args",
+            min(reader.path.glob("mp_rank_*/model_optim_rng.pt"), default=reader.path),
+        )
     elif (reader.path / "common.pt").is_file():
         source, file = "common.pt args", reader.path / "common.pt"
     else:

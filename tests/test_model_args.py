@@ -126,3 +126,11 @@ def test_expert_count_against_the_router_and_expert_keys() -> None:
             {fc2: TensorInfo(fc2, (8, 6), by_option("fp32"))},
             "f",
         )
+
+
+def test_args_whose_keys_are_not_names() -> None:
+    """A pickle may give a Namespace any keys: they are kept, never passed as keywords."""
+    args = argparse.Namespace()
+    vars(args).update({1: "x", "hidden_size": np.int32(64)})
+    checked = vars(checked_args(args, "common.pt"))
+    assert checked == {1: "x", "hidden_size": 64} and type(checked["hidden_size"]) is int
