@@ -43,12 +43,9 @@ def lora_settings(run_config: RunConfig | None, alpha: float | None, dim: int | 
     if dim is not None and dim <= 0:
         raise OptionError(f"LoRA dim must be positive, got {dim}")
     if run_config is not None:  # YAML values are checked like args: a number, a positive int
-        alpha = (
-            alpha
-            if alpha is not None
-            else checked_value("lora_alpha", peft.get("alpha"), str(run_config.file), "peft.alpha")
-        )
-        dim = dim if dim is not None else checked_value("lora_dim", peft.get("dim"), str(run_config.file), "peft.dim")
+        file = str(run_config.file)
+        alpha = checked_value("lora_alpha", peft.get("alpha"), file, "peft.alpha") if alpha is None else alpha
+        dim = checked_value("lora_dim", peft.get("dim"), file, "peft.dim") if dim is None else dim
     if alpha is None or dim is None:
         source = f"{run_config.file} has no peft: alpha / dim" if run_config else "no run_config.yaml beside it"
         raise CheckpointError(f"{where}: holds LoRA adapters but {source}; pass --lora-alpha and --lora-dim")

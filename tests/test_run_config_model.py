@@ -18,9 +18,12 @@ from conftest import MOE_SPECS, PARITY_SPECS
 from judge import convert_fails
 
 from offline_bridge.cli import main
+from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_for_args
 from offline_bridge.hf_config import derive_config
+from offline_bridge.inputs import lora_settings
 from offline_bridge.provider_args import provider_args
+from offline_bridge.run_config import load_run_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
 ITERATION = "iter_0000010"
@@ -294,3 +297,13 @@ def test_provider_gives_the_family_and_config_args_give(family: str, extra: dict
     assert family_for_args(args).name == family_for_args(from_provider).name == family
     found = family_for_args(from_provider)
     assert derive_config(from_provider, found, vocab_size=None) == derive_config(args, found, vocab_size=None)
+
+
+@pytest.mark.parametrize(
+    ("peft", "named"), [({"alpha": "16", "dim": 8}, "peft.alpha"), ({"alpha": 16, "dim": 0}, "peft.dim")]
+)
+def test_peft_values_are_checked(tmp_path: Path, peft: dict, named: str) -> None:
+    (tmp_path / "run_config.yaml").write_text(yaml.safe_dump({"peft": peft}))
+    with pytest.raises(CheckpointError, match=rf"run_config.yaml: {named} must be"):
+        lora_settings(load_run_config(tmp_path), None, None, tmp_path)
+    assert lora_settings(load_run_config(tmp_path), 2.0, 4, tmp_path).dim == 4  # the command line wins
