@@ -8,12 +8,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .args_shapes import check_args_against_tensors
 from .casting import preload_torch
 from .dtypes import DType, by_option
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
 from .manifest import describe_sources, write_manifest
+from .model_args import model_args_of
 from .plan import Lora, Plan, build_plan, parse_size
 from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
@@ -46,6 +48,7 @@ class Conversion:
     family: Family
     model_dir: Path | None  # the HF model directory ``hf_config`` named, for its tokenizer files
     quant: Quant | None  # ModelOpt amax mapped to HF names, when the checkpoint has any
+    config_source: str = ""  # where the config came from: --hf-config, or the checkpoint's args / run config
 
 
 def plan_conversion(
@@ -66,9 +69,13 @@ def plan_conversion(
     if hf_config is not None:
         config, model_dir = load_config(hf_config)
         family = family_by_name(model_type) if model_type else family_for_config(config)
+        source = f"--hf-config {hf_config}"
     else:
-        family = family_by_name(model_type) if model_type else family_for_args(reader.args)
-        config = derive_config(reader.args, family, vocab_size=vocab_size)
+        found = model_args_of(reader)
+        check_args_against_tensors(found.args, reader.tensors, str(found.file))
+        family = family_by_name(model_type) if model_type else family_for_args(found.args)
+        config = derive_config(found.args, family, vocab_size=vocab_size)
+        source = found.describe()
     target_dtype = target_dtype or _auto_dtype(reader)
     config = finalize_config(config, target_dtype, vocab_size=vocab_size)
     plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
@@ -78,7 +85,7 @@ def plan_conversion(
     log.info(
         "%s: %d tensors, %d files, %d bytes", family.name, len(list(plan.targets())), len(plan.files), plan.total_size
     )
-    return Conversion(plan, config, family, model_dir, quant)
+    return Conversion(plan, config, family, model_dir, quant, source)
 
 
 def convert(
@@ -108,7 +115,8 @@ def convert(
         ckpt_dir: a Megatron save root (with `latest_checkpointed_iteration.txt`) or an iteration directory.
         out_dir: where the HF checkpoint goes; must be empty or absent unless ``overwrite``.
         hf_config: a `config.json` or an HF model directory (its tokenizer files are copied too);
-            without it the config is derived from the checkpoint's Megatron args.
+            without it the config is derived from the checkpoint's Megatron args, or from Megatron-Bridge's
+            `run_config.yaml` `model:` section when it saved no args.
         model_type: family name (see `offline_bridge.families.FAMILIES`); inferred when omitted.
         iteration: which saved iteration (an int or "release"); default the latest.
         dtype: "auto" (as stored), "bf16", "fp16" or "fp32".

@@ -29,6 +29,7 @@ from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import derive_config, dims_of, load_config
 from .inputs import lora_settings
 from .manifest import describe_sources, fingerprint, write_manifest
+from .model_args import model_args_of
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
@@ -283,7 +284,7 @@ def export_adapter(
             if base is None:
                 raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
             with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
-                args = base_reader.args
+                args = model_args_of(base_reader).args  # its args, or its run_config.yaml model: section
                 sources.append(fingerprint(base_reader, "base (args only)"))
             family = family_by_name(model_type) if model_type else family_for_args(args)
             config = derive_config(args, family, vocab_size=None)
