@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -16,8 +18,22 @@ from .zarr import ZarrReader
 __all__ = ["CheckpointReader", "LegacyReader", "TensorInfo", "TorchDistReader", "ZarrReader", "open_reader"]
 
 
+def _refuse_special_files(iteration_dir: Path) -> None:
+    """A FIFO, socket or device where a reader maps or reads a file would block forever or never end: refused
+    before any reader runs. Readers that open through `small_files` refuse them again at open time, race-free."""
+    opened = [p for p in iteration_dir.iterdir() if p.name in (".metadata", "common.pt") or p.suffix == ".distcp"]
+    for path in [*opened, *iteration_dir.glob(f"mp_rank_*/{LEGACY_FILE}")]:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # dangling: the reader names it as missing
+            continue
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); the checkpoint is refused")
+
+
 def open_reader(iteration_dir: Path) -> CheckpointReader:
     """The reader for ``iteration_dir``, by `metadata.json`'s backend or the files present."""
+    _refuse_special_files(iteration_dir)
     backend = (read_marker(iteration_dir) or {}).get("sharded_backend")
     if backend in (None, "torch_dist") and (iteration_dir / ".metadata").is_file():
         return TorchDistReader(iteration_dir)

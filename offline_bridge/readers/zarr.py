@@ -89,7 +89,6 @@ class _Array:
             raise bad(problem)
         self.compressor: str | None = meta["compressor"]["id"] if meta.get("compressor") else None
         self.chunk_bytes = math.prod(self.chunks) * self.stored.itemsize
-        self.checked = False
 
     @property
     def encoded(self) -> bool:
@@ -105,7 +104,8 @@ class _Array:
 
     def check_files(self) -> None:
         """Every chunk of the grid has its file, of a size that can hold the chunk, and no chunk file lies
-        outside the grid. Runs before anything is allocated for the array."""
+        outside the grid. Runs when the reader opens, so a tensor's shape is backed by files before anything
+        (a plan, a buffer) is sized from it."""
         present = {}
         for file in self.path.rglob("*") if self.separator == "/" else self.path.iterdir():
             name = file.relative_to(self.path).as_posix()
@@ -133,7 +133,6 @@ class _Array:
             )
         for name in sorted(expected, key=_natural):
             self._check_size(self.path / name, present[name])
-        self.checked = True
 
     def _check_size(self, file: Path, size: int) -> None:
         """Raw chunks have exactly the chunk's size; encoded ones may expand at most `MAX_EXPANSION` times
@@ -196,6 +195,7 @@ class ZarrReader(CheckpointReader):
                 continue
             if os.path.lexists(child / ZARRAY):  # a FIFO or directory there is refused when read
                 array = _Array(child.name, child)
+                array.check_files()
                 self._arrays[child.name] = array
                 self._tensors[child.name] = TensorInfo(child.name, array.shape, array.dtype)
             elif any(_CHUNK_NAME.fullmatch(p.name) for p in child.iterdir()):
@@ -214,8 +214,6 @@ class ZarrReader(CheckpointReader):
 
     def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         array = self._arrays[key]
-        if not array.checked:
-            array.check_files()
         return [
             (tuple(i * c for i, c in zip(index, array.chunks)), array.chunks)
             for index in array.indices(full_box(array.shape))
@@ -225,8 +223,6 @@ class ZarrReader(CheckpointReader):
         array = self._arrays.get(key)
         if array is None:
             raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
-        if not array.checked:
-            array.check_files()
         box = box or full_box(array.shape)
         if len(box) != len(array.shape) or any(not 0 <= b0 <= b1 <= n for (b0, b1), n in zip(box, array.shape)):
             raise CheckpointError(f"{array.path}: box {box} lies outside {key} {array.shape}")
