@@ -4,7 +4,8 @@ A path in a checkpoint directory may be a FIFO (opening it blocks forever), a de
 ends) or a sparse file of terabytes. Everything we open goes through here: opened non-blocking, checked to
 be a regular file with `fstat` on the open descriptor (no race with a swapped path), and files read whole
 are refused above a size limit before a byte is read. Our own code because no library offers the check on
-the descriptor.
+the descriptor. What an error message quotes of a file's content goes through `clip` / `quote` (80
+characters), so a 512 MB line in a file never becomes a 512 MB error line.
 """
 
 from __future__ import annotations

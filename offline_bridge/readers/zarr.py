@@ -25,7 +25,7 @@ import numpy as np
 from ..dtypes import DType, by_torch_name
 from ..errors import CheckpointError
 from ..shapes import shape_problem
-from ..small_files import TEXT_LIMIT, load_json, map_regular, quote, read_small
+from ..small_files import TEXT_LIMIT, clip, load_json, map_regular, quote, read_small
 from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
 from .marker import MARKER, read_marker
 from .zarr_codecs import codec_problem, decode, encoded_limit
@@ -114,7 +114,7 @@ class _Array:
         cells = math.prod(self.grid) if 0 not in self.shape else 0
         if cells > max(len(present), 2**16):  # before the grid is enumerated: a forged shape cannot stall us
             raise CheckpointError(
-                f"{self.path}: {self.key} {self.shape} in chunks {self.chunks} needs {cells} chunk files, "
+                f"{self.path}: {self.key} {quote(self.shape)} in chunks {quote(self.chunks)} needs {cells} chunk files, "
                 f"{len(present)} are present; a zarr reader would fill the rest with fill_value, so it is refused"
             )
         expected = {self.chunk_name(i) for i in product(*map(range, self.grid))} if cells else set()
@@ -128,8 +128,8 @@ class _Array:
         outside = sorted(present.keys() - expected, key=_natural)
         if outside:
             raise CheckpointError(
-                f"{self.path}: chunk file {outside[0]} lies outside the {'x'.join(map(str, self.grid))} chunk grid of "
-                f"{self.key} {self.shape} (chunks {self.chunks}); the array metadata is inconsistent"
+                f"{self.path}: chunk file {outside[0]} lies outside the {quote(self.grid)} chunk grid of "
+                f"{self.key} {quote(self.shape)} (chunks {quote(self.chunks)}); the array metadata is inconsistent"
             )
         for name in sorted(expected, key=_natural):
             self._check_size(self.path / name, present[name])
@@ -141,7 +141,7 @@ class _Array:
         if not self.encoded and size != self.chunk_bytes:
             raise CheckpointError(
                 f"{file}: chunk file of {self.key} is {size} bytes, expected {self.chunk_bytes} "
-                f"({'x'.join(map(str, self.chunks))} x {self.stored.itemsize} bytes; truncated?)"
+                f"({clip('x'.join(map(str, self.chunks)))} x {self.stored.itemsize} bytes; truncated?)"
             )
         if self.encoded and self.chunk_bytes > max(FREE_EXPANSION, MAX_EXPANSION * size):
             raise CheckpointError(
