@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from hostile import assert_refused, run_cli, zstd_rle_frame
 
+from offline_bridge.readers.zarr_codecs import decode
+
 DATA = Path(__file__).resolve().parent / "data" / "zarr" / "zarr_ckpt"
 ITER = "iter_0000020"
 KEY = "decoder.final_layernorm.weight"  # shape [64], one bf16 chunk file "0" of 128 bytes
@@ -253,3 +255,43 @@ def test_allowed_codecs_still_convert(ckpt: Path, tmp_path: Path) -> None:
         outcome = run_cli("convert", ckpt, tmp_path / codec_id, "--quiet", cwd=tmp_path)
         assert outcome.code == 0, (codec_id, outcome.stderr)
         assert (tmp_path / codec_id / "model.safetensors").read_bytes() == expected, codec_id
+
+
+# --------------------------------------------------------------------------- the bounded decoders themselves
+
+
+@pytest.mark.parametrize("size", [1, 200, 1000, 70_000, 5_000_000])
+def test_decoders_round_trip_every_header_width(size: int) -> None:
+    """zstd frames state their size in 1, 2, 4 or 8 bytes depending on it; each is read right."""
+    from numcodecs import GZip, Zlib, Zstd, blosc
+
+    raw = (np.arange(size) % 251).astype(np.uint8).tobytes()
+    encoded = {
+        "zstd": Zstd(1).encode(raw),
+        "zlib": Zlib(1).encode(raw),
+        "gzip": GZip(1).encode(raw),
+        "blosc": blosc.compress(raw, b"lz4", 5, 1),
+    }
+    for codec_id, data in encoded.items():
+        assert bytes(decode(bytes(data), codec_id, size)) == raw, codec_id
+
+
+@pytest.mark.parametrize(
+    ("codec_id", "forge", "needle"),
+    [
+        ("zlib", lambda d: d + b"tail", "follow the compressed stream"),
+        ("zlib", lambda d: d[:-6], "truncated"),
+        ("gzip", lambda d: d + d, "follow the compressed stream"),
+        ("zstd", lambda d: d[:-3], "corrupt zstd stream"),
+        ("zstd", lambda d: b"\x50\x2a\x4d\x18" + d, "not a zstd frame"),  # a skippable frame first
+        ("blosc", lambda d: d[:10], "shorter than a blosc header"),
+    ],
+)
+def test_decoders_refuse_damaged_streams(codec_id: str, forge: Any, needle: str) -> None:
+    from numcodecs import GZip, Zlib, Zstd, blosc
+
+    raw = bytes(range(256)) * 64
+    encoders = {"zlib": Zlib(1).encode, "gzip": GZip(1).encode, "zstd": Zstd(1).encode}
+    encoders["blosc"] = lambda b: blosc.compress(b, b"lz4", 5, 1)
+    with pytest.raises(ValueError, match=needle):
+        decode(forge(bytes(encoders[codec_id](raw))), codec_id, len(raw))
