@@ -6,7 +6,8 @@ codec). bfloat16, dtype text `bfloat16`, is something zarr itself cannot describ
 as uint16, as everywhere else in offline-bridge. We read chunk files ourselves because a missing one must be
 an error: zarr would hand back `fill_value` (or, with `fill_value: null`, uninitialised memory) instead, and
 because its codec registry would build any codec a `.zarray` names, some of which unpickle: encoded chunks go
-through `zarr_codecs` (an allow-list, each decoder bounded by the chunk's size). See formats/zarr.md.
+through `zarr_codecs` (an allow-list; the standard library's zlib for zlib and gzip, numcodecs' bindings for
+zstd and blosc, each bounded by the chunk's size before it decodes). See formats/zarr.md.
 """
 
 from __future__ import annotations
