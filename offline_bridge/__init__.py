@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from .interrupts import exit_while_loading, is_command
+
+if is_command():  # `offline-bridge`: Ctrl-C while the modules below load is one line, not a traceback
+    exit_while_loading()
+
 from .convert import convert
 from .errors import BridgeError, CheckpointError, OptionError, UnsafePickleError
 from .export_adapter import export_adapter

@@ -14,11 +14,14 @@ from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
 from .manifest import describe_sources, write_manifest
+from .options import check_options
 from .plan import Lora, Plan, build_plan, parse_size
 from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
-from .writer import staged_output, write_json, write_weights
+from .readers.combined import CombinedReader
+from .staging import staged_output
+from .writer import write_json, write_weights
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 
@@ -132,6 +135,15 @@ def convert(
     Example:
         >>> convert("examples/tiny-llama", "/tmp/tiny-llama-hf")  # doctest: +SKIP
     """
+    check_options(
+        iteration=iteration,
+        max_shard_size=max_shard_size,
+        vocab_size=vocab_size,
+        lora_alpha=lora_alpha,
+        lora_dim=lora_dim,
+        device=device,
+        workers=workers,
+    )
     options = {
         "model_type": model_type,
         "iteration": iteration,
@@ -164,7 +176,8 @@ def convert(
         if dry_run:
             sys.stdout.write(describe(plan))
             return Path(out_dir)
-        with staged_output(out_dir, overwrite=overwrite) as staging:
+        inputs = [ckpt_dir, adapter, base, hf_config, *_read_from(reader)]
+        with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging:
             digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
             if conversion.quant is not None:
                 digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
@@ -173,6 +186,12 @@ def convert(
                 copy_side_files(conversion.model_dir, staging)
             write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
     return Path(out_dir)
+
+
+def _read_from(reader: CheckpointReader) -> list[Path]:
+    """The iteration directories ``reader`` reads (a base found through run_config.yaml too)."""
+    parts = [reader.base, reader.adapter] if isinstance(reader, CombinedReader) else [reader]
+    return [part.path for part in parts]
 
 
 def describe(plan: Plan) -> str:
