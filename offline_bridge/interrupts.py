@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 
 __all__ = ["Interrupted", "exit_while_loading", "ignore_signals", "interrupt_on_signals", "is_command"]
@@ -37,19 +37,23 @@ def is_command() -> bool:
     """Whether this process is `offline-bridge` (the console script) or `python -m offline_bridge`."""
     argv = getattr(sys, "orig_argv", [])
     module = argv[argv.index("-m") + 1 : argv.index("-m") + 2] if "-m" in argv else []
-    return Path(sys.argv[0]).name == COMMAND or module == ["offline_bridge"]
+    return os.path.basename(sys.argv[0]) == COMMAND or module == ["offline_bridge"]
 
 
 def exit_while_loading() -> None:
     """Until the command runs, a signal ends the process with one line (nothing was touched yet)."""
-    for signum in SIGNALS:
-        signal.signal(signum, _exit_now)
+    _handle(_exit_now)
 
 
 def interrupt_on_signals() -> None:
     """From here on, a signal raises `Interrupted` in the main thread."""
+    _handle(_interrupt)
+
+
+def _handle(handler: Callable[[int, FrameType | None], None]) -> None:
     for signum in SIGNALS:
-        signal.signal(signum, _interrupt)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored by who started us (`cmd &` in a script)
+            signal.signal(signum, handler)
 
 
 def ignore_signals() -> None:
