@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -170,11 +171,15 @@ entry()
 """
 
 
-def start_slow_convert(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    """A conversion that takes a few seconds (every write sleeps), started once its staging directory exists."""
+def start_slow_convert(
+    ckpt: Path, out: Path, *extra: str, ignore: signal.Signals | None = None
+) -> subprocess.Popen[str]:
+    """A conversion that takes a few seconds (every write sleeps), returned once it writes into its staging
+    directory; ``ignore``: a signal it starts with ignored."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-c", SLOW_CONVERT, "convert", str(ckpt), str(out), "--quiet", "--workers", "1", *extra]
-    started = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    ignoring = None if ignore is None else lambda: signal.signal(ignore, signal.SIG_IGN)
+    started = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring)
     staging = out.parent / f".{out.name}.partial-{started.pid}"
     deadline = time.monotonic() + 30
     while not (staging / "model.safetensors").exists() and started.poll() is None and time.monotonic() < deadline:
