@@ -41,16 +41,17 @@ def staged_output(out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str 
 
     ``inputs`` are every path the run reads (None entries are skipped): OUT_DIR may not overlap any of them.
     """
-    out = output_path(out_dir)
-    _refuse_overlap(out, [Path(p) for p in inputs if p is not None])
+    out, sources = output_path(out_dir), _resolved(inputs)
+    _refuse_overlap(out, sources)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OptionError(f"{out.parent}: cannot create the directory for OUT_DIR ({exc.strerror})") from exc
     with _locked(out):
         _check_replaceable(out, overwrite)
-        _remove_abandoned(out)
+        _remove_abandoned(out, [source for _, source in sources])
         staging = out.parent / f"{_prefix(out)}partial-{os.getpid()}"
+        _refuse_overlap(staging, sources)
         shutil.rmtree(staging, ignore_errors=True)
         old = None
         try:
@@ -90,22 +91,32 @@ def output_path(out_dir: str | Path) -> Path:
         raise OptionError(f"{given}: cannot resolve OUT_DIR ({exc})") from exc
 
 
-def _refuse_overlap(out: Path, inputs: list[Path]) -> None:
-    """OUT_DIR is replaced whole: it may not be an input, lie inside one, or hold one."""
-    for given in inputs:
+def _resolved(inputs: Iterable[str | Path | None]) -> list[tuple[Path, Path]]:
+    """(as given, resolved) for every input path."""
+    pairs = []
+    for given in (Path(p) for p in inputs if p is not None):
         try:
-            source = given.resolve()
+            pairs.append((given, given.resolve()))
         except (OSError, RuntimeError) as exc:  # a link loop
             raise OptionError(f"{given}: cannot resolve the input ({exc})") from exc
-        if out == source:
-            relation = "is"
-        elif out.is_relative_to(source):
-            relation = "lies inside"
-        elif source.is_relative_to(out):
-            relation = "contains"
-        else:
-            continue
-        raise OptionError(f"{out}: OUT_DIR {relation} the input {given}; choose an OUT_DIR outside every input")
+    return pairs
+
+
+def _overlap(path: Path, source: Path) -> str | None:
+    """How ``path`` overlaps ``source`` (both resolved), if it does."""
+    if path == source:
+        return "is"
+    if path.is_relative_to(source):
+        return "lies inside"
+    return "contains" if source.is_relative_to(path) else None
+
+
+def _refuse_overlap(out: Path, inputs: list[tuple[Path, Path]]) -> None:
+    """OUT_DIR is replaced whole: it may not be an input, lie inside one, or hold one."""
+    for given, source in inputs:
+        relation = _overlap(out, source)
+        if relation is not None:
+            raise OptionError(f"{out}: OUT_DIR {relation} the input {given}; choose an OUT_DIR outside every input")
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -200,12 +211,15 @@ def _same_file(fd: int, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _remove_abandoned(out: Path) -> None:
-    """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed)."""
+def _remove_abandoned(out: Path, sources: list[Path]) -> None:
+    """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed); never an
+    input that happens to be named like one."""
     prefix = _prefix(out)
     for leftover in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
         kind, _, pid = leftover.name[len(prefix) :].rpartition("-")
         if kind not in ("partial", "old") or not pid.isascii() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if any(_overlap(leftover, source) for source in sources):
             continue
         if kind == "old" and not out.exists():  # killed between the two renames: the old output is the output
             leftover.rename(out)

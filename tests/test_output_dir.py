@@ -132,6 +132,15 @@ def test_overwrite_replaces_only_an_output(ckpt: Path, tmp_path: Path, capsys: p
     assert hidden(tmp_path) == [] and verify(out) == []
 
 
+def test_input_named_like_a_leftover_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint named like the staging directory of a dead run into OUT_DIR is an input, not debris."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ckpt = Path(shutil.copytree(EXAMPLE, tmp_path / f".out.partial-{dead.stdout.strip()}"))
+    before = tree_hash(ckpt)
+    assert cli(capsys, "convert", ckpt, tmp_path / "out", "--quiet") == (0, [])
+    assert tree_hash(ckpt) == before and verify(tmp_path / "out") == []
+
+
 def test_symlinked_output_replaces_its_target(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     real, link = tmp_path / "real", tmp_path / "link"
     real.mkdir()
