@@ -8,12 +8,16 @@ import signal
 import sys
 from collections.abc import Callable
 
+from .interrupts import Interrupted, exit_while_loading, ignore_signals, interrupt_on_signals, is_command
+
+if is_command():  # Ctrl-C while the modules below load (half a second) is one line, not a traceback
+    exit_while_loading()
+
 import click
 
 from .convert import convert
 from .export_adapter import export_adapter
 from .families import FAMILIES
-from .interrupts import Interrupted, ignore_signals, interrupt_on_signals
 from .options import MAX_WORKERS, check_options
 from .outcome import as_json, report
 

@@ -3,8 +3,7 @@
 While the modules load (`exit_while_loading`, nothing touched yet) a signal ends the process at once. Once
 the command runs (`interrupt_on_signals`) it raises `Interrupted` in the main thread, so the `finally` blocks
 remove the staging directory and release the OUT_DIR lock; a second signal during that cleanup is ignored.
-Library callers keep Python's defaults: nothing here is installed on import unless this process is the
-command itself.
+Library callers keep Python's defaults: `cli` installs these only when this process is the command itself.
 """
 
 from __future__ import annotations
