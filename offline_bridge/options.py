@@ -39,7 +39,10 @@ def _integer(low: int, high: int) -> Callable[[str, object], None]:
 
 def _real(low: float | None) -> Callable[[str, object], None]:
     def check(option: str, value: object) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an int beyond any float
+            ok = False
         if not ok or (low is not None and value < low):
             bound = "a finite number" if low is None else f"a finite number >= {low:g}"
             raise OptionError(f"{option} must be {bound}, got {_shown(value)}")

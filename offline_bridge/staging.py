@@ -123,7 +123,10 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
     """A non-empty OUT_DIR is replaced only with ``overwrite`` and only when it is recognisably an output."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out}: exists and is not a directory")
-    entries = sorted(os.listdir(out)) if out.is_dir() else []
+    try:
+        entries = sorted(os.listdir(out)) if out.is_dir() else []
+    except OSError as exc:
+        raise OptionError(f"{out}: cannot list OUT_DIR ({exc.strerror})") from exc
     if not entries:
         return
     if not overwrite:

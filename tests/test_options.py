@@ -103,6 +103,7 @@ def test_bad_option_of_other_commands(args: list[str], tmp_path: Path, capsys: p
         {"max_shard_size": "inf"},
         {"vocab_size": 0},
         {"lora_alpha": math.nan},
+        {"lora_alpha": 10**400},
         {"lora_dim": 0},
         {"device": "cuda:"},
     ],
