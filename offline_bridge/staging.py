@@ -4,7 +4,8 @@ An interrupted or failed run never leaves something that looks like a finished o
 its `.<OUT_DIR>.partial-<pid>` behind, and the next run into the same OUT_DIR removes it. Before anything is
 touched, OUT_DIR is refused when it is, lies inside or contains an input (symlinks resolved), and `--overwrite`
 replaces only what is recognisably an output (our manifest, or an HF model directory). A lock beside OUT_DIR
-(`.<OUT_DIR>.lock`, `fcntl.flock`) keeps a second run out while the first checks, writes and renames.
+(`offline_bridge.output_lock`) keeps a second run out from before the checkpoint is read (`convert`; from the
+first touch of OUT_DIR with `staged_output`) until the output is in place.
 A symlink OUT_DIR is followed: the output replaces the directory it points to, the link stays. Our own
 code: no library stages a directory this way.
 """
@@ -12,7 +13,6 @@ code: no library stages a directory this way.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,9 +24,10 @@ from pathlib import Path
 
 from .errors import BridgeError, OptionError
 from .manifest import MANIFEST
+from .output_lock import OutputLock
 from .small_files import JSON_LIMIT, read_small_text
 
-__all__ = ["output_path", "staged_output"]
+__all__ = ["OutputDir", "output_path", "staged_output"]
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,51 @@ _SHORT_NAME = 200  # longer OUT_DIR names are cut and hashed in the hidden names
 _HF_MARKERS = ("config.json", "adapter_config.json")
 
 
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` if the block succeeds, else vanishes.
+class OutputDir:
+    """OUT_DIR of one run, from before the checkpoint is read until the output is in place.
 
-    ``inputs`` are every path the run reads (None entries are skipped): OUT_DIR may not overlap any of them.
+    1. Entering checks OUT_DIR against the inputs named so far and, when its parent exists, takes the lock
+       and refuses a non-empty OUT_DIR without ``overwrite``: a second run fails before reading anything.
+    2. `staged` checks again with the inputs the readers found (a base named by run_config.yaml), creates
+       the parent and takes the lock if not yet, and yields the staging directory.
+    3. Leaving releases the lock.
     """
-    out, sources = output_path(out_dir), _resolved(inputs)
-    _refuse_overlap(out, sources)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OptionError(f"{out.parent}: cannot create the directory for OUT_DIR ({exc.strerror})") from exc
-    with _locked(out):
-        _check_replaceable(out, overwrite)
+
+    def __init__(self, out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+        self.path = output_path(out_dir)
+        self._overwrite = overwrite
+        self._sources = _resolved(inputs)
+        self._lock = OutputLock(self.path.parent / f"{_prefix(self.path)}lock", self.path)
+
+    def __enter__(self) -> OutputDir:
+        _refuse_overlap(self.path, self._sources)
+        if self.path.parent.is_dir():
+            self._lock.acquire()
+            try:
+                if not self._overwrite:  # what --overwrite may replace is judged once every input is known
+                    _replaced(self.path, overwrite=False)
+            except BaseException:
+                self._lock.release()
+                raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def staged(self, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+        """Yield a temporary directory that becomes OUT_DIR if the block succeeds, else vanishes."""
+        out, sources = self.path, self._sources + _resolved(inputs)
+        _refuse_overlap(out, sources)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OptionError(f"{out.parent}: cannot create the directory for OUT_DIR ({exc.strerror})") from exc
+        if not self._lock.held:
+            self._lock.acquire()
+        replaced = _replaced(out, self._overwrite)
+        if replaced is not None:
+            log.info("replacing %s (%s)", out, replaced)
         _remove_abandoned(out, [source for _, source in sources])
         staging = out.parent / f"{_prefix(out)}partial-{os.getpid()}"
         _refuse_overlap(staging, sources)
@@ -70,6 +102,13 @@ def staged_output(out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str 
                 shutil.rmtree(old)
             except OSError as exc:  # the new output is in place; the old one is named as such
                 log.warning("%s: could not remove the replaced output %s (%s)", out, old, exc.strerror)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """`OutputDir` entered and staged at once, for a run that reads little before it writes."""
+    with OutputDir(out_dir, overwrite=overwrite, inputs=inputs) as output, output.staged() as staging:
+        yield staging
 
 
 def output_path(out_dir: str | Path) -> Path:
@@ -119,8 +158,9 @@ def _refuse_overlap(out: Path, inputs: list[tuple[Path, Path]]) -> None:
             raise OptionError(f"{out}: OUT_DIR {relation} the input {given}; choose an OUT_DIR outside every input")
 
 
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """A non-empty OUT_DIR is replaced only with ``overwrite`` and only when it is recognisably an output."""
+def _replaced(out: Path, overwrite: bool) -> str | None:
+    """What a non-empty OUT_DIR holds, if it may be replaced: only with ``overwrite``, and only when it is
+    recognisably an output (None: nothing to replace)."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"{out}: exists and is not a directory")
     try:
@@ -128,7 +168,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
     except OSError as exc:
         raise OptionError(f"{out}: cannot list OUT_DIR ({exc.strerror})") from exc
     if not entries:
-        return
+        return None
     if not overwrite:
         raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
     what = _recognised(out, entries)
@@ -138,7 +178,7 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
             f"{out}: --overwrite replaces only an earlier output ({MANIFEST}) or an HF model directory, and this "
             f"holds {listing}; remove it yourself or choose another OUT_DIR"
         )
-    log.info("replacing %s (%s)", out, what)
+    return what
 
 
 def _recognised(out: Path, entries: list[str]) -> str | None:
@@ -163,55 +203,6 @@ def _prefix(out: Path) -> str:
     if len(raw) <= _SHORT_NAME:
         return f".{out.name}."
     return f".{os.fsdecode(raw[:_SHORT_NAME])}~{hashlib.sha256(raw).hexdigest()[:16]}."
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold the lock of ``out`` (a second run fails at once, naming the holder); the lock file goes after."""
-    path = out.parent / f"{_prefix(out)}lock"
-    fd = _acquire(path, out)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # while still held: a run waiting on this file sees it gone and retries
-        os.close(fd)
-
-
-def _acquire(path: Path, out: Path) -> int:
-    for _ in range(100):  # another run removed the file we locked: lock the new one
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise OptionError(f"{path}: cannot create the lock file of OUT_DIR ({exc.strerror})") from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OptionError(f"{path}: the lock file of OUT_DIR is not a regular file")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-                raise OptionError(
-                    f"{out}: another run (pid {holder}) is writing this OUT_DIR; wait for it or choose another"
-                ) from None
-            if _same_file(fd, path):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                return fd
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    raise OptionError(f"{path}: the lock file of OUT_DIR keeps being replaced")
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        there = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    here = os.fstat(fd)
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _remove_abandoned(out: Path, sources: list[Path]) -> None:

@@ -124,6 +124,8 @@ def test_overwrite_replaces_only_an_output(ckpt: Path, tmp_path: Path, capsys: p
     code, lines = cli(capsys, "convert", ckpt, out, "--quiet", "--overwrite")
     assert code == 2 and len(lines) == 1 and "holds notes.txt, sub" in lines[0], lines
     assert (out / "notes.txt").read_text() == "mine"
+    code, lines = cli(capsys, "convert", tmp_path / "missing", out, "--quiet")  # refused before reading anything
+    assert code == 2 and lines == [f"error: {out}: output directory is not empty; pass --overwrite to replace it"]
     shutil.rmtree(out / "sub")
     (out / "config.json").write_text("{}")  # now a (flat) HF model directory
     assert cli(capsys, "convert", ckpt, out, "--quiet", "--overwrite")[0] == 0
@@ -197,7 +199,9 @@ def start_slow_convert(
     return started
 
 
-def test_second_run_into_the_same_output_fails_at_once(ckpt: Path, tmp_path: Path) -> None:
+def test_second_run_into_the_same_output_fails_at_once(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     first = start_slow_convert(ckpt, out)
     second = subprocess.run(
@@ -208,6 +212,10 @@ def test_second_run_into_the_same_output_fails_at_once(ckpt: Path, tmp_path: Pat
     )
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [
+        f"error: {out}: another run (pid {first.pid}) is writing this OUT_DIR; wait for it or choose another"
+    ]
+    code, lines = cli(capsys, "convert", tmp_path / "missing", out, "--quiet")  # locked before reading anything
+    assert code == 2 and lines == [
         f"error: {out}: another run (pid {first.pid}) is writing this OUT_DIR; wait for it or choose another"
     ]
     assert first.poll() is None, "the second run waited for the first"
