@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import Counter
@@ -16,11 +17,14 @@ from .hf_config import copy_side_files, derive_config, dims_of, finalize_config,
 from .inputs import open_checkpoint
 from .manifest import describe_sources, write_manifest
 from .model_args import model_args_of
+from .options import check_options
 from .plan import Lora, Plan, build_plan, parse_size
 from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
-from .writer import staged_output, write_json, write_weights
+from .readers.combined import CombinedReader
+from .staging import OutputDir
+from .writer import write_json, write_weights
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 
@@ -140,6 +144,15 @@ def convert(
     Example:
         >>> convert("examples/tiny-llama", "/tmp/tiny-llama-hf")  # doctest: +SKIP
     """
+    check_options(
+        iteration=iteration,
+        max_shard_size=max_shard_size,
+        vocab_size=vocab_size,
+        lora_alpha=lora_alpha,
+        lora_dim=lora_dim,
+        device=device,
+        workers=workers,
+    )
     options = {
         "model_type": model_type,
         "iteration": iteration,
@@ -153,34 +166,43 @@ def convert(
     }
     if (adapter is not None or base is not None) and not dry_run:
         preload_torch()  # merges need it; importing takes longer than planning
-    reader, lora = open_checkpoint(
-        ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
-    )
-    log.info("reading %s", reader.path)
-    with reader:
-        conversion = plan_conversion(
-            reader,
-            lora,
-            hf_config=hf_config,
-            model_type=model_type,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            vocab_size=vocab_size,
-            export_fp8=export_fp8,
+    # OUT_DIR is checked and locked before the checkpoint is read; a dry run leaves it alone
+    output = None if dry_run else OutputDir(out_dir, overwrite=overwrite, inputs=[ckpt_dir, adapter, base, hf_config])
+    with output or contextlib.nullcontext():
+        reader, lora = open_checkpoint(
+            ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
         )
-        plan = conversion.plan
-        if dry_run:
-            sys.stdout.write(describe(plan))
-            return Path(out_dir)
-        with staged_output(out_dir, overwrite=overwrite) as staging:
-            digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
-            if conversion.quant is not None:
-                digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
-            write_json(staging / "config.json", conversion.config)
-            if conversion.model_dir is not None:
-                copy_side_files(conversion.model_dir, staging)
-            write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
+        log.info("reading %s", reader.path)
+        with reader:
+            conversion = plan_conversion(
+                reader,
+                lora,
+                hf_config=hf_config,
+                model_type=model_type,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                vocab_size=vocab_size,
+                export_fp8=export_fp8,
+            )
+            plan = conversion.plan
+            if output is None:
+                sys.stdout.write(describe(plan))
+                return Path(out_dir)
+            with output.staged(_read_from(reader)) as staging:
+                digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
+                if conversion.quant is not None:
+                    digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
+                write_json(staging / "config.json", conversion.config)
+                if conversion.model_dir is not None:
+                    copy_side_files(conversion.model_dir, staging)
+                write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
     return Path(out_dir)
+
+
+def _read_from(reader: CheckpointReader) -> list[Path]:
+    """The iteration directories ``reader`` reads (a base found through run_config.yaml too)."""
+    parts = [reader.base, reader.adapter] if isinstance(reader, CombinedReader) else [reader]
+    return [part.path for part in parts]
 
 
 def describe(plan: Plan) -> str:
