@@ -2,47 +2,87 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+
+from .interrupts import Interrupted, exit_while_loading, ignore_signals, interrupt_on_signals, is_command
+
+if is_command():  # Ctrl-C while the modules below load (half a second) is one line, not a traceback
+    exit_while_loading()
 
 import click
 
 from .convert import convert
-from .errors import BridgeError
 from .export_adapter import export_adapter
 from .families import FAMILIES
+from .options import MAX_WORKERS, check_options
+from .outcome import as_json, report
 
-__all__ = ["entry", "main"]
+__all__ = ["entry", "main", "run"]
+
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 def entry() -> None:
-    """The console script: `main`, then the process ends at once. Everything was written, flushed (fsync)
+    """The console script: `run`, then the process ends at once. Everything was written, flushed (fsync)
     and renamed before; only the interpreter's teardown is skipped, which takes 0.3 s once torch is loaded."""
-    try:
-        main(prog_name="offline-bridge")
-        code: Any = 0
-    except SystemExit as exc:
-        code = exc.code
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
+    interrupt_on_signals()
+    code = run(sys.argv[1:])
+    ignore_signals()  # done: a late Ctrl-C cannot turn the result into a traceback
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BrokenPipeError:  # `offline-bridge inspect ... | head`: the reader has all it wanted
             pass
-    os._exit(code or 0)
+    os._exit(code)
+
+
+def run(argv: list[str]) -> int:
+    """The command line ``argv`` run to its exit code; whatever goes wrong is one line on stderr."""
+    try:
+        return _invoke(argv)
+    except KeyboardInterrupt as exc:  # also while another error is being reported
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        click.echo(f"error: {interrupted}", err=True)
+        return interrupted.exit_code
+
+
+def _invoke(argv: list[str]) -> int:
+    try:
+        with main.make_context("offline-bridge", argv) as ctx:
+            main.invoke(ctx)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        click.echo(exc.code, err=True)
+        return 1
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except _NO_ARGS as exc:  # `offline-bridge` alone: the help
+        exc.show()
+        return exc.exit_code
+    except click.ClickException as exc:  # a usage error: one line, without the usage text
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.Abort:
+        raise KeyboardInterrupt from None
+    except Exception as exc:  # raised outside a command's `report`
+        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        return 1
+    return 0
 
 
 @click.group()
 @click.version_option(package_name="offline-bridge")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show an error's traceback instead of one line.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
     """Convert Megatron-Core checkpoints to Hugging Face checkpoints, offline."""
+    ctx.obj = {"debug": debug}
 
 
 @main.command("convert")
@@ -88,8 +128,8 @@ def main() -> None:
 )
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
-    help="Threads overlapping reads, merges and writes (default: the CPU count, at most 4).",
+    type=int,
+    help=f"Threads overlapping reads, merges and writes, 1 to {MAX_WORKERS} (default: the CPU count, at most 4).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
@@ -101,13 +141,13 @@ def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object)
     directory. OUT_DIR receives config.json and model*.safetensors (+ model.safetensors.index.json).
     Exit codes: 0 done, 2 bad input or options, 1 internal error.
     """
-    _run(convert, ckpt_dir, out_dir, quiet, options)
+    _write(convert, ckpt_dir, out_dir, quiet, options)
 
 
-def _run(command: Callable[..., object], source: str, out_dir: str, quiet: bool, options: dict[str, object]) -> None:
-    """Run a command; errors become one line on stderr and the exit code (2 bad input, 1 internal)."""
+def _write(command: Callable[..., object], source: str, out_dir: str, quiet: bool, options: dict[str, object]) -> None:
+    """Run a command that writes OUT_DIR; errors become one line on stderr and the exit code."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
-    _report(lambda: command(source, out_dir, progress=not quiet, **options))
+    report(lambda: command(source, out_dir, progress=not quiet, **options))
 
 
 @main.command("export-adapter")
@@ -143,32 +183,24 @@ def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **optio
 
     Writes adapter_model.safetensors and adapter_config.json.
     """
-    _run(export_adapter, adapter_ckpt, out_dir, quiet, options)
-
-
-def _report(produce: Callable[[], Any]) -> Any:
-    """``produce()``; a BridgeError becomes one line on stderr and its exit code."""
-    try:
-        return produce()
-    except BridgeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:
-        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(1)
+    _write(export_adapter, adapter_ckpt, out_dir, quiet, options)
 
 
 @main.command("inspect")
 @click.argument("ckpt_dir", type=click.Path(path_type=str))
 @click.option("--iteration", help="Iteration to inspect (a number or 'release'); default: the latest.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(ckpt_dir: str, iteration: str | None, as_json: bool) -> None:
+@click.option("--json", "json_output", is_flag=True, help="Print the report as JSON.")
+def inspect_command(ckpt_dir: str, iteration: str | None, json_output: bool) -> None:
     """Describe the Megatron checkpoint CKPT_DIR from its metadata alone: format, iterations, parallel
     layout, args, model family, adapter, and every tensor's shape, dtype, bytes and chunks."""
     from .inspection import format_report, inspect_checkpoint
 
-    report = _report(lambda: inspect_checkpoint(ckpt_dir, iteration))
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    def text() -> str:
+        check_options(iteration=iteration)
+        found = inspect_checkpoint(ckpt_dir, iteration)
+        return as_json(found) if json_output else format_report(found)
+
+    click.echo(report(text))
 
 
 @main.command("diff")
@@ -176,16 +208,22 @@ def inspect_command(ckpt_dir: str, iteration: str | None, as_json: bool) -> None
 @click.argument("b", type=click.Path(path_type=str))
 @click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
 @click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (to B's values).")
-@click.option("--json", "as_json", is_flag=True, help="Print the per-tensor report as JSON.")
-def diff_command(a: str, b: str, atol: float, rtol: float, as_json: bool) -> None:
+@click.option("--json", "json_output", is_flag=True, help="Print the per-tensor report as JSON.")
+def diff_command(a: str, b: str, atol: float, rtol: float, json_output: bool) -> None:
     """Compare two models tensor by tensor; A and B are HF directories or Megatron checkpoints (compared
     by the HF tensors they convert to). Exit 0 when equal within |a-b| <= atol + rtol*|b|, else 1."""
     from .diff import as_json as diff_json
     from .diff import diff, format_diff, identical
 
-    results = _report(lambda: diff(a, b, atol=atol, rtol=rtol))
-    click.echo(json.dumps(diff_json(a, b, atol, rtol, results), indent=2) if as_json else format_diff(results))
-    sys.exit(0 if identical(results) else 1)
+    def compared() -> tuple[str, bool]:
+        check_options(atol=atol, rtol=rtol)
+        results = diff(a, b, atol=atol, rtol=rtol)
+        text = as_json(diff_json(a, b, atol, rtol, results)) if json_output else format_diff(results)
+        return text, identical(results)
+
+    text, same = report(compared)
+    click.echo(text)
+    sys.exit(0 if same else 1)
 
 
 @main.command("verify")
@@ -195,7 +233,7 @@ def verify_command(out_dir: str) -> None:
     size and hash, every tensor's sha256. Exit 0 intact, 1 on any mismatch, 2 without a readable manifest."""
     from .manifest import verify
 
-    problems = _report(lambda: verify(out_dir))
+    problems = report(lambda: verify(out_dir))
     for problem in problems:
         click.echo(problem)
     click.echo(f"{out_dir}: {'intact' if not problems else f'{len(problems)} mismatch(es)'}")

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .args_shapes import check_args_against_tensors
 from .casting import preload_torch
 from .dtypes import DType, by_option
 from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from .inputs import open_checkpoint
 from .manifest import describe_sources, write_manifest
+from .model_args import model_args_of
+from .options import check_options
 from .plan import Lora, Plan, build_plan, parse_size
 from .quant import Quant, find_quant, fp8_plan, write_quant
 from .readers import CheckpointReader
 from .readers.base import is_model_key
-from .writer import staged_output, write_json, write_weights
+from .readers.combined import CombinedReader
+from .staging import OutputDir
+from .writer import write_json, write_weights
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 
@@ -46,6 +52,7 @@ class Conversion:
     family: Family
     model_dir: Path | None  # the HF model directory ``hf_config`` named, for its tokenizer files
     quant: Quant | None  # ModelOpt amax mapped to HF names, when the checkpoint has any
+    config_source: str = ""  # where the config came from: --hf-config, or the checkpoint's args / run config
 
 
 def plan_conversion(
@@ -66,9 +73,13 @@ def plan_conversion(
     if hf_config is not None:
         config, model_dir = load_config(hf_config)
         family = family_by_name(model_type) if model_type else family_for_config(config)
+        source = f"--hf-config {hf_config}"
     else:
-        family = family_by_name(model_type) if model_type else family_for_args(reader.args)
-        config = derive_config(reader.args, family, vocab_size=vocab_size)
+        found = model_args_of(reader)
+        check_args_against_tensors(found.args, reader.tensors, str(found.file))
+        family = family_by_name(model_type) if model_type else family_for_args(found.args)
+        config = derive_config(found.args, family, vocab_size=vocab_size)
+        source = found.describe()
     target_dtype = target_dtype or _auto_dtype(reader)
     config = finalize_config(config, target_dtype, vocab_size=vocab_size)
     plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
@@ -78,7 +89,7 @@ def plan_conversion(
     log.info(
         "%s: %d tensors, %d files, %d bytes", family.name, len(list(plan.targets())), len(plan.files), plan.total_size
     )
-    return Conversion(plan, config, family, model_dir, quant)
+    return Conversion(plan, config, family, model_dir, quant, source)
 
 
 def convert(
@@ -109,7 +120,8 @@ def convert(
         ckpt_dir: a Megatron save root (with `latest_checkpointed_iteration.txt`) or an iteration directory.
         out_dir: where the HF checkpoint goes; must be empty or absent unless ``overwrite``.
         hf_config: a `config.json` or an HF model directory (its tokenizer files are copied too);
-            without it the config is derived from the checkpoint's Megatron args.
+            without it the config is derived from the checkpoint's Megatron args, or from Megatron-Bridge's
+            `run_config.yaml` `model:` section when it saved no args.
         model_type: family name (see `offline_bridge.families.FAMILIES`); inferred when omitted.
         iteration: which saved iteration (an int or "release"); default the latest.
         dtype: "auto" (as stored), "bf16", "fp16" or "fp32".
@@ -135,6 +147,15 @@ def convert(
     Example:
         >>> convert("examples/tiny-llama", "/tmp/tiny-llama-hf")  # doctest: +SKIP
     """
+    check_options(
+        iteration=iteration,
+        max_shard_size=max_shard_size,
+        vocab_size=vocab_size,
+        lora_alpha=lora_alpha,
+        lora_dim=lora_dim,
+        device=device,
+        workers=workers,
+    )
     options = {
         "model_type": model_type,
         "iteration": iteration,
@@ -148,40 +169,49 @@ def convert(
     }
     if (adapter is not None or base is not None) and not dry_run:
         preload_torch()  # merges need it; importing takes longer than planning
-    reader, lora = open_checkpoint(
-        ckpt_dir,
-        iteration=iteration,
-        adapter=adapter,
-        base=base,
-        lora_alpha=lora_alpha,
-        lora_dim=lora_dim,
-        check_crc=check_crc,
-    )
-    log.info("reading %s", reader.path)
-    with reader:
-        conversion = plan_conversion(
-            reader,
-            lora,
-            hf_config=hf_config,
-            model_type=model_type,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            vocab_size=vocab_size,
-            export_fp8=export_fp8,
+    # OUT_DIR is checked and locked before the checkpoint is read; a dry run leaves it alone
+    output = None if dry_run else OutputDir(out_dir, overwrite=overwrite, inputs=[ckpt_dir, adapter, base, hf_config])
+    with output or contextlib.nullcontext():
+        reader, lora = open_checkpoint(
+            ckpt_dir,
+            iteration=iteration,
+            adapter=adapter,
+            base=base,
+            lora_alpha=lora_alpha,
+            lora_dim=lora_dim,
+            check_crc=check_crc,
         )
-        plan = conversion.plan
-        if dry_run:
-            sys.stdout.write(describe(plan))
-            return Path(out_dir)
-        with staged_output(out_dir, overwrite=overwrite) as staging:
-            digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
-            if conversion.quant is not None:
-                digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
-            write_json(staging / "config.json", conversion.config)
-            if conversion.model_dir is not None:
-                copy_side_files(conversion.model_dir, staging)
-            write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
+        log.info("reading %s", reader.path)
+        with reader:
+            conversion = plan_conversion(
+                reader,
+                lora,
+                hf_config=hf_config,
+                model_type=model_type,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                vocab_size=vocab_size,
+                export_fp8=export_fp8,
+            )
+            plan = conversion.plan
+            if output is None:
+                sys.stdout.write(describe(plan))
+                return Path(out_dir)
+            with output.staged(_read_from(reader)) as staging:
+                digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
+                if conversion.quant is not None:
+                    digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
+                write_json(staging / "config.json", conversion.config)
+                if conversion.model_dir is not None:
+                    copy_side_files(conversion.model_dir, staging)
+                write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
     return Path(out_dir)
+
+
+def _read_from(reader: CheckpointReader) -> list[Path]:
+    """The iteration directories ``reader`` reads (a base found through run_config.yaml too)."""
+    parts = [reader.base, reader.adapter] if isinstance(reader, CombinedReader) else [reader]
+    return [part.path for part in parts]
 
 
 def describe(plan: Plan) -> str:

@@ -89,7 +89,7 @@ class _MegatronTensors:
 
 def _open(path: str | Path) -> _HFTensors | _MegatronTensors:
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and not path.is_dir():  # a FIFO or device too: refused when mapped
         return _HFTensors([path])
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     return _HFTensors(files) if files else _MegatronTensors(path)

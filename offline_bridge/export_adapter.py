@@ -29,6 +29,8 @@ from .families import Family, family_by_name, family_for_args, family_for_config
 from .hf_config import derive_config, dims_of, load_config
 from .inputs import lora_settings
 from .manifest import describe_sources, fingerprint, write_manifest
+from .model_args import model_args_of
+from .options import check_options
 from .plan import Plan, Step, Target, expand, finder, layout
 from .readers import open_reader
 from .readers.base import CheckpointReader, is_model_key
@@ -48,7 +50,8 @@ from .rules import (
 )
 from .run_config import load_run_config
 from .schema import Delta, Lora, Source
-from .writer import staged_output, write_json, write_weights
+from .staging import staged_output
+from .writer import write_json, write_weights
 
 __all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]
 
@@ -262,6 +265,7 @@ def export_adapter(
     The HF model's shapes come from ``hf_config``, or from the base checkpoint's Megatron args (``base``,
     else run_config.yaml's pretrained_checkpoint) — its tensors are never read.
     """
+    check_options(iteration=iteration, lora_alpha=lora_alpha, lora_dim=lora_dim)
     directory = find_iteration_dir(adapter_ckpt, iteration)
     run_config = load_run_config(directory)
     options = {
@@ -283,13 +287,14 @@ def export_adapter(
             if base is None:
                 raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
             with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
-                args = base_reader.args
+                args = model_args_of(base_reader).args  # its args, or its run_config.yaml model: section
                 sources.append(fingerprint(base_reader, "base (args only)"))
             family = family_by_name(model_type) if model_type else family_for_args(args)
             config = derive_config(args, family, vocab_size=None)
         lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
         plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
-        with staged_output(out_dir, overwrite=overwrite) as staging:
+        inputs = [adapter_ckpt, directory, hf_config, base]
+        with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging:
             digests = write_weights(plan, reader, staging, progress=progress)
             write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
             write_manifest(staging, "export-adapter", options, sources, digests)

@@ -12,7 +12,9 @@ from typing import Any
 from .dtypes import DType
 from .errors import CheckpointError, OptionError
 from .families import Family
+from .hf_fields import hf_value, normalized
 from .rules import Dims
+from .small_files import JSON_LIMIT, read_small_text
 
 __all__ = ["HF_SIDE_FILES", "copy_side_files", "derive_config", "dims_of", "finalize_config", "load_config"]
 
@@ -60,6 +62,10 @@ def _check_supported(args: argparse.Namespace, family: Family) -> None:
         problems.append(f"rotary_percent={args.rotary_percent} (partial rotary)")
     if getattr(args, "use_rope_scaling", False):
         problems.append("use_rope_scaling=True (Llama-3 rope scaling is not mapped yet)")
+    if getattr(args, "rotary_seq_len_interpolation_factor", None) not in (None, 1, 1.0):
+        problems.append(
+            f"rotary_seq_len_interpolation_factor={args.rotary_seq_len_interpolation_factor} (linear rope scaling)"
+        )
     if zero_centred_gamma(args) != family.zero_centred_norms:
         problems.append(
             f"zero-centred layernorm gamma {'off' if family.zero_centred_norms else 'on'} "
@@ -77,7 +83,9 @@ def zero_centred_gamma(args: argparse.Namespace) -> bool:
 def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size: int | None) -> dict[str, Any]:
     """config.json fields from Megatron-LM's args (what `save_pretrained` would write for the same model)."""
     if args is None:
-        raise CheckpointError("the checkpoint has no Megatron args (common.pt); pass --hf-config")
+        raise CheckpointError(
+            "the checkpoint has no Megatron args (common.pt) and no run_config.yaml model: section; pass --hf-config"
+        )
     _check_supported(args, family)
     heads = _arg(args, "num_attention_heads")
     hidden = _arg(args, "hidden_size")
@@ -119,9 +127,10 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Path | None]:
     path = Path(path)
     model_dir = path if path.is_dir() else None
     file = path / "config.json" if model_dir else path
+    text = read_small_text(file, JSON_LIMIT, "--hf-config JSON config", OptionError)
     try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise OptionError(f"--hf-config {file}: cannot read a JSON config ({exc})") from exc
     if not isinstance(config, dict):
         raise OptionError(f"--hf-config {file}: not a JSON object")
@@ -131,8 +140,9 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], Path | None]:
 def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | None) -> dict[str, Any]:
     """The config as written: dtype of the weights, and an explicit --vocab-size if one was given."""
     config = dict(config)
-    if vocab_size is not None and isinstance(config.get("text_config"), dict):  # a vision-language config
-        config["text_config"] = {**config["text_config"], "vocab_size": vocab_size}
+    text_config = hf_value(config, "text_config", None)
+    if vocab_size is not None and isinstance(text_config, dict):  # a vision-language config
+        config["text_config"] = {**text_config, "vocab_size": vocab_size}
     elif vocab_size is not None:
         config["vocab_size"] = vocab_size
     config["torch_dtype"] = config["dtype"] = dtype.torch_name
@@ -140,19 +150,20 @@ def finalize_config(config: dict[str, Any], dtype: DType, *, vocab_size: int | N
 
 
 def dims_of(config: dict[str, Any], family: Family) -> Dims:
-    config = dict(family.text_config(config))
+    """The dimensions the rules need; `Dims.config` is the text model's config with every alias filled."""
+    config = normalized(family.text_config(config))
     try:
-        heads = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        heads = int(hf_value(config, "num_attention_heads"))
+        hidden = int(hf_value(config, "hidden_size"))
         num_experts, moe_layers = family.experts(config)
         return Dims(
-            num_layers=int(config["num_hidden_layers"]),
+            num_layers=int(hf_value(config, "num_hidden_layers")),
             hidden_size=hidden,
             num_heads=heads,
-            num_query_groups=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            vocab_size=int(config["vocab_size"]),
-            tied=bool(config.get("tie_word_embeddings", False)),  # these families default to untied
+            num_query_groups=int(hf_value(config, "num_key_value_heads", None) or heads),
+            head_dim=int(hf_value(config, "head_dim", None) or hidden // heads),
+            vocab_size=int(hf_value(config, "vocab_size")),
+            tied=bool(hf_value(config, "tie_word_embeddings", False)),  # these families default to untied
             num_experts=num_experts,
             moe_layers=moe_layers,
             num_mtp_layers=family.mtp_layers(config),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .args_schema import checked_value
 from .discovery import find_iteration_dir
 from .errors import CheckpointError, OptionError
 from .plan import Lora
@@ -41,13 +42,15 @@ def _open(
 
 def lora_settings(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
     peft = (run_config.peft if run_config else None) or {}
-    alpha = alpha if alpha is not None else peft.get("alpha")
-    dim = dim if dim is not None else peft.get("dim")
+    if dim is not None and dim <= 0:
+        raise OptionError(f"LoRA dim must be positive, got {dim}")
+    if run_config is not None:  # YAML values are checked like args: a number, a positive int
+        file = str(run_config.file)
+        alpha = checked_value("lora_alpha", peft.get("alpha"), file, "peft.alpha") if alpha is None else alpha
+        dim = checked_value("lora_dim", peft.get("dim"), file, "peft.dim") if dim is None else dim
     if alpha is None or dim is None:
         source = f"{run_config.file} has no peft: alpha / dim" if run_config else "no run_config.yaml beside it"
         raise CheckpointError(f"{where}: holds LoRA adapters but {source}; pass --lora-alpha and --lora-dim")
-    if int(dim) <= 0:
-        raise OptionError(f"LoRA dim must be positive, got {dim}")
     tp = run_config.tensor_parallel if run_config else 1
     return Lora(float(alpha), int(dim), bool(peft.get("normalize_moe_lora", False)), tp)
 

@@ -25,6 +25,7 @@ from .errors import BridgeError
 from .families import family_for_args
 from .inputs import ADAPTER_MARK
 from .manifest import canonical
+from .model_args import ModelArgs, find_model_args
 from .readers import CheckpointReader, LegacyReader, TorchDistReader, open_reader
 from .readers.base import is_model_key
 from .run_config import load_run_config
@@ -215,16 +216,22 @@ def _adapter(reader: CheckpointReader, directory: Path) -> dict[str, Any] | None
     }
 
 
-def _family(reader: CheckpointReader, adapter: dict[str, Any] | None) -> str | None:
-    args = reader.args
-    if args is None and adapter and adapter["base"]:  # an adapter-only save: its base's args describe the model
+def _model_args(reader: CheckpointReader, adapter: dict[str, Any] | None) -> ModelArgs | None:
+    """The model's args as `convert` finds them: an adapter-only save's base is asked first."""
+    if adapter and adapter["adapter_only"] and adapter["base"]:
         try:
             with open_reader(find_iteration_dir(adapter["base"])) as base:
-                args = base.args
+                found = find_model_args(base)
         except BridgeError:
-            return None
+            found = None
+        if found is not None:
+            return found
+    return find_model_args(reader)
+
+
+def _family(found: ModelArgs | None) -> str | None:
     try:
-        return family_for_args(args).name if args is not None else None
+        return family_for_args(found.args).name if found is not None else None
     except BridgeError:
         return None
 
@@ -250,6 +257,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
         errors = reader.validate()  # what `convert` would refuse
         args = reader.args
         adapter = _adapter(reader, directory)
+        found = _model_args(reader, adapter)
         layout, layout_source = _layout(reader)
         tensors = []
         model_bytes = optimizer_bytes = 0
@@ -282,7 +290,8 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "args": None
             if args is None
             else {k: canonical(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
-            "family": _family(reader, adapter),
+            "family": _family(found),
+            "config_source": found.describe() if found is not None else None,
             "adapter": adapter,
             "tensors": tensors,
             "errors": errors,
@@ -305,6 +314,7 @@ def format_report(report: dict[str, Any]) -> str:
         + " ".join(f"{k.upper()}{'-' if v is None else v}" for k, v in layout.items())
         + f"  ({', '.join(f'{k}: {v}' for k, v in report['layout_source'].items())})",
         f"family      {report['family'] or 'unknown (pass --model-type to convert)'}",
+        f"config      {report['config_source'] or 'none in the checkpoint (pass --hf-config to convert)'}",
     ]
     claimed = report["layout_args"]
     disagree = {k: v for k, v in (claimed or {}).items() if v is not None and layout[k] not in (None, v)}

@@ -7,18 +7,17 @@ machine. See formats/manifest.md.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import re
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .readers.base import CheckpointReader
-from .readers.combined import CombinedReader
 from .safetensors_file import SafetensorsFile
+from .small_files import JSON_LIMIT, clip, load_json, quote
+from .sources import args_digest, canonical, describe_sources, fingerprint, sha256_file
 from .writer import write_json
 
 __all__ = [
@@ -35,80 +34,6 @@ __all__ = [
 
 MANIFEST = "offline-bridge.json"
 MANIFEST_VERSION = 1
-# Files whose bytes say what the checkpoint is (hashed); every other file is recorded by size only, so a
-# fingerprint never re-reads the tensor data.
-_HASHED = {".metadata", "common.pt", "metadata.json", "run_config.yaml", ".zarray", "model_optim_rng.pt", "config.json"}
-_CHUNK = 1 << 24
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def canonical(value: Any) -> Any:
-    """A JSON-able form whose text does not depend on set order or object identity."""
-    if isinstance(value, Mapping):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((canonical(v) for v in value), key=repr)
-    if isinstance(value, argparse.Namespace) or hasattr(value, "__dict__"):
-        return {"type": type(value).__name__, **canonical(vars(value))}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def args_digest(args: argparse.Namespace | None) -> str | None:
-    """sha256 of the Megatron args as canonical JSON (None when the checkpoint saved none)."""
-    if args is None:
-        return None
-    try:
-        text = json.dumps(canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
-    except RecursionError:
-        raise CheckpointError("the checkpoint's args nest too deeply (a self-referencing pickle?)") from None
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _iteration(directory: Path) -> str:
-    match = re.fullmatch(r"iter_(\d+)", directory.name)
-    return str(int(match.group(1))) if match else directory.name
-
-
-def fingerprint(reader: CheckpointReader, role: str) -> dict[str, Any]:
-    """Format, iteration, the checkpoint's files (metadata hashed, data by size) and its args' hash."""
-    files = {}
-    for path in sorted(p for p in reader.path.rglob("*") if p.is_file()):
-        name = path.relative_to(reader.path).as_posix()
-        entry: dict[str, Any] = {"size": path.stat().st_size}
-        if path.name in _HASHED:
-            entry["sha256"] = sha256_file(path)
-        files[name] = entry
-    return {
-        "role": role,
-        "format": reader.format,
-        "iteration": _iteration(reader.path),
-        "args_sha256": args_digest(reader.args),
-        "files": files,
-    }
-
-
-def describe_sources(reader: CheckpointReader, hf_config: str | Path | None = None) -> list[dict[str, Any]]:
-    """Fingerprints of everything a conversion read: the checkpoint (or base and adapter) and --hf-config."""
-    if isinstance(reader, CombinedReader):
-        sources = [fingerprint(reader.base, "base"), fingerprint(reader.adapter, "adapter")]
-    else:
-        sources = [fingerprint(reader, "checkpoint")]
-    if hf_config is not None:
-        path = Path(hf_config)
-        path = path / "config.json" if path.is_dir() else path
-        sources.append({"role": "hf_config", "format": "json", "files": {path.name: {"sha256": sha256_file(path)}}})
-    return sources
 
 
 def _tool_version() -> str:
@@ -160,13 +85,11 @@ def write_manifest(
 
 
 def load_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of ``out_dir``: a regular file of at most `JSON_LIMIT` bytes, of our version and shape."""
     file = Path(out_dir) / MANIFEST
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise CheckpointError(f"{file}: no manifest; only directories written by convert / export-adapter have one")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{file}: unreadable manifest ({exc})") from exc
+    manifest = load_json(file, JSON_LIMIT, "manifest")
     if (
         not isinstance(manifest, dict)
         or manifest.get("manifest_version") != MANIFEST_VERSION
@@ -185,20 +108,32 @@ def verify(out_dir: str | Path) -> list[str]:
     problems = []
     present = {p.name for p in out.iterdir() if p.name != MANIFEST}
     for name in sorted(present - manifest["files"].keys()):
-        problems.append(f"{name}: file not in the manifest")
+        problems.append(f"{clip(name)}: file not in the manifest")
     for name, entry in sorted(manifest["files"].items()):
         path = out / name
-        if Path(name).name != name or name == MANIFEST:
-            problems.append(f"{name}: not a plain file name; the manifest was edited")
+        if name in ("", ".", "..", MANIFEST) or "/" in name or "\0" in name:
+            problems.append(f"{quote(name)}: not a plain file name; the manifest was edited")
         elif name not in present:
-            problems.append(f"{name}: missing")
-        elif path.stat().st_size != entry.get("size"):
-            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('size')}")
+            problems.append(f"{clip(name)}: missing")
+        elif (size := _regular_size(path)) != entry.get("size"):
+            problems.append(f"{name}: {size} bytes, the manifest says {quote(entry.get('size'))}")
         elif "header_sha256" in entry:
             problems += _verify_safetensors(path, entry, manifest["tensors"])
-        elif sha256_file(path) != entry.get("sha256"):
+        elif sha256_file(path, None, "output file") != entry.get("sha256"):
             problems.append(f"{name}: sha256 differs")
     return problems
+
+
+def _regular_size(path: Path) -> int:
+    """The size of an output file; one that is not a regular file (a directory, FIFO, device, dangling link)
+    is an error: verify reads only what convert writes, and never opens anything that could block."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: listed in the manifest, cannot be read ({exc.strerror})") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path}: listed in the manifest as a file, but not a regular file")
+    return info.st_size
 
 
 def _verify_safetensors(path: Path, entry: Mapping[str, Any], tensors: Mapping[str, Any]) -> list[str]:
@@ -212,13 +147,13 @@ def _verify_safetensors(path: Path, entry: Mapping[str, Any], tensors: Mapping[s
             problems.append(f"{path.name}: header sha256 differs")
         expected = {name: t for name, t in tensors.items() if t.get("file") == path.name}
         for name in sorted(st.tensors.keys() - expected.keys()):
-            problems.append(f"{path.name}: tensor {name} not in the manifest")
+            problems.append(f"{path.name}: tensor {clip(name)} not in the manifest")
         for name, recorded in sorted(expected.items()):
             found = st.tensors.get(name)
             if found is None:
-                problems.append(f"{path.name}: tensor {name} missing")
+                problems.append(f"{path.name}: tensor {clip(name)} missing")
             elif [found.dtype.safetensors, list(found.shape)] != [recorded.get("dtype"), recorded.get("shape")]:
-                problems.append(f"{path.name}: tensor {name} is {found.dtype.safetensors}{list(found.shape)}")
+                problems.append(f"{path.name}: tensor {clip(name)} is {found.dtype.safetensors}{list(found.shape)}")
             elif st.sha256(name) != recorded.get("sha256"):
-                problems.append(f"{path.name}: tensor {name}: sha256 differs")
+                problems.append(f"{path.name}: tensor {clip(name)}: sha256 differs")
         return problems

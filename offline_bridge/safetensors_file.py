@@ -1,8 +1,9 @@
 """Read safetensors files someone else may have written or edited (`diff`, `verify`).
 
-The header is checked before anything is allocated from it: its length against the file and a cap,
-every entry's dtype, shape and byte range against the data buffer (in bounds, the size the shape needs,
-no overlaps). Tensor bytes are then views of a read-only map; nothing is copied until compared.
+The file must be a regular file (a FIFO or device is refused, never opened blocking). The header is checked
+before anything is allocated from it: its length against the file and a cap, no key twice, every entry's
+dtype, shape (one numpy can represent) and byte range against the data buffer (in bounds, the size the shape
+needs, no overlaps). Tensor bytes are then views of a read-only map; nothing is copied until compared.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 
 from .dtypes import DTYPES, DType
 from .errors import CheckpointError
+from .shapes import shape_problem
+from .small_files import clip, map_regular, quote
 from .torch_save import release_pages
 
 __all__ = ["MAX_HEADER", "SafetensorsFile", "StEntry"]
@@ -44,12 +47,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as handle:
-                size = handle.seek(0, 2)
-                self._buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.path}: cannot open ({exc})") from exc
+        self._buf = map_regular(self.path, "safetensors file")
+        size = len(self._buf)
         if size < 8:
             raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors header")
         length = int.from_bytes(self._buf[:8], "little")
@@ -59,9 +58,11 @@ class SafetensorsFile:
             )
         self.header_size = 8 + length
         try:
-            header = json.loads(bytes(self._buf[8 : self.header_size]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise CheckpointError(f"{self.path}: header is not UTF-8 JSON ({exc})") from exc
+            header = json.loads(bytes(self._buf[8 : self.header_size]).decode("utf-8"), object_pairs_hook=_no_repeats)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: header is not UTF-8 JSON ({clip(str(exc))})") from exc
+        except RecursionError:
+            raise CheckpointError(f"{self.path}: header nests too deeply to be a safetensors header") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         metadata = header.pop("__metadata__", {})
@@ -77,16 +78,22 @@ class SafetensorsFile:
 
     def _entry(self, name: str, value: Any, size: int) -> StEntry:
         def bad(what: str) -> CheckpointError:
-            return CheckpointError(f"{self.path}: tensor {name!r}: {what}")
+            return CheckpointError(f"{self.path}: tensor {quote(name)}: {what}")
 
         if not isinstance(value, dict):
             raise bad("header entry is not an object")
-        dtype = _BY_CODE.get(value.get("dtype"))  # type: ignore[arg-type]
+        code = value.get("dtype")
+        dtype = _BY_CODE.get(code) if isinstance(code, str) else None
         if dtype is None:
-            raise bad(f"unsupported dtype {value.get('dtype')!r}")
+            raise bad(f"unsupported dtype {quote(code)}")
         shape, offsets = value.get("shape"), value.get("data_offsets")
         if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise bad(f"shape {shape!r} / data_offsets {offsets!r} are not non-negative integers [begin <= end]")
+            raise bad(
+                f"shape {quote(shape)} / data_offsets {quote(offsets)} are not non-negative integers [begin <= end]"
+            )
+        problem = shape_problem(shape, dtype.itemsize)
+        if problem:
+            raise bad(problem)
         begin, end = self.header_size + offsets[0], self.header_size + offsets[1]
         if end > size:
             raise bad(f"bytes [{begin}, {end}) run past the end of the file ({size} bytes; truncated?)")
@@ -130,6 +137,16 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct: the safetensors format disallows a key twice, so do we."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"key {quote(key)} appears twice")
+        found[key] = value
+    return found
 
 
 def _ints(value: Any) -> bool:

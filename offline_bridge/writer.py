@@ -1,8 +1,6 @@
 """Carry out a plan: headers first, then each tensor's bytes streamed into its place; index and config.
 
-Output goes to a hidden temporary directory beside OUT_DIR, renamed into place only when complete, so
-an interrupted or failed run never leaves something that looks like a finished checkpoint. A killed run
-leaves its `.<OUT_DIR>.partial-<pid>` behind; the next run into the same OUT_DIR removes it.
+The files go into the staging directory `offline_bridge.staging` makes beside OUT_DIR.
 
 Every tensor has a planned file and offset, so steps run in any order and on several threads with the same
 bytes as the result. Steps go in the order their bytes lie in the checkpoint's files. A step that only
@@ -14,15 +12,13 @@ budget of bytes held at once, so memory stays a few tensors whatever the model s
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
-import shutil
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .casting import as_numpy, cast, preload_torch
-from .errors import BridgeError, CheckpointError, OptionError
+from .errors import BridgeError, CheckpointError
 from .handles import HandleCache
 from .lora_merge import merge_tensor
 from .plan import Plan, Source, Step, Target
@@ -44,7 +40,6 @@ __all__ = [
     "OutputFiles",
     "default_workers",
     "read_source",
-    "staged_output",
     "step_outputs",
     "write_json",
     "write_weights",
@@ -63,57 +58,6 @@ _IOV_MAX = 1024  # buffers per readv/writev call (POSIX minimum of IOV_MAX)
 def default_workers() -> int:
     """Threads that pay off: reads, writes and merges overlap; more than 4 only contend for the disk."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` if the block succeeds, else vanishes."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
-        raise BridgeError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_abandoned(out: Path) -> None:
-    """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed)."""
-    prefix = f".{out.name}."
-    for leftover in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
-        kind, _, pid = leftover.name[len(prefix) :].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out.exists():  # killed between the two renames: the old output is the output
-            leftover.rename(out)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class OutputFiles:
@@ -306,11 +250,15 @@ def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int, cos
             budget.give(need)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="offline-bridge") as pool:
-        for item in items:
-            need = cost(item)
-            if not budget.take(need, stop=lambda: bool(errors)):
-                break
-            pool.submit(task, item, need)
+        try:
+            for item in items:
+                need = cost(item)
+                if not budget.take(need, stop=lambda: bool(errors)):
+                    break
+                pool.submit(task, item, need)
+        except BaseException as exc:  # an interrupt (SIGINT) in this thread: queued items are dropped too
+            errors.append(exc)
+            raise
     if errors:
         raise errors[0]
 

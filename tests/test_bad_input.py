@@ -88,8 +88,8 @@ def test_non_empty_output_directory(ckpt: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "not empty" in result.stderr and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
     result = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--quiet", "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "offline-bridge.json"]
+    assert result.exit_code == 2 and "holds keep.txt" in result.stderr  # not recognisably an output: kept
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_wrong_model_type_drops_nothing_silently(ckpt: Path, tmp_path: Path, checkpoints: dict) -> None:

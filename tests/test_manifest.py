@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +17,7 @@ from safetensors.numpy import load_file
 import offline_bridge
 from offline_bridge import convert, export_adapter
 from offline_bridge.cli import main
-from offline_bridge.manifest import MANIFEST
+from offline_bridge.manifest import MANIFEST, fingerprint
 
 NAME = "model.layers.2.self_attn.k_proj.weight"
 
@@ -110,3 +111,31 @@ def test_export_adapter_writes_a_manifest(adapters: dict, tmp_path: Path) -> Non
         name: entry["sha256"] for name, entry in manifest["tensors"].items()
     }
     assert _verify(out)[0] == 0
+
+
+def test_fingerprint_hashes_a_fixed_list_at_fixed_places(tmp_path: Path) -> None:
+    """Hashed: the top-level files a reader reads and each array's `.zarray`; everything else, tensor data
+    (legacy rank files too) and look-alikes at other depths, by size only."""
+    layout = {
+        ".metadata": b"m",
+        "common.pt": b"c",
+        "metadata.json": b"{}",
+        "run_config.yaml": b"a: 1",
+        "__0_0.distcp": b"d" * 10,
+        "mp_rank_00/model_optim_rng.pt": b"w" * 20,
+        "key/.zarray": b"{}",
+        "key/0.0": b"z" * 4,
+        "notes/metadata.json": b"n",
+        "notes/config.json": b"n",
+        "deep/key/.zarray": b"{}",
+        "config.json": b"{}",
+    }
+    for name, data in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    reader = SimpleNamespace(path=tmp_path, format="zarr", args=None)
+    files = fingerprint(reader, "checkpoint")["files"]  # type: ignore[arg-type]
+    assert {name: entry["size"] for name, entry in files.items()} == {n: len(d) for n, d in layout.items()}
+    hashed = {name: entry["sha256"] for name, entry in files.items() if "sha256" in entry}
+    expected = (".metadata", "common.pt", "metadata.json", "run_config.yaml", "key/.zarray")
+    assert hashed == {name: _sha(layout[name]) for name in expected}

@@ -90,7 +90,8 @@ def test_killed_run_is_cleaned_up_by_the_next(checkpoints: dict, tmp_path: Path)
         time.sleep(0.01)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL, "the conversion ended before it could be killed"
-    assert not out.exists() and _leftovers(out) == [staging.name]  # named as incomplete, beside OUT_DIR
+    # named as incomplete, beside OUT_DIR; its lock file stays too, unlocked: the next run takes it
+    assert not out.exists() and _leftovers(out) == [".out.lock", staging.name]
     assert _convert(ckpt, out).exit_code == 0
     assert _leftovers(out) == [] and verify(out) == []
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import OptionError
+from ..hf_fields import hf_value
 from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
 from .base import Family
 
@@ -39,7 +40,7 @@ def family_by_name(name: str) -> Family:
 
 def family_for_config(config: Mapping[str, Any]) -> Family:
     """The family of an HF config, by its `model_type`."""
-    model_type = config.get("model_type")
+    model_type = hf_value(config, "model_type", None)
     for family in FAMILIES.values():
         if family.model_type == model_type:
             return family

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointError
+from ..hf_fields import hf_value
 from ..rules import Copy, Dims, GatedMLP, dense_layer, moe_layer, only
 from . import llama, qwen3_moe
 from .base import Family, as_mtp, flag
@@ -23,7 +24,7 @@ A = M + "self_attention."
 
 
 def _q_lora(dims: Dims, layer: int | None) -> bool:
-    return dims.config.get("q_lora_rank") is not None
+    return hf_value(dims.config, "q_lora_rank", None) is not None
 
 
 def _no_q_lora(dims: Dims, layer: int | None) -> bool:
@@ -31,7 +32,7 @@ def _no_q_lora(dims: Dims, layer: int | None) -> bool:
 
 
 def _q_rows(c: Mapping[str, Any]) -> int:
-    return c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
+    return hf_value(c, "num_attention_heads") * (hf_value(c, "qk_nope_head_dim") + hf_value(c, "qk_rope_head_dim"))
 
 
 MLA = (
@@ -39,7 +40,7 @@ MLA = (
         A + "linear_q_down_proj.weight",
         H + "self_attn.q_a_proj.weight",
         when=_q_lora,
-        expect=lambda c: (c["q_lora_rank"], c["hidden_size"]),
+        expect=lambda c: (hf_value(c, "q_lora_rank"), hf_value(c, "hidden_size")),
     ),
     Copy.of(
         (A + "linear_q_up_proj.layer_norm_weight", A + "q_layernorm.weight"),
@@ -50,18 +51,18 @@ MLA = (
         A + "linear_q_up_proj.weight",
         H + "self_attn.q_b_proj.weight",
         when=_q_lora,
-        expect=lambda c: (_q_rows(c), c["q_lora_rank"]),
+        expect=lambda c: (_q_rows(c), hf_value(c, "q_lora_rank")),
     ),
     Copy.of(
         A + "linear_q_proj.weight",
         H + "self_attn.q_proj.weight",
         when=_no_q_lora,
-        expect=lambda c: (_q_rows(c), c["hidden_size"]),
+        expect=lambda c: (_q_rows(c), hf_value(c, "hidden_size")),
     ),
     Copy.of(
         A + "linear_kv_down_proj.weight",
         H + "self_attn.kv_a_proj_with_mqa.weight",
-        expect=lambda c: (c["kv_lora_rank"] + c["qk_rope_head_dim"], c["hidden_size"]),
+        expect=lambda c: (hf_value(c, "kv_lora_rank") + hf_value(c, "qk_rope_head_dim"), hf_value(c, "hidden_size")),
     ),
     Copy.of(
         (A + "linear_kv_up_proj.layer_norm_weight", A + "kv_layernorm.weight"), H + "self_attn.kv_a_layernorm.weight"
@@ -69,12 +70,15 @@ MLA = (
     Copy.of(
         A + "linear_kv_up_proj.weight",
         H + "self_attn.kv_b_proj.weight",
-        expect=lambda c: (c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["v_head_dim"]), c["kv_lora_rank"]),
+        expect=lambda c: (
+            hf_value(c, "num_attention_heads") * (hf_value(c, "qk_nope_head_dim") + hf_value(c, "v_head_dim")),
+            hf_value(c, "kv_lora_rank"),
+        ),
     ),
     Copy.of(
         A + "linear_proj.weight",
         H + "self_attn.o_proj.weight",
-        expect=lambda c: (c["hidden_size"], c["num_attention_heads"] * c["v_head_dim"]),
+        expect=lambda c: (hf_value(c, "hidden_size"), hf_value(c, "num_attention_heads") * hf_value(c, "v_head_dim")),
     ),
 )
 
@@ -83,7 +87,7 @@ MOE = (
         M + "mlp.router.weight",
         H + "mlp.gate.weight",
         when=moe_layer,
-        expect=lambda c: (c["n_routed_experts"], c["hidden_size"]),
+        expect=lambda c: (hf_value(c, "n_routed_experts"), hf_value(c, "hidden_size")),
     ),
     Copy.of(M + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", when=moe_layer),
     *qwen3_moe.EXPERTS,  # same names, same rules
@@ -92,7 +96,10 @@ MOE = (
         H + "mlp.shared_experts.gate_proj.weight",
         H + "mlp.shared_experts.up_proj.weight",
         when=moe_layer,
-        expect=lambda c: (2 * c["moe_intermediate_size"] * c["n_shared_experts"], c["hidden_size"]),
+        expect=lambda c: (
+            2 * hf_value(c, "moe_intermediate_size") * hf_value(c, "n_shared_experts"),
+            hf_value(c, "hidden_size"),
+        ),
     ),
     Copy.of(M + "mlp.shared_experts.linear_fc2.weight", H + "mlp.shared_experts.down_proj.weight", when=moe_layer),
 )
@@ -103,7 +110,9 @@ MTP = (
     Copy.of("mtp.layers.{k}.enorm.weight", H + "enorm.weight"),
     Copy.of("mtp.layers.{k}.hnorm.weight", H + "hnorm.weight"),
     Copy.of(
-        "mtp.layers.{k}.eh_proj.weight", H + "eh_proj.weight", expect=lambda c: (c["hidden_size"], 2 * c["hidden_size"])
+        "mtp.layers.{k}.eh_proj.weight",
+        H + "eh_proj.weight",
+        expect=lambda c: (hf_value(c, "hidden_size"), 2 * hf_value(c, "hidden_size")),
     ),
     *as_mtp(LAYER),
     Copy.of("mtp.layers.{k}.final_layernorm.weight", H + "shared_head.norm.weight"),
@@ -244,13 +253,13 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mtp_layers(config: Mapping[str, Any]) -> int:
-    return int(config.get("num_nextn_predict_layers", config.get("num_mtp_layers")) or 0)
+    return int(hf_value(config, "num_nextn_predict_layers", 0) or 0)
 
 
 def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    first = int(config.get("first_k_dense_replace") or 0)
-    return int(config["n_routed_experts"]), frozenset(
-        range(first, int(config["num_hidden_layers"]) + _mtp_layers(config))
+    first = int(hf_value(config, "first_k_dense_replace", None) or 0)
+    return int(hf_value(config, "n_routed_experts")), frozenset(
+        range(first, int(hf_value(config, "num_hidden_layers")) + _mtp_layers(config))
     )
 
 

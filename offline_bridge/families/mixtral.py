@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import CheckpointError
+from ..hf_fields import hf_value
 from ..rules import Copy, GatedMLP
 from . import llama
 from .base import Family, flag
@@ -19,7 +20,11 @@ M, H = llama.M, llama.H
 MOE = H + "block_sparse_moe."
 
 ROUTER = (
-    Copy.of(M + "mlp.router.weight", MOE + "gate.weight", expect=lambda c: (c["num_local_experts"], c["hidden_size"])),
+    Copy.of(
+        M + "mlp.router.weight",
+        MOE + "gate.weight",
+        expect=lambda c: (hf_value(c, "num_local_experts"), hf_value(c, "hidden_size")),
+    ),
 )
 
 EXPERTS = (
@@ -27,7 +32,7 @@ EXPERTS = (
         M + "mlp.experts.{e}.linear_fc1.weight",
         MOE + "experts.{e}.w1.weight",
         MOE + "experts.{e}.w3.weight",
-        expect=lambda c: (2 * c["intermediate_size"], c["hidden_size"]),
+        expect=lambda c: (2 * hf_value(c, "intermediate_size"), hf_value(c, "hidden_size")),
     ),
     Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", MOE + "experts.{e}.w2.weight"),
 )
@@ -51,7 +56,7 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    return int(config["num_local_experts"]), frozenset(range(int(config["num_hidden_layers"])))
+    return int(hf_value(config, "num_local_experts")), frozenset(range(int(hf_value(config, "num_hidden_layers"))))
 
 
 FAMILY = Family(

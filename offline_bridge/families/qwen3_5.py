@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError
+from ..hf_fields import hf_value
 from ..rules import GDN_IN_PROJ_PARTS, GatedDeltaInProj, Packed, Rule, moe_layer, only
 from . import llama, qwen3_next
 from .base import Family
@@ -55,8 +56,8 @@ def _moe_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _all_experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    layers = frozenset(range(int(config["num_hidden_layers"])))
-    return int(config["num_experts"]), qwen3_next.with_mtp_experts(layers, config)
+    layers = frozenset(range(int(hf_value(config, "num_hidden_layers"))))
+    return int(hf_value(config, "num_experts")), qwen3_next.with_mtp_experts(layers, config)
 
 
 DENSE_MLP = llama.MLP + llama.NORMS[1:]
@@ -121,7 +122,7 @@ def _vision_language(family: Family, name: str, architecture: str, model_type: s
         tail=_language_model(family.tail),
         detect=lambda args: False,
         from_args=from_args,
-        text_config=lambda config: {**config, **(config.get("text_config") or {})},
+        text_config=lambda config: {**config, **(hf_value(config, "text_config", None) or {})},
     )
 
 

@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ..hf_fields import hf_value
 from ..rules import Copy, GatedMLP, dense_layer, moe_layer, only
 from . import llama, qwen3
 from .base import Family, flag
@@ -21,7 +22,7 @@ ROUTER = (
         M + "mlp.router.weight",
         H + "mlp.gate.weight",
         when=moe_layer,
-        expect=lambda c: (c["num_experts"], c["hidden_size"]),
+        expect=lambda c: (hf_value(c, "num_experts"), hf_value(c, "hidden_size")),
     ),
 )
 
@@ -31,7 +32,7 @@ EXPERTS = (
         H + "mlp.experts.{e}.gate_proj.weight",
         H + "mlp.experts.{e}.up_proj.weight",
         when=moe_layer,
-        expect=lambda c: (2 * c["moe_intermediate_size"], c["hidden_size"]),
+        expect=lambda c: (2 * hf_value(c, "moe_intermediate_size"), hf_value(c, "hidden_size")),
     ),
     Copy.of(M + "mlp.experts.{e}.linear_fc2.weight", H + "mlp.experts.{e}.down_proj.weight", when=moe_layer),
 )
@@ -53,9 +54,12 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    experts, step = int(config.get("num_experts") or 0), int(config.get("decoder_sparse_step") or 1)
-    dense = set(config.get("mlp_only_layers") or [])
-    layers = range(int(config["num_hidden_layers"]))
+    experts, step = (
+        int(hf_value(config, "num_experts", None) or 0),
+        int(hf_value(config, "decoder_sparse_step", None) or 1),
+    )
+    dense = set(hf_value(config, "mlp_only_layers", None) or [])
+    layers = range(int(hf_value(config, "num_hidden_layers")))
     return experts, frozenset(i for i in layers if experts and i not in dense and (i + 1) % step == 0)
 
 

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import CheckpointError
+from ..hf_fields import hf_value
 from ..rules import (
     GDN_CONV_PARTS,
     GDN_IN_PROJ_PARTS,
@@ -82,12 +83,16 @@ IN_PROJ_GROUPED = GatedDeltaInProj(
 ROUTER_AND_SHARED_EXPERT = only(
     moe_layer,
     (
-        Copy.of(M + "mlp.router.weight", H + "mlp.gate.weight", expect=lambda c: (c["num_experts"], c["hidden_size"])),
+        Copy.of(
+            M + "mlp.router.weight",
+            H + "mlp.gate.weight",
+            expect=lambda c: (hf_value(c, "num_experts"), hf_value(c, "hidden_size")),
+        ),
         GatedMLP.of(
             M + "mlp.shared_experts.linear_fc1.weight",
             H + "mlp.shared_expert.gate_proj.weight",
             H + "mlp.shared_expert.up_proj.weight",
-            expect=lambda c: (2 * c["shared_expert_intermediate_size"], c["hidden_size"]),
+            expect=lambda c: (2 * hf_value(c, "shared_expert_intermediate_size"), hf_value(c, "hidden_size")),
         ),
         Copy.of(M + "mlp.shared_experts.linear_fc2.weight", H + "mlp.shared_expert.down_proj.weight"),
         Copy.of(M + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
@@ -120,7 +125,9 @@ def mtp(mlp: tuple[Rule, ...]) -> tuple[Rule, ...]:
         Copy.of("mtp.layers.{k}.enorm.weight", "mtp.pre_fc_norm_embedding.weight"),
         Copy.of("mtp.layers.{k}.hnorm.weight", "mtp.pre_fc_norm_hidden.weight"),
         Copy.of(
-            "mtp.layers.{k}.eh_proj.weight", "mtp.fc.weight", expect=lambda c: (c["hidden_size"], 2 * c["hidden_size"])
+            "mtp.layers.{k}.eh_proj.weight",
+            "mtp.fc.weight",
+            expect=lambda c: (hf_value(c, "hidden_size"), 2 * hf_value(c, "hidden_size")),
         ),
         *layer,
         Copy.of("mtp.layers.{k}.final_layernorm.weight", "mtp.norm.weight"),
@@ -128,13 +135,13 @@ def mtp(mlp: tuple[Rule, ...]) -> tuple[Rule, ...]:
 
 
 def mtp_layers(config: Mapping[str, Any]) -> int:
-    return int(config.get("mtp_num_hidden_layers") or 0)
+    return int(hf_value(config, "mtp_num_hidden_layers", None) or 0)
 
 
 def with_mtp_experts(layers: frozenset[int], config: Mapping[str, Any]) -> frozenset[int]:
     """MoE layers plus the MTP layers (HF index num_layers + k) when the last decoder layer, whose spec
     Megatron's MTP layer takes, is MoE."""
-    last = int(config["num_hidden_layers"]) - 1
+    last = int(hf_value(config, "num_hidden_layers")) - 1
     return layers | frozenset(range(last + 1, last + 1 + mtp_layers(config))) if last in layers else layers
 
 

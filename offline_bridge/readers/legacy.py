@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import os
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef
-from ..small_files import open_regular
+from ..small_files import map_regular
 from ..torch_save import TorchArchive, is_contiguous, release_pages, view
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
 from .legacy_ranks import RANK_DIR, parallel_size, rank_layout
@@ -90,7 +89,7 @@ class LegacyReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: no mp_rank_* directories")
         self._archives: list[TorchArchive] = []
         self._files: list[str] = []
-        self._maps: list[mmap.mmap] = []
+        self._maps: list[mmap.mmap | bytes] = []  # b"" for an empty file
         self._states = states = [self._open(rank / FILE) for rank in ranks]
         self._args = states[0].get("args")
         if not isinstance(self._args, argparse.Namespace):
@@ -106,13 +105,7 @@ class LegacyReader(CheckpointReader):
         self._tensors = {key: self._info(key, shards) for key, shards in self._shards.items()}
 
     def _open(self, file: Path) -> dict:
-        fd = open_regular(file, "rank file")
-        try:
-            buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot map the rank file ({exc})") from exc
-        finally:
-            os.close(fd)
+        buf = map_regular(file, "rank file")
         self._maps.append(buf)
         self._files.append(str(file))
         archive = TorchArchive(buf, 0, len(buf), str(file))
@@ -285,7 +278,8 @@ class LegacyReader(CheckpointReader):
         self._archives.clear()
         for buf in self._maps:
             try:
-                buf.close()
+                if isinstance(buf, mmap.mmap):
+                    buf.close()
             except BufferError:  # a view is still referenced (say, by a traceback); collected later
                 pass
         self._maps.clear()

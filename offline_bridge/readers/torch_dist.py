@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -22,7 +21,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..handles import HandleCache
 from ..safe_pickle import TensorRef
-from ..small_files import open_regular
+from ..small_files import map_regular
 from ..tensor_records import check_chunk_record
 from ..torch_save import TorchArchive, is_contiguous, release_pages, view
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key, load_common_pt
@@ -46,7 +45,7 @@ class TorchDistReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
         catalog = read_catalog(self._metadata_file)
         self._chunks, self._objects, self._storage = catalog.chunks, catalog.objects, catalog.storage
-        self._maps: HandleCache[str, mmap.mmap] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
+        self._maps: HandleCache[str, mmap.mmap | bytes] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
         self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
         self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
@@ -197,15 +196,8 @@ class TorchDistReader(CheckpointReader):
                 problems.append(str(exc))
         return problems
 
-    def _map(self, relative_path: str) -> mmap.mmap:
-        file = self.path / relative_path
-        fd = open_regular(file, "shard file")
-        try:
-            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot map the shard file ({exc})") from exc
-        finally:
-            os.close(fd)
+    def _map(self, relative_path: str) -> mmap.mmap | bytes:
+        return map_regular(self.path / relative_path, "shard file")
 
     def close(self) -> None:
         self._maps.close()
@@ -224,9 +216,10 @@ class _Chunk:
         return self.ref.storage.numel * self.ref.storage.dtype.itemsize
 
 
-def _close_map(buf: mmap.mmap) -> None:
-    with contextlib.suppress(BufferError):  # a view is still referenced (say, by a traceback); collected later
-        buf.close()
+def _close_map(buf: mmap.mmap | bytes) -> None:
+    if isinstance(buf, mmap.mmap):  # an empty file is b""
+        with contextlib.suppress(BufferError):  # a view is still referenced (say, by a traceback); collected later
+            buf.close()
 
 
 _COMMON_OBJECTS = ("args", "iteration", "checkpoint_version")

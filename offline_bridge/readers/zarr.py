@@ -4,14 +4,16 @@ Every ShardedTensor key is a zarr v2 array directory: `.zarray` (JSON) gives the
 grid and the dtype; each chunk is a file `i.j.k` holding raw C-order bytes (or bytes encoded by a numcodecs
 codec). bfloat16, dtype text `bfloat16`, is something zarr itself cannot describe: its raw bits are carried
 as uint16, as everywhere else in offline-bridge. We read chunk files ourselves because a missing one must be
-an error: zarr would hand back `fill_value` (or, with `fill_value: null`, uninitialised memory) instead.
-See formats/zarr.md.
+an error: zarr would hand back `fill_value` (or, with `fill_value: null`, uninitialised memory) instead, and
+because its codec registry would build any codec a `.zarray` names, some of which unpickle: encoded chunks go
+through `zarr_codecs` (an allow-list; the standard library's zlib for zlib and gzip, numcodecs' bindings for
+zstd and blosc, each bounded by the chunk's size before it decodes). See formats/zarr.md.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -23,7 +25,11 @@ import numpy as np
 
 from ..dtypes import DType, by_torch_name
 from ..errors import CheckpointError
+from ..shapes import shape_problem
+from ..small_files import TEXT_LIMIT, clip, load_json, map_regular, quote, read_small
 from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
+from .marker import MARKER, read_marker
+from .zarr_codecs import codec_problem, decode, encoded_limit
 
 __all__ = ["ZarrReader"]
 
@@ -40,7 +46,8 @@ _NUMPY_KINDS = {
     ("u", 1): "uint8",
     ("b", 1): "bool",
 }
-_CHUNK_NAME = re.compile(r"^\d+([./]\d+)*$")
+_CHUNK_NAME = re.compile(r"[0-9]+([./][0-9]+)*")
+_TYPESTR = re.compile(r"[<>|](b1|[iu][1248]|f[248])")  # zarr v2 type strings of plain numbers: no object, no fields
 MAX_EXPANSION = 1024  # encoded chunk: decoded bytes per stored byte, at most
 FREE_EXPANSION = 16 * 2**20  # an encoded chunk may always decode to this many bytes
 
@@ -51,10 +58,7 @@ class _Array:
     def __init__(self, key: str, path: Path) -> None:
         self.key, self.path = key, path
         meta_file = path / ZARRAY
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{meta_file}: unreadable zarr array metadata ({exc})") from exc
+        meta = load_json(meta_file, TEXT_LIMIT, f"zarr array metadata of {key}")
         if not isinstance(meta, dict):
             raise CheckpointError(f"{meta_file}: zarr array metadata is not a JSON object")
 
@@ -62,33 +66,34 @@ class _Array:
             return CheckpointError(f"{meta_file}: {what} (array {key})")
 
         if meta.get("zarr_format") != 2:
-            raise bad(f"zarr_format {meta.get('zarr_format')!r}; only zarr v2 arrays are supported")
+            raise bad(f"zarr_format {quote(meta.get('zarr_format'))}; only zarr v2 arrays are supported")
         shape, chunks = meta.get("shape"), meta.get("chunks")
         if not _int_list(shape, 0) or not _int_list(chunks, 1) or len(shape) != len(chunks):
-            raise bad(f"shape {shape!r} and chunks {chunks!r} must be lists of equal length of integers (chunks >= 1)")
+            raise bad(
+                f"shape {quote(shape)} and chunks {quote(chunks)} must be lists of equal length of integers (chunks >= 1)"
+            )
+        self.dtype, self.stored = _dtype(meta.get("dtype"), bad)
+        problem = shape_problem(shape, self.stored.itemsize) or shape_problem(chunks, self.stored.itemsize)
+        if problem:
+            raise bad(problem)
         self.shape: tuple[int, ...] = tuple(shape)
         self.chunks: tuple[int, ...] = tuple(chunks)
-        self.grid = tuple(math.ceil(n / c) for n, c in zip(self.shape, self.chunks))
-        self.dtype, self.stored = _dtype(meta.get("dtype"), bad)
+        self.grid = tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
         self.order = meta.get("order", "C")
         if self.order not in ("C", "F"):
-            raise bad(f"order {self.order!r} is neither C nor F")
+            raise bad(f"order {quote(self.order)} is neither C nor F")
         self.separator = meta.get("dimension_separator") or "."
         if self.separator not in (".", "/"):
-            raise bad(f"dimension_separator {self.separator!r} is neither '.' nor '/'")
-        self.compressor = meta.get("compressor")
-        self.filters = meta.get("filters") or []
-        if not isinstance(self.filters, list):
-            raise bad(f"filters {self.filters!r} is not a list")
-        codecs = ([self.compressor] if self.compressor is not None else []) + self.filters
-        if any(not isinstance(c, dict) or not isinstance(c.get("id"), str) for c in codecs):
-            raise bad(f"codec configurations {codecs!r} need an 'id'")
+            raise bad(f"dimension_separator {quote(self.separator)} is neither '.' nor '/'")
+        problem = codec_problem(meta.get("compressor"), meta.get("filters"))
+        if problem:
+            raise bad(problem)
+        self.compressor: str | None = meta["compressor"]["id"] if meta.get("compressor") else None
         self.chunk_bytes = math.prod(self.chunks) * self.stored.itemsize
-        self.checked = False
 
     @property
     def encoded(self) -> bool:
-        return self.compressor is not None or bool(self.filters)
+        return self.compressor is not None
 
     def chunk_name(self, index: tuple[int, ...]) -> str:
         return self.separator.join(map(str, index)) if index else "0"
@@ -100,16 +105,17 @@ class _Array:
 
     def check_files(self) -> None:
         """Every chunk of the grid has its file, of a size that can hold the chunk, and no chunk file lies
-        outside the grid. Runs before anything is allocated for the array."""
+        outside the grid. Runs when the reader opens, so a tensor's shape is backed by files before anything
+        (a plan, a buffer) is sized from it."""
         present = {}
         for file in self.path.rglob("*") if self.separator == "/" else self.path.iterdir():
             name = file.relative_to(self.path).as_posix()
-            if _CHUNK_NAME.match(name) and file.is_file():
+            if _CHUNK_NAME.fullmatch(name) and file.is_file():
                 present[name] = file.stat().st_size
         cells = math.prod(self.grid) if 0 not in self.shape else 0
         if cells > max(len(present), 2**16):  # before the grid is enumerated: a forged shape cannot stall us
             raise CheckpointError(
-                f"{self.path}: {self.key} {self.shape} in chunks {self.chunks} needs {cells} chunk files, "
+                f"{self.path}: {self.key} {quote(self.shape)} in chunks {quote(self.chunks)} needs {cells} chunk files, "
                 f"{len(present)} are present; a zarr reader would fill the rest with fill_value, so it is refused"
             )
         expected = {self.chunk_name(i) for i in product(*map(range, self.grid))} if cells else set()
@@ -123,25 +129,30 @@ class _Array:
         outside = sorted(present.keys() - expected, key=_natural)
         if outside:
             raise CheckpointError(
-                f"{self.path}: chunk file {outside[0]} lies outside the {'x'.join(map(str, self.grid))} chunk grid of "
-                f"{self.key} {self.shape} (chunks {self.chunks}); the array metadata is inconsistent"
+                f"{self.path}: chunk file {outside[0]} lies outside the {quote(self.grid)} chunk grid of "
+                f"{self.key} {quote(self.shape)} (chunks {quote(self.chunks)}); the array metadata is inconsistent"
             )
         for name in sorted(expected, key=_natural):
             self._check_size(self.path / name, present[name])
-        self.checked = True
 
     def _check_size(self, file: Path, size: int) -> None:
         """Raw chunks have exactly the chunk's size; encoded ones may expand at most `MAX_EXPANSION` times
-        (or to `FREE_EXPANSION` bytes), so a forged `.zarray` or a decompression bomb cannot make us allocate."""
+        (or to `FREE_EXPANSION` bytes), so a forged `.zarray` cannot make us allocate more than the files hold,
+        and may exceed the chunk's size by no more than a compressor's overhead."""
         if not self.encoded and size != self.chunk_bytes:
             raise CheckpointError(
                 f"{file}: chunk file of {self.key} is {size} bytes, expected {self.chunk_bytes} "
-                f"({'x'.join(map(str, self.chunks))} x {self.stored.itemsize} bytes; truncated?)"
+                f"({clip('x'.join(map(str, self.chunks)))} x {self.stored.itemsize} bytes; truncated?)"
             )
         if self.encoded and self.chunk_bytes > max(FREE_EXPANSION, MAX_EXPANSION * size):
             raise CheckpointError(
                 f"{file}: chunk file of {self.key} is {size} encoded bytes for a {self.chunk_bytes}-byte chunk; "
                 f"more than {MAX_EXPANSION}x expansion is refused"
+            )
+        if self.encoded and size > encoded_limit(self.chunk_bytes):
+            raise CheckpointError(
+                f"{file}: chunk file of {self.key} is {size} encoded bytes, more than a {self.compressor} "
+                f"stream of its {self.chunk_bytes}-byte chunk can take"
             )
 
     def chunk(self, index: tuple[int, ...]) -> np.ndarray:
@@ -152,34 +163,19 @@ class _Array:
         except OSError as exc:
             raise CheckpointError(f"{file}: chunk file of {self.key} cannot be read ({exc})") from exc
         self._check_size(file, size)
-        if not self.encoded:
-            if self.chunk_bytes == 0:
-                return np.empty(self.chunks, dtype=self.stored)
+        what = f"chunk file of {self.key}"
+        if self.compressor is None:
             # A map: only the pages the box needs are read, so memory stays bounded by the box.
-            return np.memmap(file, dtype=self.stored, mode="r", shape=self.chunks, order=self.order)
-        raw = self._decode(file)
-        if raw.nbytes != self.chunk_bytes:
-            raise CheckpointError(
-                f"{file}: chunk file of {self.key} decodes to {raw.nbytes} bytes, expected {self.chunk_bytes}"
-            )
-        return np.frombuffer(raw, dtype=self.stored).reshape(self.chunks, order=self.order)
-
-    def _decode(self, file: Path) -> np.ndarray:
-        """Undo the compressor, then the filters in reverse order (zarr v2's encoding pipeline)."""
-        from numcodecs import get_codec  # zarr's own codec registry; only for encoded chunks
-        from numcodecs.compat import ensure_contiguous_ndarray
-
-        try:
-            data: Any = file.read_bytes()
-            if self.compressor is not None:
-                data = get_codec(dict(self.compressor)).decode(data)
-            for config in reversed(self.filters):
-                data = get_codec(dict(config)).decode(data)
-            return ensure_contiguous_ndarray(data).view(np.uint8).reshape(-1)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # a codec's own error: corrupt data or an unknown codec id
-            raise CheckpointError(f"{file}: chunk file of {self.key} cannot be decoded ({exc})") from exc
+            data: Any = map_regular(file, what)
+            if len(data) != self.chunk_bytes:  # replaced since it was listed
+                raise CheckpointError(f"{file}: {what} is {len(data)} bytes, expected {self.chunk_bytes}")
+        else:
+            encoded = read_small(file, encoded_limit(self.chunk_bytes), what)
+            try:
+                data = decode(encoded, self.compressor, self.chunk_bytes)
+            except ValueError as exc:
+                raise CheckpointError(f"{file}: {what} cannot be decoded as {self.compressor}: {exc}") from exc
+        return np.frombuffer(data, dtype=self.stored).reshape(self.chunks, order=self.order)
 
 
 class ZarrReader(CheckpointReader):
@@ -189,24 +185,21 @@ class ZarrReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        marker = self.path / "metadata.json"
-        try:
-            backend = json.loads(marker.read_text()).get("sharded_backend")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"{marker}: unreadable ({exc})") from exc
+        backend = (read_marker(self.path) or {}).get("sharded_backend")
         if backend != "zarr":
-            raise CheckpointError(f"{marker}: sharded_backend is {backend!r}, not zarr")
+            raise CheckpointError(f"{self.path / MARKER}: sharded_backend is {quote(backend)}, not zarr")
         self._arrays: dict[str, _Array] = {}
         self._tensors: dict[str, TensorInfo] = {}
         self.objects: list[str] = []  # ShardedObject directories (`<key>/shard_*.pt`), never read
         for child in sorted(self.path.iterdir(), key=lambda p: p.name):
             if not child.is_dir() or child.suffix == ".sync":  # zarr ProcessSynchronizer lock directories
                 continue
-            if (child / ZARRAY).is_file():
+            if os.path.lexists(child / ZARRAY):  # a FIFO or directory there is refused when read
                 array = _Array(child.name, child)
+                array.check_files()
                 self._arrays[child.name] = array
                 self._tensors[child.name] = TensorInfo(child.name, array.shape, array.dtype)
-            elif any(_CHUNK_NAME.match(p.name) for p in child.iterdir()):
+            elif any(_CHUNK_NAME.fullmatch(p.name) for p in child.iterdir()):
                 raise CheckpointError(f"{child}: holds zarr chunk files but no {ZARRAY}; the array metadata is missing")
             else:
                 self.objects.append(child.name)
@@ -222,8 +215,6 @@ class ZarrReader(CheckpointReader):
 
     def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         array = self._arrays[key]
-        if not array.checked:
-            array.check_files()
         return [
             (tuple(i * c for i, c in zip(index, array.chunks)), array.chunks)
             for index in array.indices(full_box(array.shape))
@@ -233,8 +224,6 @@ class ZarrReader(CheckpointReader):
         array = self._arrays.get(key)
         if array is None:
             raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
-        if not array.checked:
-            array.check_files()
         box = box or full_box(array.shape)
         if len(box) != len(array.shape) or any(not 0 <= b0 <= b1 <= n for (b0, b1), n in zip(box, array.shape)):
             raise CheckpointError(f"{array.path}: box {box} lies outside {key} {array.shape}")
@@ -257,19 +246,15 @@ def _int_list(value: Any, minimum: int) -> bool:
 
 
 def _dtype(text: Any, bad: Any) -> tuple[DType, np.dtype]:
-    """(our dtype, the numpy dtype of the stored bytes) for a zarr v2 dtype string."""
+    """(our dtype, the numpy dtype of the stored bytes) for a zarr v2 dtype string. Only plain numbers are
+    parsed at all: an object (`|O`) or structured dtype is refused before numpy sees the text."""
     if text == "bfloat16":  # written by Megatron through tensorstore / ml_dtypes: little-endian bf16 bits
         return by_torch_name("bfloat16"), np.dtype("<u2")  # type: ignore[return-value]
-    try:
-        if not isinstance(text, str):
-            raise TypeError("not a string")
-        stored = np.dtype(text)
-    except TypeError as exc:
-        raise bad(f"dtype {text!r} is not a zarr v2 type string ({exc})") from exc
-    name = _NUMPY_KINDS.get((stored.kind, stored.itemsize))
+    stored = np.dtype(text) if isinstance(text, str) and _TYPESTR.fullmatch(text) else None
+    name = _NUMPY_KINDS.get((stored.kind, stored.itemsize)) if stored is not None else None
     dtype = by_torch_name(name) if name else None
-    if dtype is None or stored.fields is not None or stored.subdtype is not None:
-        raise bad(f"unsupported dtype {text!r}")
+    if stored is None or dtype is None:
+        raise bad(f"unsupported dtype {quote(text)}")
     return dtype, stored
 
 
