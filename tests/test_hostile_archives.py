@@ -308,3 +308,23 @@ def test_a_flipped_byte_is_caught_by_the_crc(tmp_path: Path, reference: Path) ->
     with pytest.raises(CheckpointError, match=rf"{file} .*CRC-32"):
         convert(iteration, tmp_path / "hf-crc", progress=False, check_crc=True)
     assert not (tmp_path / "hf-crc").exists()
+
+
+def test_legacy_records_are_checked_against_their_crc(tmp_path: Path) -> None:
+    from offline_bridge.readers import LegacyReader
+
+    rank = tmp_path / "iter_0000001" / "mp_rank_00"
+    rank.mkdir(parents=True)
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    torch.save(
+        {"args": argparse.Namespace(num_layers=0), "model": {"output_layer.weight": weight}},
+        rank / "model_optim_rng.pt",
+    )
+    data = bytearray((rank / "model_optim_rng.pt").read_bytes())
+    archive = TorchArchive(memoryview(bytes(data)), 0, len(data), "rank file")
+    data[archive.storage_start(archive.load()["model"]["output_layer.weight"])] ^= 1
+    (rank / "model_optim_rng.pt").write_bytes(data)
+    with LegacyReader(rank.parent) as reader:
+        assert not np.array_equal(reader.read("output_layer.weight"), weight.numpy())  # copied as it is
+    with LegacyReader(rank.parent, check_crc=True) as reader, pytest.raises(CheckpointError, match="CRC-32"):
+        reader.read("output_layer.weight")
