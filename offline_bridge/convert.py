@@ -112,6 +112,7 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    check_crc: bool = False,
 ) -> Path:
     """Convert a Megatron-Core checkpoint into a Hugging Face model directory.
 
@@ -137,6 +138,8 @@ def convert(
             touching ``out_dir``.
         overwrite: replace a non-empty ``out_dir``.
         progress: show a progress bar on stderr.
+        check_crc: compare the bytes of every record read with the CRC-32 its torch.save archive holds
+            (damage a file system let through; 0.16 s of CPU per GB).
 
     Returns:
         The output directory.
@@ -170,7 +173,13 @@ def convert(
     output = None if dry_run else OutputDir(out_dir, overwrite=overwrite, inputs=[ckpt_dir, adapter, base, hf_config])
     with output or contextlib.nullcontext():
         reader, lora = open_checkpoint(
-            ckpt_dir, iteration=iteration, adapter=adapter, base=base, lora_alpha=lora_alpha, lora_dim=lora_dim
+            ckpt_dir,
+            iteration=iteration,
+            adapter=adapter,
+            base=base,
+            lora_alpha=lora_alpha,
+            lora_dim=lora_dim,
+            check_crc=check_crc,
         )
         log.info("reading %s", reader.path)
         with reader:

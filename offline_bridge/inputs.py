@@ -33,9 +33,11 @@ def _adapter_only(reader: CheckpointReader) -> bool:
     return bool(keys) and all(ADAPTER_MARK in k for k in keys)
 
 
-def _open(path: str | Path, iteration: int | str | None = None) -> tuple[CheckpointReader, RunConfig | None]:
+def _open(
+    path: str | Path, iteration: int | str | None = None, check_crc: bool = False
+) -> tuple[CheckpointReader, RunConfig | None]:
     directory = find_iteration_dir(path, iteration)
-    return open_reader(directory), load_run_config(directory)
+    return open_reader(directory, check_crc=check_crc), load_run_config(directory)
 
 
 def lora_settings(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
@@ -61,15 +63,16 @@ def open_checkpoint(
     base: str | Path | None = None,
     lora_alpha: float | None = None,
     lora_dim: int | None = None,
+    check_crc: bool = False,
 ) -> tuple[CheckpointReader, Lora | None]:
     """The reader to convert from, and the LoRA settings when it holds adapters."""
     if adapter is not None and base is not None:
         raise OptionError("give either --adapter (CKPT_DIR is the base) or --base (CKPT_DIR is the adapter), not both")
-    main, run_config = _open(ckpt_dir, iteration)
+    main, run_config = _open(ckpt_dir, iteration, check_crc)
     opened = [main]
     try:
         if adapter is not None:
-            adapter_reader, run_config = _open(adapter)
+            adapter_reader, run_config = _open(adapter, check_crc=check_crc)
             opened.append(adapter_reader)
             reader: CheckpointReader = CombinedReader(main, adapter_reader)
         elif _adapter_only(main):
@@ -79,7 +82,7 @@ def open_checkpoint(
                     f"{main.path}: holds only adapter tensors and no run_config.yaml names its base; pass --base BASE_CKPT"
                 )
             log.info("base checkpoint: %s", base)
-            base_reader, _ = _open(base)
+            base_reader, _ = _open(base, check_crc=check_crc)
             opened.append(base_reader)
             reader = CombinedReader(base_reader, main)
         elif base is not None:

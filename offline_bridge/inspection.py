@@ -254,6 +254,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
     """A JSON-able description of the checkpoint; reads metadata, never tensor bytes."""
     directory = find_iteration_dir(ckpt_dir, iteration)
     with open_reader(directory) as reader:
+        errors = reader.validate()  # what `convert` would refuse
         args = reader.args
         adapter = _adapter(reader, directory)
         found = _model_args(reader, adapter)
@@ -293,6 +294,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "config_source": found.describe() if found is not None else None,
             "adapter": adapter,
             "tensors": tensors,
+            "errors": errors,
             "bytes": {
                 "total": sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()),
                 "model": model_bytes,
@@ -330,6 +332,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("args        " + ", ".join(f"{k}={v}" for k, v in report["args"].items()))
     else:
         lines.append("args        none saved")
+    lines += [f"error       {error}" for error in report["errors"]]
     size = report["bytes"]
     lines.append(f"bytes       total {size['total']}, model {size['model']}, optimizer {size['optimizer']}")
     rows = [

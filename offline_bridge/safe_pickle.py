@@ -2,7 +2,10 @@
 
 Nothing a pickle names is imported or called unless it is on the allow-list below. torch and DCP classes
 are replaced by inert records (so reading metadata needs no torch import); Megatron classes are stubbed
-as records that only store what the pickle hands them; anything else raises `UnsafePickleError`.
+as records that only store what the pickle hands them; numpy's names get stand-ins that build plain
+numbers only (`safe_numpy`); anything else raises `UnsafePickleError`. Before the C unpickler runs, its
+opcodes are walked once (`pickle_bounds`): what it would allocate, nest or copy on the pickle's say-so is
+bounded by the pickle's size.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import io
 import operator
 import pathlib
 import pickle
-import pickletools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .dtypes import DType, by_storage_class, by_torch_name
 from .errors import CheckpointError, UnsafePickleError
+from .pickle_bounds import HashDepth, check_nesting, check_opcodes
 
 __all__ = ["Record", "StorageRef", "TensorRef", "TorchSize", "safe_loads"]
+
+NUMPY_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
 
 
 class Record:
@@ -106,24 +112,6 @@ def _bytearray(data: Any = b"", *rest: Any) -> bytearray:
     return bytearray(data, *rest)
 
 
-class _NdarrayName:
-    """What a pickle gets for `numpy.ndarray`: an argument `_reconstruct` accepts; calling it builds nothing."""
-
-
-_NDARRAY = _NdarrayName()
-
-
-def _reconstruct_array(subtype: Any, shape: Any, dtype: Any) -> Any:
-    """numpy's pickle entry point, limited to what numpy writes: an empty array that BUILD then fills (numpy
-    checks the data against the shape there); any other shape would allocate on the pickle's say-so."""
-    import numpy  # numpy's own data-only reconstructor
-
-    if subtype is not _NDARRAY or tuple(shape) != (0,):
-        raise UnsafePickleError(f"numpy _reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array")
-    core = getattr(numpy, "_core", None) or numpy.core
-    return core.multiarray._reconstruct(numpy.ndarray, (0,), dtype)
-
-
 def _record_class(module: str, name: str) -> type[Record]:
     base = TensorProperties if name == "TensorProperties" else Record
     return type(name, (base,), {"_qualname": f"{module}.{name}"})
@@ -155,6 +143,7 @@ _REAL = {
     ("torch.serialization", "_get_layout"): _layout,
     ("_codecs", "encode"): _latin1_bytes,
 }
+_HASHING = (set, frozenset, collections.OrderedDict, TorchSize)
 _STUB_PREFIXES = ("megatron.", "nemo.", "transformer_engine.", "modelopt.")
 
 
@@ -163,26 +152,32 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self._source = source
         self._classes: dict[tuple[str, str], type] = {}
+        self._depths = HashDepth()
+
+    def _hashing(self, factory: Callable[..., Any]) -> Callable[..., Any]:
+        """``factory`` (a set, a mapping, a tuple), its arguments checked first not to nest too deep: it
+        hashes its members (or its result will be hashed), and hashing a deep tuple crashes the interpreter."""
+
+        def build(*args: Any) -> Any:
+            self._depths.check_items(*args)
+            return factory(*args)
+
+        return build
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _REAL:
-            return _REAL[(module, name)]
+            found = _REAL[(module, name)]
+            return self._hashing(found) if found in _HASHING else found
         if module == "torch":
             dtype = by_torch_name(name) or by_storage_class(name)
             if dtype is not None:
                 return dtype
-        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in (
-            "dtype",
-            "scalar",
-            "_reconstruct",
-            "ndarray",
-        ):
-            if name in ("_reconstruct", "ndarray"):
-                return _reconstruct_array if name == "_reconstruct" else _NDARRAY
-            import numpy  # numpy's own data-only reconstructors
+        if module in NUMPY_MODULES:
+            from .safe_numpy import numpy_global  # numpy is imported only for pickles that name it
 
-            core = getattr(numpy, "_core", None) or numpy.core
-            return getattr(numpy, name, None) or getattr(core.multiarray, name)
+            found = numpy_global(name)
+            if found is not None:
+                return found
         if module in _DCP_MODULES or module.startswith(_STUB_PREFIXES):
             return self._classes.setdefault((module, name), _record_class(module, name))
         raise UnsafePickleError(
@@ -199,25 +194,14 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(storage_type, str(key), operator.index(numel))
 
 
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-def _check_opcodes(data: bytes | memoryview) -> None:
-    """Walk the opcodes once without building anything, refusing what would make the C unpickler allocate on
-    the pickle's say-so: a length field (BINBYTES, BINUNICODE8, ...) that runs past the data (a buffer of the
-    claimed size comes first), or a memo index beyond the opcodes so far (the memo table grows to it: index
-    1e9 is 16 GB). Pickles number their memo entries 0, 1, 2, ..., one opcode each at least."""
-    for count, (opcode, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
-        if opcode.name in _MEMO_PUTS and arg > count:
-            raise ValueError(f"memo index {arg} at opcode {count} is out of sequence")
-
-
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
     try:
-        _check_opcodes(data)
-        return _Unpickler(io.BytesIO(data), source).load()
-    except UnsafePickleError:
-        raise
+        check_opcodes(data)
+        value = _Unpickler(io.BytesIO(data), source).load()
+        check_nesting(value)
+        return value
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(str(exc) if source in str(exc) else f"{source}: {exc}") from exc
     except Exception as exc:  # a truncated or garbled pickle
         raise CheckpointError(f"{source}: cannot unpickle ({type(exc).__name__}: {exc})") from exc

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import mmap
 import struct
 import zipfile
-from pathlib import Path
+import zlib
 from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
 from .safe_pickle import TensorRef, safe_loads
+from .small_files import METADATA_LIMIT, read_small
+from .tensor_records import check_record
 
 __all__ = ["TorchArchive", "is_contiguous", "load_torch_file", "release_pages", "view"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes, PK\x03\x04
+_END = struct.Struct("<4s12xIH")  # 22 bytes, PK\x05\x06 ... directory offset, comment length
+_LOCATOR64 = struct.Struct("<4sIQI")  # 20 bytes, PK\x06\x07: disk, offset of the zip64 end record, disks
+_END64 = struct.Struct("<4s44xQ")  # PK\x06\x06 ... directory offset at byte 48
 
 
 class _RangeFile(io.RawIOBase):
@@ -70,8 +74,12 @@ class TorchArchive:
             )
         try:
             with zipfile.ZipFile(_RangeFile(buf, start, length)) as archive:
-                self._members = {info.filename: info for info in archive.infolist()}
+                members = archive.infolist()
+                directory = archive.start_dir
+            self._members = {info.filename: info for info in members}
+            _check_bounds(buf, start, length, directory)
         except (
+            _NotTorch,
             zipfile.BadZipFile,
             ValueError,
             EOFError,
@@ -81,6 +89,8 @@ class TorchArchive:
             NotImplementedError,
         ) as exc:
             raise CheckpointError(f"{source}: not a torch.save archive ({exc})") from exc
+        if len(self._members) != len(members):
+            raise CheckpointError(f"{source}: the archive names a member twice; torch would read another one")
         pickles = [name for name in self._members if name.endswith("/data.pkl") or name == "data.pkl"]
         if len(pickles) != 1:
             raise CheckpointError(f"{source}: expected one data.pkl in the archive, found {len(pickles)}")
@@ -113,7 +123,12 @@ class TorchArchive:
 
     def load(self) -> Any:
         """The unpickled object; tensors in it come back as `TensorRef`s (no bytes read)."""
-        return safe_loads(self._member("data.pkl"), self.source)
+        pickled = self._member("data.pkl")
+        if self._root + "byteorder" in self._members:  # absent in old archives: torch then reads little-endian
+            order = self._member("byteorder")
+            if order != b"little":
+                raise CheckpointError(f"{self.source}: byteorder is {bytes(order[:16])!r}; only little-endian is read")
+        return safe_loads(pickled, self.source)
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """A read-only numpy view of a tensor's bytes (bf16 as uint16); no copy."""
@@ -122,11 +137,14 @@ class TorchArchive:
     def storage_start(self, ref: TensorRef) -> int:
         """Where the bytes of ``ref``'s storage begin in the buffer, once checked to hold the tensor."""
         begin, size = self._span(f"data/{ref.storage.key}")
-        if not 0 <= ref.storage.numel * ref.storage.dtype.itemsize <= size or not _fits(ref):
-            raise CheckpointError(
-                f"{self.source}: tensor {ref.shape} does not fit its storage of {size} bytes (truncated?)"
-            )
+        check_record(ref, size, self.source)
         return begin
+
+    def check_crc(self, ref: TensorRef) -> None:
+        """Compare the bytes of ``ref``'s storage with the CRC-32 the archive's directory holds for them."""
+        name = f"data/{ref.storage.key}"
+        if zlib.crc32(self._member(name)) != self._members[self._root + name].CRC:
+            raise CheckpointError(f"{self.source}: member {self._root + name} fails its CRC-32 check (damaged file)")
 
 
 def view(buf: mmap.mmap | memoryview, start: int, ref: TensorRef) -> np.ndarray:
@@ -154,20 +172,32 @@ def release_pages(buf: mmap.mmap, start: int, length: int) -> None:
         buf.madvise(mmap.MADV_DONTNEED, begin, min(start + length, len(buf)) - begin)
 
 
-def _fits(ref: TensorRef) -> bool:
-    """Every element inside the storage, and no more elements than it has (no broadcast views to blow up)."""
-    if len(ref.stride) != len(ref.shape) or any(s < 0 for s in (*ref.stride, *ref.shape)) or ref.storage_offset < 0:
-        return False
-    if math.prod(ref.shape) > ref.storage.numel:
-        return False
-    last = ref.storage_offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride) if n > 0)
-    return not ref.shape or 0 in ref.shape or last < ref.storage.numel
+class _NotTorch(ValueError):
+    """The archive is not laid out as torch.save writes it."""
+
+
+def _check_bounds(buf: mmap.mmap | memoryview, start: int, length: int, directory: int) -> None:
+    """The archive fills its record exactly, as torch.save writes it: a local header first, the end of
+    central directory record last (no comment), and the central directory where that record says. Anything
+    before or after (say, a second archive appended) would make zipfile and torch read different members."""
+    end = start + length
+    if length < 4 + _END.size or bytes(buf[start : start + 4]) != b"PK\x03\x04":
+        raise _NotTorch("it does not start with a member")
+    signature, offset, comment = _END.unpack_from(buf, end - _END.size)
+    if signature != b"PK\x05\x06" or comment:
+        raise _NotTorch("it does not end with its directory (data after it?)")
+    if offset == 0xFFFFFFFF:  # zip64: the locator before the end record points at the zip64 end record
+        locator, _, record, _ = _LOCATOR64.unpack_from(buf, end - _END.size - _LOCATOR64.size)
+        if locator != b"PK\x06\x07" or not 0 <= record <= length - _END64.size:
+            raise _NotTorch("bad zip64 locator")
+        signature, offset = _END64.unpack_from(buf, start + record)
+        if signature != b"PK\x06\x06":
+            raise _NotTorch("bad zip64 end record")
+    if directory != offset:
+        raise _NotTorch(f"its directory is at {directory}, not at {offset} where it says (data before it?)")
 
 
 def load_torch_file(path: str) -> Any:
     """Unpickle a whole `torch.save` file (e.g. `common.pt`, small) through the allow-list."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    data = read_small(path, METADATA_LIMIT, "torch.save file")
     return TorchArchive(memoryview(data), 0, len(data), str(path)).load()

@@ -47,8 +47,8 @@ def load_common_pt(directory: Path) -> dict[str, Any] | None:
     from ..torch_save import load_torch_file
 
     file = directory / "common.pt"
-    if not file.is_file():
-        return None
+    if not file.exists():
+        return None  # anything else that exists (a FIFO, a directory) is refused by load_torch_file
     state = load_torch_file(str(file))
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: common state is a {type(state).__name__}, expected a dict")
@@ -112,6 +112,11 @@ class CheckpointReader(ABC):
         """Where the chunks of ``key`` lie, tiling it; None when the format stores them otherwise (the caller
         then uses `read`)."""
         return None
+
+    def validate(self) -> list[str]:
+        """What `read` would refuse, checked for every tensor without reading tensor bytes (for `inspect`):
+        one line per tensor that cannot be read. Readers that check everything when opened return []."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

@@ -27,13 +27,14 @@ import numpy as np
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..safe_pickle import TensorRef
+from ..small_files import map_regular
 from ..torch_save import TorchArchive, is_contiguous, release_pages, view
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
+from .legacy_ranks import RANK_DIR, parallel_size, rank_layout
 
 __all__ = ["LegacyReader"]
 
 FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)\.(.*)$")
 _LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^(mlp\.experts\.)(linear_fc[12]\.(?:weight|bias))(\d+)$")
@@ -79,44 +80,22 @@ class LegacyReader(CheckpointReader):
 
     format = "torch"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check_crc: bool = False) -> None:
         self.path = Path(path)
-        ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and _RANK_DIR.match(p.name))
+        self._check_crc = check_crc
+        self._crc_checked: set[_Shard] = set()
+        ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
         if not ranks:
             raise CheckpointError(f"{self.path}: no mp_rank_* directories")
         self._archives: list[TorchArchive] = []
         self._files: list[str] = []
-        self._maps: list[mmap.mmap] = []
+        self._maps: list[mmap.mmap | bytes] = []  # b"" for an empty file
         self._states = states = [self._open(rank / FILE) for rank in ranks]
         self._args = states[0].get("args")
         if not isinstance(self._args, argparse.Namespace):
             raise CheckpointError(f"{ranks[0] / FILE}: no Megatron args")
-        tp_size = int(getattr(self._args, "tensor_model_parallel_size", 1) or 1)
-        pp_size = int(getattr(self._args, "pipeline_model_parallel_size", 1) or 1)
-        ep_size = int(getattr(self._args, "expert_model_parallel_size", 1) or 1)
-        coords: dict[tuple[int, int, int], int] = {}
-        for index, rank in enumerate(ranks):
-            tp, *rest = (g for g in _RANK_DIR.match(rank.name).groups() if g is not None)
-            if len(rest) != (pp_size > 1) + (ep_size > 1):
-                raise CheckpointError(f"{rank}: name does not fit TP={tp_size} PP={pp_size} EP={ep_size} from the args")
-            pp = int(rest.pop(0)) if pp_size > 1 else 0
-            ep = int(rest.pop(0)) if ep_size > 1 else 0
-            if (int(tp), pp, ep) in coords:
-                raise CheckpointError(
-                    f"{rank}: claims rank (tp, pp, ep) = {(int(tp), pp, ep)} like {ranks[coords[(int(tp), pp, ep)]]}"
-                )
-            coords[(int(tp), pp, ep)] = index
-        expected = {(t, p, e) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
-        missing = sorted(expected - coords.keys())
-        if missing:
-            raise CheckpointError(
-                f"{self.path}: missing rank files for (tp, pp, ep) {missing}; the checkpoint is incomplete"
-            )
-        if len(coords) != len(ranks) or coords.keys() != expected:
-            raise CheckpointError(
-                f"{self.path}: rank directories {[r.name for r in ranks]} do not match TP={tp_size} PP={pp_size} EP={ep_size}"
-            )
-        etp = int(getattr(self._args, "expert_tensor_parallel_size", None) or tp_size)
+        coords, tp_size, pp_size, ep_size = rank_layout(self.path, ranks, self._args)
+        etp = parallel_size(self._args, "expert_tensor_parallel", len(ranks), ranks[0] / FILE, tp_size)
         if etp not in (1, tp_size):
             raise CheckpointError(f"{self.path}: expert_tensor_parallel_size={etp} with TP={tp_size} is not supported")
         self._gated = bool(getattr(self._args, "swiglu", False))
@@ -126,11 +105,7 @@ class LegacyReader(CheckpointReader):
         self._tensors = {key: self._info(key, shards) for key, shards in self._shards.items()}
 
     def _open(self, file: Path) -> dict:
-        try:
-            with open(file, "rb") as handle:
-                buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot open ({exc})") from exc
+        buf = map_regular(file, "rank file")
         self._maps.append(buf)
         self._files.append(str(file))
         archive = TorchArchive(buf, 0, len(buf), str(file))
@@ -195,6 +170,15 @@ class LegacyReader(CheckpointReader):
     def _ref(self, shard: _Shard) -> TensorRef:
         return self._states[shard.file][shard.model][shard.name]
 
+    def _start(self, shard: _Shard) -> int:
+        """Where the shard's storage begins in its file; its CRC-32 checked on first use if asked."""
+        archive, ref = self._archives[shard.file], self._ref(shard)
+        start = archive.storage_start(ref)
+        if self._check_crc and shard not in self._crc_checked:
+            archive.check_crc(ref)
+            self._crc_checked.add(shard)
+        return start
+
     def _tp_rule(self, key: str, ndim: int) -> int | str | None:
         """How this tensor's TP shards join (see `_TP_RULES`); None when replicated (always for scalars)."""
         if ndim == 0 or (self._experts_replicated and ".mlp.experts." in key):
@@ -204,6 +188,8 @@ class LegacyReader(CheckpointReader):
 
     def _info(self, key: str, shards: list[_Shard]) -> TensorInfo:
         refs = [self._ref(s) for s in shards]
+        for shard, ref in zip(shards, refs):
+            self._archives[shard.file].storage_start(ref)  # the one record validation, before any shape is used
         for shard, ref in zip(shards, refs):  # Megatron splits evenly: every TP shard has one shape
             if ref.shape != refs[0].shape or ref.storage.dtype != refs[0].storage.dtype:
                 raise CheckpointError(
@@ -236,7 +222,7 @@ class LegacyReader(CheckpointReader):
         if shards is None:
             raise CheckpointError(f"{self.path}: no tensor {key!r} in the checkpoint")
         shards = sorted(shards, key=lambda s: s.tp)
-        starts = [self._archives[s.file].storage_start(self._ref(s)) for s in shards]
+        starts = [self._start(s) for s in shards]
         parts = [view(self._maps[s.file], start, self._ref(s)) for s, start in zip(shards, starts)]
         rule = self._tp_rule(key, parts[0].ndim)
         if rule is None or len(parts) == 1:
@@ -272,7 +258,7 @@ class LegacyReader(CheckpointReader):
             ref = self._ref(shard)
             if not is_contiguous(ref):
                 return None
-            start = self._archives[shard.file].storage_start(ref) + ref.storage_offset * info.dtype.itemsize
+            start = self._start(shard) + ref.storage_offset * info.dtype.itemsize
             shape = tuple(ref.shape)
             if rule == "gated":  # [gate_t; up_t] halves land in the gate and up halves of the global rows
                 half = (shape[0] // 2, *shape[1:])
@@ -292,7 +278,8 @@ class LegacyReader(CheckpointReader):
         self._archives.clear()
         for buf in self._maps:
             try:
-                buf.close()
+                if isinstance(buf, mmap.mmap):
+                    buf.close()
             except BufferError:  # a view is still referenced (say, by a traceback); collected later
                 pass
         self._maps.clear()

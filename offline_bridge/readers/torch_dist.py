@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -19,13 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import DType
 from ..errors import CheckpointError
 from ..handles import HandleCache
-from ..safe_pickle import TensorRef, safe_loads
+from ..safe_pickle import TensorRef
+from ..small_files import map_regular
+from ..tensor_records import check_chunk_record
 from ..torch_save import TorchArchive, is_contiguous, release_pages, view
-from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, load_common_pt
+from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key, load_common_pt
 from .coverage import check_tiling
+from .dcp_metadata import read_catalog
 
 __all__ = ["MAX_OPEN_FILES", "TorchDistReader"]
 
@@ -33,58 +34,28 @@ MAX_OPEN_FILES = 64  # shard files mapped at once (a big checkpoint has thousand
 
 
 class TorchDistReader(CheckpointReader):
-    """Reader of a torch_dist iteration directory (`.metadata`, `__*_*.distcp`, `common.pt`)."""
+    """Reader of a torch_dist iteration directory (`.metadata`, `__*_*.distcp`, `common.pt`); with
+    ``check_crc``, each record's tensor bytes are compared with their zip CRC-32 when first located."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check_crc: bool = False) -> None:
         self.path = Path(path)
+        self._check_crc = check_crc
         self._metadata_file = self.path / ".metadata"
-        if not self._metadata_file.is_file():
+        if not self._metadata_file.exists():
             raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
-        metadata = _load_metadata(self._metadata_file)
-        self._chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-        self._tensors: dict[str, TensorInfo] = {}
-        self._objects: list[str] = []
-        self._storage: dict[tuple[str, tuple[int, ...] | None], Any] = {}
-        try:
-            self._catalog(metadata)
-        except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
-            raise CheckpointError(
-                f"{self._metadata_file}: DCP metadata is malformed ({type(exc).__name__}: {exc})"
-            ) from exc
-        self._maps: HandleCache[str, mmap.mmap] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
+        catalog = read_catalog(self._metadata_file)
+        self._chunks, self._objects, self._storage = catalog.chunks, catalog.objects, catalog.storage
+        self._maps: HandleCache[str, mmap.mmap | bytes] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
         self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
         self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
-        self._prefix = _model_prefix(self._tensors)
+        self._prefix = _model_prefix(catalog.tensors)
         self._tensors = {
             key[len(self._prefix) :]: replace(info, key=key[len(self._prefix) :])
-            for key, info in self._tensors.items()
+            for key, info in catalog.tensors.items()
             if key.startswith(self._prefix)
         }
         self.format = "torch_dcp" if self._prefix else "torch_dist"
-
-    def _catalog(self, metadata: Any) -> None:
-        """Tensors, their chunks and the storage records, each checked for the types and ranks DCP writes."""
-        for key, entry in _field(metadata, "state_dict_metadata", self._metadata_file).items():
-            chunks = getattr(entry, "chunks", None)
-            if chunks is None:
-                self._objects.append(str(key))
-                continue
-            dtype = entry.properties.dtype
-            if not isinstance(dtype, DType):
-                raise CheckpointError(f"{self._metadata_file}: tensor {key} has unsupported dtype {dtype!r}")
-            shape = _sizes(entry.size)
-            self._tensors[key] = TensorInfo(str(key), shape, dtype)
-            self._chunks[key] = [(_sizes(c.offsets), _sizes(c.sizes)) for c in chunks]
-            if any(len(o) != len(shape) or len(s) != len(shape) for o, s in self._chunks[key]):
-                raise ValueError(f"a chunk of {key} does not have the tensor's {len(shape)} dimensions")
-        for index, info in _field(metadata, "storage_data", self._metadata_file).items():
-            offset = getattr(index, "offset", None)  # DCP omits fields left at their default
-            name = info.relative_path
-            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-                raise ValueError(f"storage file {name!r} of {index.fqn} is not a file name in the checkpoint directory")
-            _sizes((info.offset, info.length))
-            self._storage[(index.fqn, None if offset is None else _sizes(offset))] = info
 
     def _check_records(self, key: str, info: TensorInfo) -> None:
         """Before anything is allocated for ``key``: each chunk's record exists, lies inside its file and is
@@ -182,16 +153,11 @@ class TorchDistReader(CheckpointReader):
         storage = self._storage_entry(key, offsets)
         with self._maps.use(storage.relative_path) as buf:
             archive = self._archive(buf, storage, key, offsets)
-            ref = archive.load()
-            if not isinstance(ref, TensorRef):
-                raise CheckpointError(f"{archive.source}: record holds a {type(ref).__name__}, not a tensor")
-            if ref.storage.dtype != info.dtype:
-                raise CheckpointError(
-                    f"{archive.source}: chunk dtype {ref.storage.dtype} differs from metadata {info.dtype}"
-                )
-            if np.prod(ref.shape) != np.prod(sizes):
-                raise CheckpointError(f"{archive.source}: chunk shape {ref.shape} does not match metadata {sizes}")
+            ref = check_chunk_record(archive.load(), info.dtype, sizes, archive.source)
             chunk = _Chunk(storage.relative_path, archive.storage_start(ref), ref)
+            if self._check_crc:
+                archive.check_crc(ref)
+                release_pages(buf, chunk.start, chunk.nbytes)
         self._located[(key, offsets)] = chunk
         return chunk
 
@@ -218,13 +184,20 @@ class TorchDistReader(CheckpointReader):
         with self._maps.use(storage.relative_path) as buf:
             return self._archive(buf, storage, key, None).load()
 
-    def _map(self, relative_path: str) -> mmap.mmap:
-        file = self.path / relative_path
-        try:
-            with open(file, "rb") as handle:
-                return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{file}: cannot open shard file ({exc})") from exc
+    def validate(self) -> list[str]:
+        """Each tensor's chunks tile it and each chunk record is what the metadata says (what `read` checks)."""
+        problems = []
+        for name in filter(is_model_key, self._tensors):  # what convert reads
+            try:
+                info, key = self._info(name)
+                for offsets, sizes in self._chunks[key]:
+                    self._locate(key, info, offsets, sizes)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+        return problems
+
+    def _map(self, relative_path: str) -> mmap.mmap | bytes:
+        return map_regular(self.path / relative_path, "shard file")
 
     def close(self) -> None:
         self._maps.close()
@@ -243,9 +216,10 @@ class _Chunk:
         return self.ref.storage.numel * self.ref.storage.dtype.itemsize
 
 
-def _close_map(buf: mmap.mmap) -> None:
-    with contextlib.suppress(BufferError):  # a view is still referenced (say, by a traceback); collected later
-        buf.close()
+def _close_map(buf: mmap.mmap | bytes) -> None:
+    if isinstance(buf, mmap.mmap):  # an empty file is b""
+        with contextlib.suppress(BufferError):  # a view is still referenced (say, by a traceback); collected later
+            buf.close()
 
 
 _COMMON_OBJECTS = ("args", "iteration", "checkpoint_version")
@@ -257,26 +231,3 @@ def _model_prefix(tensors: Mapping[str, TensorInfo]) -> str:
     if any(key.startswith(_MEGATRON_ROOTS) for key in tensors):
         return ""
     return "model." if any(key.startswith("model." + root) for key in tensors for root in _MEGATRON_ROOTS) else ""
-
-
-def _sizes(values: Any) -> tuple[int, ...]:
-    """Non-negative integers, as DCP writes offsets, sizes and byte ranges."""
-    sizes = tuple(operator.index(n) for n in values)
-    if any(n < 0 for n in sizes):
-        raise ValueError(f"negative size or offset in {sizes}")
-    return sizes
-
-
-def _load_metadata(file: Path) -> Any:
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc})") from exc
-    return safe_loads(data, str(file))
-
-
-def _field(obj: Any, name: str, file: Path) -> Any:
-    value = getattr(obj, name, None)
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{file}: DCP metadata has no {name}; not a torch_dist checkpoint")
-    return value
