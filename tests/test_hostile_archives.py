@@ -225,6 +225,12 @@ def test_a_flipped_byte_is_caught_by_the_crc(tmp_path: Path, reference: Path) ->
     with pytest.raises(CheckpointError, match=rf"{file} .*CRC-32"):
         convert(iteration, tmp_path / "hf-crc", progress=False, check_crc=True)
     assert not (tmp_path / "hf-crc").exists()
+    assert_refused(
+        run_cli("convert", iteration, tmp_path / "hf-cli", "--check-crc", "--quiet", cwd=tmp_path),
+        Path(file).name,
+        "CRC-32",
+    )
+    assert not (tmp_path / "hf-cli").exists()
 
 
 def test_legacy_records_are_checked_against_their_crc(tmp_path: Path) -> None:
