@@ -35,16 +35,19 @@ from ..rules import (
 )
 from . import llama, qwen3, qwen3_moe
 from .base import Family, flag
+from .decoder import Decoder
 from .moe import check_softmax_router, moe_layer_pattern
 
 M, H = llama.M, llama.H
+# HF norms compute `x · (1 + w)` like Megatron's zero-centred gamma; the config has `partial_rotary_factor`
+HYBRID = Decoder(zero_centred_norms=True, partial_rotary=True)
 A = M + "self_attention."  # Megatron's attention module, GDN or full
 G = H + "linear_attn."  # HF GDN module
 
 GATED_ATTENTION = only(
     full_attention_layer,
     (
-        llama.NORMS[0],
+        llama.INPUT_NORM,
         GatedQKV.of(
             A + "linear_qkv.weight",
             H + "self_attn.q_proj.weight",
@@ -99,7 +102,7 @@ ROUTER_AND_SHARED_EXPERT = only(
     ),
 )
 
-MLP = ROUTER_AND_SHARED_EXPERT + qwen3_moe.EXPERTS + only(dense_layer, llama.MLP) + llama.NORMS[1:]
+MLP = ROUTER_AND_SHARED_EXPERT + qwen3_moe.EXPERTS + only(dense_layer, llama.GATED_MLP) + (llama.PRE_MLP_NORM,)
 
 LAYER = linear_attention(IN_PROJ_GROUPED) + GATED_ATTENTION + MLP
 
@@ -232,11 +235,11 @@ FAMILY = Family(
     layer=LAYER,
     tail=llama.FINAL,
     detect=lambda args: is_gdn(args) and flag(args, "num_experts"),
+    priority=40,  # refines the dense hybrid (Qwen3.5, 30) with experts
     mtp=mtp(MLP),
     config={"attention_bias": False},
     from_args=_from_args,
     experts=_experts,
     mtp_layers=mtp_layers,
-    zero_centred_norms=True,
-    partial_rotary=True,
+    decoder=HYBRID,
 )
