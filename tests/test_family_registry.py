@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 from megatron_keys import BF16, VP, H, MetadataReader, V
 
+from offline_bridge.config.hf_config import derive_config, dims_of
 from offline_bridge.errors import CheckpointError, OptionError
 from offline_bridge.families import FAMILIES, Family
 from offline_bridge.families.decoder import Decoder
 from offline_bridge.families.registry import Registry
 from offline_bridge.families.tables import TableError
-from offline_bridge.hf_config import derive_config, dims_of
-from offline_bridge.plan import build_plan
-from offline_bridge.rules import Copy, GatedMLP, VocabRows, moe_layer
+from offline_bridge.plan.planner import build_plan
+from offline_bridge.plan.rules import Copy, GatedMLP, VocabRows, moe_layer
 from tools.family_table import TARGET, render
 
 

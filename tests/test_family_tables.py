@@ -15,9 +15,9 @@ import transformers
 from megatron_keys import BF16, CASES, Keys, MetadataReader
 from transformers.conversion_mapping import WeightConverter, get_checkpoint_conversion_mapping
 
+from offline_bridge.config.hf_config import dims_of
 from offline_bridge.families import FAMILIES, Family
-from offline_bridge.hf_config import dims_of
-from offline_bridge.plan import build_plan
+from offline_bridge.plan.planner import build_plan
 
 
 def hf_state(family: Family, fields: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], list[re.Pattern[str]]]:

@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import OptionError
-from ..hf_fields import hf_value
 from .base import Family
 from .tables import TableError, validate
 

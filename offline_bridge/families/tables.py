@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..rules import Rule, dense_layer, full_attention_layer, linear_attention_layer, moe_layer
+from ..plan.rules import Rule, dense_layer, full_attention_layer, linear_attention_layer, moe_layer
 
 if TYPE_CHECKING:
     from .base import Family
