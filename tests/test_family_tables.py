@@ -61,6 +61,8 @@ def as_loaded(names: Keys, model_type: str) -> Keys:
         pieces.setdefault(packed, {}).setdefault(j, {})[int(match.group(1))] = shape
     for packed, parts in pieces.items():
         experts = [parts[j] for j in sorted(parts)]
+        assert all(sorted(part) == list(range(len(experts[0]))) for part in experts), packed  # every expert, once
+        assert len({shape for part in experts for shape in part.values()}) == 1, packed  # one shape
         rest = experts[0][0][1:]
         loaded[packed] = (len(experts[0]), sum(part[0][0] for part in experts), *rest)
     return loaded
