@@ -34,13 +34,13 @@ class Family:
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
     mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
-    decoder: Decoder = field(
-        default_factory=Decoder
-    )  # config hooks: what args the HF class can express, the fields it writes
+    # config hooks: what Megatron args the HF class can express, and the config fields it writes for them
+    decoder: Decoder = field(default_factory=Decoder)
     text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config
     """The part of the HF config describing the language model (a vision-language config nests it)."""
 
     def matches(self, args: argparse.Namespace) -> bool:
+        """Whether detection may pick this family for ``args`` (see `Registry.for_args`)."""
         return self.detect is not None and self.detect(args)
 
     def describe(self) -> list[Row]:
