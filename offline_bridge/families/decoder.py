@@ -66,9 +66,12 @@ class Decoder:
         """The HF config fields for the norm, activation and rotary embedding (a family's `from_args` may
         refine the rope fields: YaRN, partial rotary)."""
         rope_theta = float(getattr(args, "rotary_base", 10000))
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+        if self.partial_rotary:
+            rope["partial_rotary_factor"] = float(getattr(args, "rotary_percent", 1.0))
         return {
             "hidden_act": "silu",
             "rms_norm_eps": float(_first(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
             "rope_theta": rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+            "rope_parameters": rope,
         }

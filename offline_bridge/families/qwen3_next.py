@@ -189,7 +189,8 @@ def linear_attention_pattern(args: argparse.Namespace) -> list[bool]:
 
 
 def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields of the GDN layers, the gated attention and the partial rotary embedding."""
+    """The config fields of the GDN layers and the gated attention (`rope_parameters` with the partial rotary
+    factor come from the `HYBRID` decoder)."""
     problems = [
         f"{name}={getattr(args, name, None)}"
         for name in ("attention_output_gate", "qk_layernorm")
@@ -202,7 +203,6 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
     depth = int(getattr(args, "mtp_num_layers", None) or 0)
     if depth > 1:
         raise CheckpointError(f"mtp_num_layers={depth}: the HF checkpoint names one MTP layer (mtp.fc, mtp.norm)")
-    theta = float(getattr(args, "rotary_base", 10000))
     partial = float(getattr(args, "rotary_percent", 1.0))
     return {
         "layer_types": [
@@ -215,7 +215,6 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
         "linear_num_value_heads": int(args.linear_num_value_heads),
         "partial_rotary_factor": partial,
         "mtp_num_hidden_layers": depth,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": partial},
     }
 
 
