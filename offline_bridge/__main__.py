@@ -1,5 +1,5 @@
 """`python -m offline_bridge` is the `offline-bridge` command."""
 
-from .cli import entry
+from .commands.cli import entry
 
 entry()

@@ -21,7 +21,7 @@ CAP = 3 << 30  # address space of the CLI under test
 TIMEOUT = 30  # seconds
 _SERVER = """
 import json, os, resource, signal, sys, time
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 
 def run(request):
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from offline_bridge.manifest import MANIFEST
+from offline_bridge.write.manifest import MANIFEST
 from tools.megatron_fixtures import FixtureSpec, reference_logits
 
 
@@ -45,7 +45,7 @@ def convert_fails(src: Path, out: Path, *extra: str) -> str:
     """Run `offline-bridge convert`, expect exit 2 with a one-line error, and no output (complete or partial)."""
     from click.testing import CliRunner
 
-    from offline_bridge.cli import main
+    from offline_bridge.commands.cli import main
 
     result = CliRunner().invoke(main, ["convert", str(src), str(out), "--quiet", *[str(e) for e in extra]])
     assert result.exit_code == 2, result.output

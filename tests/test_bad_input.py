@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import PARITY_SPECS
 from judge import convert_fails
 
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 
 SPEC = next(s for s in PARITY_SPECS if (s.family, s.tp, s.pp, s.dtype) == ("llama", 2, 2, "fp32") and not s.tied)
 QKV = "decoder.layers.self_attention.linear_qkv.weight"

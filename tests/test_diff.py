@@ -18,7 +18,7 @@ from conftest import BASE_SPEC, LEGACY_SPECS, ROOT
 from safetensors.numpy import load_file, save_file
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from tools.megatron_fixtures import legacy_root
 
 NAME = "model.layers.1.mlp.down_proj.weight"
@@ -94,8 +94,8 @@ def test_broken_header_is_bad_input(converted: Path, tmp_path: Path) -> None:
 
 def test_inspect_diff_and_verify_never_import_torch(converted: Path, checkpoints: dict) -> None:
     code = (
-        "import sys; from offline_bridge.diff import diff; from offline_bridge.inspection import inspect_checkpoint; "
-        "from offline_bridge.manifest import verify; "
+        "import sys; from offline_bridge.commands.diff import diff; from offline_bridge.commands.inspection import inspect_checkpoint; "
+        "from offline_bridge.write.manifest import verify; "
         f"inspect_checkpoint({str(checkpoints[BASE_SPEC])!r}); assert not verify({str(converted)!r}); "
         f"assert all(r.status == 'equal' for r in diff({str(converted)!r}, {str(checkpoints[BASE_SPEC])!r})); "
         "assert 'torch' not in sys.modules, 'torch was imported'"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from offline_bridge.discovery import find_iteration_dir
 from offline_bridge.errors import CheckpointError, OptionError
+from offline_bridge.readers.discovery import find_iteration_dir
 
 
 @pytest.fixture

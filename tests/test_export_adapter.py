@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from tools.megatron_fixtures import reference_logits
 
 SPEC = LORA_SPECS[0]

@@ -12,8 +12,8 @@ import torch.distributed.checkpoint as dcp
 
 from offline_bridge.errors import UnsafePickleError
 from offline_bridge.readers import TorchDistReader
-from offline_bridge.safe_pickle import safe_loads
-from offline_bridge.torch_save import TorchArchive, load_torch_file
+from offline_bridge.readers.pickles.safe_pickle import safe_loads
+from offline_bridge.readers.pickles.torch_save import TorchArchive, load_torch_file
 
 VECTORS = Path(__file__).resolve().parents[1] / "formats" / "vectors"
 TINY = VECTORS / "tiny_ckpt" / "iter_0000007"

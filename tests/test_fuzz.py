@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offline_bridge import convert
-from offline_bridge.diff import diff
+from offline_bridge.commands.diff import diff
+from offline_bridge.commands.inspection import inspect_checkpoint
 from offline_bridge.errors import BridgeError, CheckpointError
-from offline_bridge.inspection import inspect_checkpoint
-from offline_bridge.manifest import verify
 from offline_bridge.readers import open_reader
-from offline_bridge.safe_pickle import safe_loads
+from offline_bridge.readers.pickles.safe_pickle import safe_loads
+from offline_bridge.write.manifest import verify
 from tools.megatron_fixtures import legacy_root
 
 TINY = ROOT / "formats" / "vectors" / "tiny_ckpt" / "iter_0000007"

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from offline_bridge import convert
-from offline_bridge.export_adapter import export_adapter
-from offline_bridge.rules import PlusOne
+from offline_bridge.commands.export_adapter import export_adapter
+from offline_bridge.plan.rules import PlusOne
 from tools.gdn_lora_fixtures import GdnAdapterSpec, build_gdn_adapters
 from tools.megatron_fixtures import FixtureSpec, build_fixtures, legacy_root, reference_logits
 

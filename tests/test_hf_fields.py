@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import transformers
 
-from offline_bridge.convert import describe, plan_conversion
+from offline_bridge.commands.convert import describe, plan_conversion
+from offline_bridge.config.hf_fields import hf_value, normalized
 from offline_bridge.dtypes import by_option
 from offline_bridge.errors import OptionError
-from offline_bridge.hf_fields import hf_value, normalized
 from offline_bridge.readers.base import CheckpointReader, TensorInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,9 @@ def test_normalized_view_fills_every_plain_name() -> None:
 def test_no_config_field_read_by_its_raw_name() -> None:
     """Every read of an HF config field goes through hf_value (writes are left alone)."""
     read = re.compile(r"""\b(?:c|config|dims\.config)(?:\[["'][A-Za-z_]+["']\](?!\s*=[^=])|\.get\()""")
-    sources = [*sorted((ROOT / "offline_bridge" / "families").glob("*.py")), ROOT / "offline_bridge" / "hf_config.py"]
+    sources = [
+        *sorted((ROOT / "offline_bridge" / "families").glob("*.py")),
+        ROOT / "offline_bridge" / "config" / "hf_config.py",
+    ]
     found = [f"{p.name}: {line.strip()}" for p in sources for line in p.read_text().splitlines() if read.search(line)]
     assert not found, found

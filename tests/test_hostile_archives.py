@@ -32,7 +32,7 @@ from torch_forgery import (
 
 from offline_bridge import convert
 from offline_bridge.errors import CheckpointError
-from offline_bridge.torch_save import TorchArchive
+from offline_bridge.readers.pickles.torch_save import TorchArchive
 
 EMBEDDING = "embedding.word_embeddings.weight"  # chunks (128, 64) in bf16
 

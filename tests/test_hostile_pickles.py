@@ -23,7 +23,7 @@ from numpy._core import multiarray
 from torch_forgery import Payload, Reduce, copy_example, with_pickle
 
 from offline_bridge.errors import CheckpointError
-from offline_bridge.safe_pickle import safe_loads
+from offline_bridge.readers.pickles.safe_pickle import safe_loads
 
 
 def _op(code: bytes, *args: int) -> bytes:
@@ -194,7 +194,7 @@ def test_numpy_arrays_and_scalars_of_numbers_load_as_numpy_does() -> None:
 
 def test_torch_save_of_numpy_state_reads_like_torch(tmp_path: Path) -> None:
     """common.pt with numpy values, written by torch.save: the values torch.load gives."""
-    from offline_bridge.torch_save import load_torch_file
+    from offline_bridge.readers.pickles.torch_save import load_torch_file
 
     state = {"rng": np.random.RandomState(3).get_state(), "x": np.float32(2.5)}
     torch.save(state, tmp_path / "common.pt")

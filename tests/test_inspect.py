@@ -13,8 +13,8 @@ import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 from conftest import LEGACY_SPECS, LORA_SPECS, MOE_SPECS, PARITY_SPECS, ROOT
 
-from offline_bridge.cli import main
-from offline_bridge.inspection import inspect_checkpoint
+from offline_bridge.commands.cli import main
+from offline_bridge.commands.inspection import inspect_checkpoint
 from tools.megatron_fixtures import FixtureSpec, legacy_root
 
 SPECS = [

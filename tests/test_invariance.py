@@ -10,7 +10,7 @@ from conftest import BASE_SPEC
 from judge import assert_same_output
 
 from offline_bridge import convert
-from offline_bridge.manifest import MANIFEST
+from offline_bridge.write.manifest import MANIFEST
 
 
 def test_tp1pp1_and_tp2pp2_saves_convert_identically(checkpoints: dict, base_tp2pp2: Path, tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from judge import assert_matches_megatron, convert_fails
 from safetensors.torch import load_file
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from offline_bridge.errors import OptionError
-from offline_bridge.lora_merge import resolve_device
+from offline_bridge.transform.lora_merge import resolve_device
 
 SPEC = LORA_SPECS[0]
 

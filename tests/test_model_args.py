@@ -12,8 +12,8 @@ import pytest
 import torch
 from judge import convert_fails
 
-from offline_bridge.args_schema import ARGS_SCHEMA, checked_args
-from offline_bridge.args_shapes import check_args_against_tensors
+from offline_bridge.config.args_schema import ARGS_SCHEMA, checked_args
+from offline_bridge.config.args_shapes import check_args_against_tensors
 from offline_bridge.dtypes import by_option
 from offline_bridge.errors import CheckpointError
 from offline_bridge.readers.base import TensorInfo

@@ -14,7 +14,7 @@ from judge import assert_matches_megatron, assert_same_output
 from safetensors.torch import load_file
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from tools.megatron_fixtures import FixtureSpec, reshard
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import offline_bridge.inspection
+import offline_bridge.commands.inspection
 from offline_bridge import OptionError, convert, export_adapter
-from offline_bridge.cli import run
-from offline_bridge.manifest import verify
+from offline_bridge.commands.cli import run
+from offline_bridge.write.manifest import verify
 
 EXAMPLE = ROOT / "examples" / "tiny-llama"
 
@@ -134,7 +134,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_json_report_holds_anything(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Args are the checkpoint's: bytes, sets, tuple keys, NaN or objects still give a JSON report."""
     odd = {"args": {"blob": b"\xff\x00ab", "groups": {3, 1}, (1, 2): "tuple key", "eps": math.nan, "obj": object()}}
-    monkeypatch.setattr(offline_bridge.inspection, "inspect_checkpoint", lambda *_: odd)
+    monkeypatch.setattr(offline_bridge.commands.inspection, "inspect_checkpoint", lambda *_: odd)
     code = run(["inspect", str(EXAMPLE), "--json"])
     out = capsys.readouterr().out
     assert code == 0
@@ -149,7 +149,7 @@ def test_internal_error_is_one_line_and_debug_shows_it(
     def broken(*_: object) -> dict:
         raise ValueError("an internal mistake")
 
-    monkeypatch.setattr(offline_bridge.inspection, "inspect_checkpoint", broken)
+    monkeypatch.setattr(offline_bridge.commands.inspection, "inspect_checkpoint", broken)
     code, lines = cli(capsys, "inspect", EXAMPLE)
     assert code == 1 and lines == ["internal error: ValueError: an internal mistake"]
     code, lines = cli(capsys, "--debug", "inspect", EXAMPLE)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import LORA_SPECS, ROOT
 
-from offline_bridge.cli import run
-from offline_bridge.manifest import verify
+from offline_bridge.commands.cli import run
+from offline_bridge.write.manifest import verify
 
 EXAMPLE = ROOT / "examples" / "tiny-llama"
 
@@ -177,7 +177,7 @@ def slowed(real):
     return slow
 for name in ("pwrite", "pwritev", "copy_file_range"):
     setattr(os, name, slowed(getattr(os, name)))
-from offline_bridge.cli import entry
+from offline_bridge.commands.cli import entry
 entry()
 """
 

@@ -13,7 +13,7 @@ from judge import assert_matches_megatron
 from safetensors import safe_open
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from tools.megatron_fixtures import FixtureSpec
 
 

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from conftest import CANONICAL_SPECS, DORA_SPEC, LORA_SPECS, PARITY_SPECS
 from safetensors import safe_open
 
-from offline_bridge import convert, lora_merge, writer
-from offline_bridge.cli import main
+from offline_bridge import convert
+from offline_bridge.commands.cli import main
+from offline_bridge.transform import lora_merge
+from offline_bridge.write import writer
 from tools.lora_fixtures import AdapterSpec
 
 SPEC = next(s for s in PARITY_SPECS if s.family == "qwen3" and s.tp == 2 and s.pp == 2 and s.dtype == "bf16")
@@ -114,4 +116,4 @@ def test_merges_in_row_blocks(
     assert rows.keys() == whole.keys()
     for name, tensor in whole.items():
         torch.testing.assert_close(rows[name].float(), tensor.float(), rtol=2**-7, atol=1e-6, msg=name)
-    assert "offline_bridge.gpu" not in sys.modules
+    assert "offline_bridge.transform.gpu" not in sys.modules

@@ -18,7 +18,7 @@ from judge import convert_fails, load_clean
 from safetensors.torch import load_file
 
 from offline_bridge import convert
-from offline_bridge.quant import AMAX_FILE, CONFIG_FILE
+from offline_bridge.transform.quant import AMAX_FILE, CONFIG_FILE
 from tools.megatron_fixtures import FixtureSpec, legacy_root
 from tools.quant_fixtures import CALIBRATION_BATCH, CALIBRATION_SEQ, QuantSpec, build_quant_fixtures
 

@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from conftest import MOE_SPECS, PARITY_SPECS
 from judge import convert_fails
 
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
+from offline_bridge.config.hf_config import derive_config
+from offline_bridge.config.inputs import lora_settings
+from offline_bridge.config.provider_args import provider_args
+from offline_bridge.config.run_config import load_run_config
 from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_for_args
-from offline_bridge.hf_config import derive_config
-from offline_bridge.inputs import lora_settings
-from offline_bridge.provider_args import provider_args
-from offline_bridge.run_config import load_run_config
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny-llama"
 ITERATION = "iter_0000010"

@@ -15,8 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from offline_bridge.errors import CheckpointError, UnsafePickleError
-from offline_bridge.safe_pickle import safe_loads
-from offline_bridge.torch_save import load_torch_file
+from offline_bridge.readers.pickles.safe_pickle import safe_loads
+from offline_bridge.readers.pickles.torch_save import load_torch_file
 
 
 class _Call:

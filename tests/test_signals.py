@@ -54,7 +54,7 @@ def test_no_traceback_while_loading(tmp_path: Path) -> None:
 
 
 def test_library_keeps_python_defaults() -> None:
-    code = "import signal, offline_bridge.cli; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    code = "import signal, offline_bridge.commands.cli; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

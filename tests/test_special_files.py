@@ -16,7 +16,7 @@ import pytest
 from hostile import Outcome, assert_refused, run_cli
 
 import offline_bridge
-from offline_bridge.manifest import MANIFEST
+from offline_bridge.write.manifest import MANIFEST
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "tiny-llama"  # torch_dist, iteration 10

@@ -9,7 +9,7 @@ from conftest import DCP_SPEC
 from judge import assert_matches_megatron, assert_same_output
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 from tools.megatron_fixtures import dcp_root
 
 

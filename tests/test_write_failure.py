@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import BASE_SPEC, ROOT
 
-from offline_bridge.cli import main
-from offline_bridge.manifest import MANIFEST, verify
+from offline_bridge.commands.cli import main
+from offline_bridge.write.manifest import MANIFEST, verify
 
 
 def _convert(ckpt: Path, out: Path) -> Result:
@@ -75,7 +75,7 @@ def slowed(real):
     return slow
 for name in ("pwrite", "pwritev", "copy_file_range"):
     setattr(os, name, slowed(getattr(os, name)))
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
 main()
 """
 

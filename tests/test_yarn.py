@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from judge import assert_matches_megatron
 
 from offline_bridge import convert
-from offline_bridge.cli import main
+from offline_bridge.commands.cli import main
+from offline_bridge.config.hf_config import derive_config
 from offline_bridge.families.deepseek_v3 import FAMILY
-from offline_bridge.hf_config import derive_config
 from tools.megatron_fixtures import FixtureSpec, Yarn, build_fixtures
 
 # Factor 8 over an original context of 8 positions, which the reference forward (12 tokens) runs past;

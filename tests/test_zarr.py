@@ -17,9 +17,9 @@ from judge import assert_matches_megatron, assert_same_output, convert_fails
 
 import offline_bridge
 from offline_bridge.errors import CheckpointError
-from offline_bridge.manifest import MANIFEST
 from offline_bridge.readers import ZarrReader, open_reader
 from offline_bridge.readers import zarr as zarr_reader
+from offline_bridge.write.manifest import MANIFEST
 
 DATA = Path(__file__).resolve().parent / "data" / "zarr"
 ZARR_CKPT = DATA / "zarr_ckpt"

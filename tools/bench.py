@@ -169,7 +169,7 @@ def size_of(path: Path) -> int:
 
 def largest_tensor(root: Path) -> int:
     """Bytes of the checkpoint's largest single (global, per-layer) tensor."""
-    from offline_bridge.inputs import open_checkpoint
+    from offline_bridge.config.inputs import open_checkpoint
 
     reader, _ = open_checkpoint(root)
     with reader:

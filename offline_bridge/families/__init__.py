@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import OptionError
-from ..hf_fields import hf_value
 from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
 from .base import Family
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..rules import Rule
+from ..plan.rules import Rule
 
 __all__ = ["Family"]
 

@@ -12,12 +12,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..hf_fields import hf_value
-from ..rules import Copy, Dims, GatedMLP, dense_layer, moe_layer, only
+from ..plan.rules import Copy, Dims, GatedMLP, dense_layer, moe_layer, only
 from . import llama, qwen3_moe
 from .base import Family, as_mtp, flag
 from .moe import moe_layer_pattern
+
+__all__ = ["FAMILY", "LAYER", "MLA", "MOE", "MTP", "A"]
 
 M, H = llama.M, llama.H
 A = M + "self_attention."

@@ -6,8 +6,10 @@ Megatron names are the TE-fused ones the checkpoint holds; the separate-norm nam
 
 from __future__ import annotations
 
-from ..rules import QKV, Copy, GatedMLP, VocabRows, untied
+from ..plan.rules import QKV, Copy, GatedMLP, VocabRows, untied
 from .base import Family, flag
+
+__all__ = ["ATTENTION", "EMBEDDING", "FAMILY", "FINAL", "MLP", "NORMS", "H", "M"]
 
 M = "decoder.layers.{i}."  # Megatron layer prefix
 H = "model.layers.{i}."  # HF layer prefix

@@ -8,6 +8,8 @@ from __future__ import annotations
 from . import llama
 from .base import Family
 
+__all__ = ["FAMILY"]
+
 FAMILY = Family(
     name="mistral",
     architecture="MistralForCausalLM",

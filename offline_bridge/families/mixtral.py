@@ -9,12 +9,14 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..hf_fields import hf_value
-from ..rules import Copy, GatedMLP
+from ..plan.rules import Copy, GatedMLP
 from . import llama
 from .base import Family, flag
 from .moe import check_softmax_router, moe_layer_pattern
+
+__all__ = ["EXPERTS", "FAMILY", "MOE", "ROUTER"]
 
 M, H = llama.M, llama.H
 MOE = H + "block_sparse_moe."

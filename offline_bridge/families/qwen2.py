@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ..rules import QKV
+from ..plan.rules import QKV
 from . import llama
 from .base import Family, flag
+
+__all__ = ["FAMILY", "QKV_BIAS"]
 
 M, H = llama.M, llama.H
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ..rules import Copy
+from ..plan.rules import Copy
 from . import llama
 from .base import Family, flag
+
+__all__ = ["FAMILY", "QK_NORMS"]
 
 M, H = llama.M, llama.H
 

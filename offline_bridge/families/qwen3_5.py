@@ -14,12 +14,24 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..hf_fields import hf_value
-from ..rules import GDN_IN_PROJ_PARTS, GatedDeltaInProj, Packed, Rule, moe_layer, only
+from ..plan.rules import GDN_IN_PROJ_PARTS, GatedDeltaInProj, Packed, Rule, moe_layer, only
 from . import llama, qwen3_next
 from .base import Family
 from .moe import moe_layer_pattern
+
+__all__ = [
+    "ATTENTION",
+    "DENSE_MLP",
+    "FAMILY",
+    "IN_PROJ_SPLIT",
+    "MOE_FAMILY",
+    "MOE_MLP",
+    "PACKED_EXPERTS",
+    "VL_FAMILY",
+    "VL_MOE_FAMILY",
+]
 
 M, H, A, G = qwen3_next.M, qwen3_next.H, qwen3_next.A, qwen3_next.G
 

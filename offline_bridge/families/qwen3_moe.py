@@ -9,11 +9,13 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from ..hf_fields import hf_value
-from ..rules import Copy, GatedMLP, dense_layer, moe_layer, only
+from ..config.hf_fields import hf_value
+from ..plan.rules import Copy, GatedMLP, dense_layer, moe_layer, only
 from . import llama, qwen3
 from .base import Family, flag
 from .moe import check_softmax_router, moe_layer_pattern
+
+__all__ = ["EXPERTS", "FAMILY", "ROUTER", "experts"]
 
 M, H = llama.M, llama.H
 

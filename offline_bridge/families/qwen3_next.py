@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..hf_fields import hf_value
-from ..rules import (
+from ..plan.rules import (
     GDN_CONV_PARTS,
     GDN_IN_PROJ_PARTS,
     Copy,
@@ -36,6 +36,25 @@ from ..rules import (
 from . import llama, qwen3, qwen3_moe
 from .base import Family, flag
 from .moe import check_softmax_router, moe_layer_pattern
+
+__all__ = [
+    "FAMILY",
+    "GATED_ATTENTION",
+    "IN_PROJ_GROUPED",
+    "LAYER",
+    "MLP",
+    "ROUTER_AND_SHARED_EXPERT",
+    "A",
+    "G",
+    "hybrid_config",
+    "is_gdn",
+    "linear_attention",
+    "linear_attention_pattern",
+    "mtp",
+    "mtp_layers",
+    "shared_expert_config",
+    "with_mtp_experts",
+]
 
 M, H = llama.M, llama.H
 A = M + "self_attention."  # Megatron's attention module, GDN or full

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..small_files import clip, quote
+from ..files.small_files import clip, quote
 from .base import CheckpointReader, TensorInfo
 from .legacy import FILE as LEGACY_FILE
 from .legacy import LegacyReader

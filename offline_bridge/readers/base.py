@@ -44,7 +44,7 @@ def is_quantizer_key(key: str) -> bool:
 def load_common_pt(directory: Path) -> dict[str, Any] | None:
     """`common.pt` (Megatron's non-sharded state) through the allow-list unpickler; None if absent."""
     from ..errors import CheckpointError
-    from ..torch_save import load_torch_file
+    from .pickles.torch_save import load_torch_file
 
     file = directory / "common.pt"
     if not file.exists():

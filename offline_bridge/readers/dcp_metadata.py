@@ -17,10 +17,10 @@ from typing import Any
 
 from ..dtypes import DType
 from ..errors import CheckpointError
-from ..safe_pickle import safe_loads
-from ..small_files import METADATA_LIMIT, read_small
-from ..tensor_records import check_shape
+from ..files.small_files import METADATA_LIMIT, read_small
 from .base import TensorInfo
+from .pickles.safe_pickle import safe_loads
+from .pickles.tensor_records import check_shape
 
 __all__ = ["Catalog", "read_catalog"]
 

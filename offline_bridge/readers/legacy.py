@@ -26,11 +26,11 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import CheckpointError
-from ..safe_pickle import TensorRef
-from ..small_files import map_regular
-from ..torch_save import TorchArchive, is_contiguous, release_pages, view
+from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
 from .legacy_ranks import RANK_DIR, parallel_size, rank_layout
+from .pickles.safe_pickle import TensorRef
+from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
 
 __all__ = ["LegacyReader"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..small_files import TEXT_LIMIT, load_json
+from ..files.small_files import TEXT_LIMIT, load_json
 
 __all__ = ["MARKER", "read_marker"]
 

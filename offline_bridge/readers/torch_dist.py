@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from ..handles import HandleCache
-from ..safe_pickle import TensorRef
-from ..small_files import map_regular
-from ..tensor_records import check_chunk_record
-from ..torch_save import TorchArchive, is_contiguous, release_pages, view
+from ..files.handles import HandleCache
+from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key, load_common_pt
 from .coverage import check_tiling
 from .dcp_metadata import read_catalog
+from .pickles.safe_pickle import TensorRef
+from .pickles.tensor_records import check_chunk_record
+from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
 
 __all__ = ["MAX_OPEN_FILES", "TorchDistReader"]
 

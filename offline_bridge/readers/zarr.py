@@ -25,8 +25,8 @@ import numpy as np
 
 from ..dtypes import DType, by_torch_name
 from ..errors import CheckpointError
-from ..shapes import shape_problem
-from ..small_files import TEXT_LIMIT, clip, load_json, map_regular, quote, read_small
+from ..files.shapes import shape_problem
+from ..files.small_files import TEXT_LIMIT, clip, load_json, map_regular, quote, read_small
 from .base import Box, CheckpointReader, TensorInfo, full_box, load_common_pt
 from .marker import MARKER, read_marker
 from .zarr_codecs import codec_problem, decode, encoded_limit

@@ -22,7 +22,7 @@ import struct
 import zlib
 from typing import Any
 
-from ..small_files import quote
+from ..files.small_files import quote
 
 __all__ = ["COMPRESSORS", "codec_problem", "decode", "encoded_limit"]
 

@@ -1,0 +1,63 @@
+"""How a command ends: its result, or one line on stderr and an exit code (2 bad input or option, 1
+internal), a traceback only with `--debug`; and reports as JSON whatever the checkpoint's args hold."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import BridgeError
+
+__all__ = ["as_json", "json_safe", "report"]
+
+T = TypeVar("T")
+
+
+def report(produce: Callable[[], T]) -> T:
+    """``produce()``; an exception becomes one line on stderr (the traceback with `--debug`) and its exit code.
+    Interrupts (KeyboardInterrupt) go through to `cli.run`."""
+    try:
+        return produce()
+    except Exception as exc:
+        context = click.get_current_context(silent=True)
+        if context is not None and (context.find_root().obj or {}).get("debug"):
+            traceback.print_exc()
+        elif isinstance(exc, BridgeError):
+            click.echo(f"error: {exc}", err=True)
+        else:
+            click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(exc.exit_code if isinstance(exc, BridgeError) else 1)
+
+
+def as_json(value: object) -> str:
+    """``value`` as indented JSON text, made JSON-safe first (`json_safe`)."""
+    return json.dumps(json_safe(value), indent=2)
+
+
+def json_safe(value: object) -> Any:
+    """``value`` with what JSON cannot hold made text: bytes decoded (bad bytes escaped), sets as sorted
+    lists, keys as strings, non-finite floats and other objects by their text."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {_key(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((json_safe(v) for v in value), key=repr)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return repr(value)
+
+
+def _key(key: object) -> str:
+    safe = json_safe(key)
+    return safe if isinstance(safe, str) else json.dumps(safe)

@@ -1,0 +1,126 @@
+"""The source fingerprint of a manifest: what a conversion read, hashed where it says what the checkpoint is.
+
+A checkpoint directory may hold anything (notes, a 300 GB sparse file, a FIFO): every regular file is recorded
+by size, and only a fixed list of files at fixed places is hashed, each under the size limit it is read with,
+through `small_files` (regular files only). See formats/manifest.md, "Source fingerprints".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError
+from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT, open_regular
+from ..readers.base import CheckpointReader
+from ..readers.combined import CombinedReader
+
+__all__ = ["args_digest", "canonical", "describe_sources", "fingerprint", "sha256_file"]
+
+# Files whose bytes say what the checkpoint is, hashed where the readers read them (at the top of the
+# iteration directory; `.zarray` one level down), under the limit they are read with. Every other file, at
+# any depth, is recorded by size only: a fingerprint never re-reads tensor data (`.distcp`, zarr chunks,
+# legacy `model_optim_rng.pt`, whose args are in `args_sha256`) nor files no reader opens.
+_HASHED_AT_TOP = {".metadata": METADATA_LIMIT, "common.pt": METADATA_LIMIT, "metadata.json": TEXT_LIMIT}
+_HASHED_AT_TOP["run_config.yaml"] = JSON_LIMIT
+_ZARRAY = ".zarray"
+_CHUNK = 1 << 24
+
+
+def sha256_file(path: Path, limit: int | None = None, what: str = "file") -> str:
+    """sha256 of a regular file read block by block (a FIFO or device is an error, never opened blocking);
+    with ``limit``, a larger file is an error before a byte is read."""
+    fd = open_regular(path, what)
+    try:
+        if limit is not None and os.fstat(fd).st_size > limit:
+            raise CheckpointError(f"{path}: the {what} is larger than the {limit} bytes such a file may take")
+        digest = hashlib.sha256()
+        while block := os.read(fd, _CHUNK):
+            digest.update(block)
+        return digest.hexdigest()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+
+
+def _hash_limit(relative: Path) -> int | None:
+    """The size limit of a checkpoint file whose bytes the fingerprint hashes; None: recorded by size only."""
+    if len(relative.parts) == 1:
+        return _HASHED_AT_TOP.get(relative.name)
+    return TEXT_LIMIT if len(relative.parts) == 2 and relative.name == _ZARRAY else None
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able form whose text does not depend on set order or object identity."""
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((canonical(v) for v in value), key=repr)
+    if isinstance(value, argparse.Namespace) or hasattr(value, "__dict__"):
+        return {"type": type(value).__name__, **canonical(vars(value))}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def args_digest(args: argparse.Namespace | None) -> str | None:
+    """sha256 of the Megatron args as canonical JSON (None when the checkpoint saved none)."""
+    if args is None:
+        return None
+    try:
+        text = json.dumps(canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
+    except RecursionError:
+        raise CheckpointError("the checkpoint's args nest too deeply (a self-referencing pickle?)") from None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _iteration(directory: Path) -> str:
+    match = re.fullmatch(r"iter_([0-9]+)", directory.name)
+    return str(int(match.group(1))) if match else directory.name
+
+
+def fingerprint(reader: CheckpointReader, role: str) -> dict[str, Any]:
+    """Format, iteration, the checkpoint's files (metadata hashed, data by size) and its args' hash."""
+    files = {}
+    for path in sorted(p for p in reader.path.rglob("*") if p.is_file()):
+        relative = path.relative_to(reader.path)
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        limit = _hash_limit(relative)
+        if limit is not None:
+            entry["sha256"] = sha256_file(path, limit, "checkpoint file")
+        files[relative.as_posix()] = entry
+    return {
+        "role": role,
+        "format": reader.format,
+        "iteration": _iteration(reader.path),
+        "args_sha256": args_digest(reader.args),
+        "files": files,
+    }
+
+
+def describe_sources(reader: CheckpointReader, hf_config: str | Path | None = None) -> list[dict[str, Any]]:
+    """Fingerprints of everything a conversion read: the checkpoint (or base and adapter) and --hf-config."""
+    if isinstance(reader, CombinedReader):
+        sources = [fingerprint(reader.base, "base"), fingerprint(reader.adapter, "adapter")]
+    else:
+        sources = [fingerprint(reader, "checkpoint")]
+    if hf_config is not None:
+        path = Path(hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        sources.append(
+            {
+                "role": "hf_config",
+                "format": "json",
+                "files": {path.name: {"sha256": sha256_file(path, JSON_LIMIT, "HF config")}},
+            }
+        )
+    return sources
