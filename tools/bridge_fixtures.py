@@ -230,42 +230,54 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
 
 
 def _provider(case: Case) -> Any:
-    import torch
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.gpt_provider import local_layer_spec
 
     bridge = AutoBridge.from_hf_config(hf_config(case.model))
     provider = bridge.to_megatron_provider(load_weights=False)
-    provider.transformer_layer_spec = local_layer_spec
     provider.tensor_model_parallel_size = case.tp
     provider.pipeline_model_parallel_size = 1
-    provider.should_pad_vocab = True  # Bridge's providers keep the HF vocab; padding it is the harder case
-    provider.make_vocab_size_divisible_by = 128
     provider.expert_model_parallel_size = case.ep
     provider.expert_tensor_parallel_size = case.etp
-    provider.params_dtype = torch.float32
-    provider.pipeline_dtype = torch.float32
-    provider.autocast_dtype = torch.float32
-    provider.bf16 = False
-    provider.fp16 = False
-    provider.attention_dropout = 0.0
-    provider.hidden_dropout = 0.0
     provider.init_method_std = 0.08
-    provider.gradient_accumulation_fusion = False
-    provider.masked_softmax_fusion = False
-    provider.bias_activation_fusion = False
-    provider.bias_dropout_fusion = False
-    provider.apply_rope_fusion = False
-    provider.persist_layer_norm = False
-    provider.cross_entropy_loss_fusion = False
-    if case.model == "moe":
-        provider.moe_grouped_gemm = False
-        provider.moe_token_dispatcher_type = "allgather"
-        provider.moe_permute_fusion = False
-        provider.moe_router_fusion = False
-        provider.moe_aux_loss_coeff = 0.0
+    _padded(_for_cpu(provider))
     provider.finalize()
     return bridge, provider
+
+
+def _padded(provider: Any) -> Any:
+    """Bridge's providers keep the HF vocab (250); training with Megatron's padding (to 256) is the harder
+    case. Bridge's HF exports keep the 6 padding rows, so reloading them needs the same padding."""
+    provider.should_pad_vocab = True
+    provider.make_vocab_size_divisible_by = 128
+    return provider
+
+
+def _for_cpu(provider: Any) -> Any:
+    """fp32, the local (no-TE) layer spec, no fused CUDA kernels; SequentialMLP experts, allgather dispatch."""
+    import torch
+    from megatron.bridge.models.gpt_provider import local_layer_spec
+
+    provider.transformer_layer_spec = local_layer_spec
+    provider.params_dtype = provider.pipeline_dtype = provider.autocast_dtype = torch.float32
+    provider.bf16 = provider.fp16 = False
+    provider.attention_dropout = provider.hidden_dropout = 0.0
+    for fusion in (
+        "gradient_accumulation_fusion",
+        "masked_softmax_fusion",
+        "bias_activation_fusion",
+        "bias_dropout_fusion",
+        "apply_rope_fusion",
+        "persist_layer_norm",
+        "cross_entropy_loss_fusion",
+        "moe_permute_fusion",
+        "moe_router_fusion",
+        "moe_grouped_gemm",
+    ):
+        setattr(provider, fusion, False)
+    if provider.num_moe_experts:
+        provider.moe_token_dispatcher_type = "allgather"
+        provider.moe_aux_loss_coeff = 0.0
+    return provider
 
 
 def _build(case: Case) -> tuple[Any, Any, list]:
@@ -438,7 +450,10 @@ def _export_adapter_job(case: Case, out: str) -> None:
     root = Path(out) / case.model_dir
     os.chdir(out)
     bridge = AutoBridge.from_hf_pretrained(str(root / "base_hf"))
-    bridge.export_adapter_ckpt(str(root / case.peft / "ckpt"), str(root / case.peft / "export_adapter_ckpt"))
+    to_provider = bridge.to_megatron_provider
+    bridge.to_megatron_provider = lambda *a, **k: _padded(_for_cpu(to_provider(*a, **k)))
+    iter_dir = root / case.peft / "ckpt" / f"iter_{STEP:07d}"  # the save root is refused (no .metadata there)
+    bridge.export_adapter_ckpt(str(iter_dir), str(root / case.peft / "export_adapter_ckpt"))
 
 
 def main(argv: list[str]) -> None:
