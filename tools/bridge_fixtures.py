@@ -65,7 +65,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.megatron_fixtures import _spawn  # noqa: E402
+from tools.megatron_fixtures import _spawn
 
 SEED = 1234
 BATCH, SEQ = 2, 12
@@ -223,7 +223,7 @@ def _rank(rank: int, world: int, port: int) -> Iterator[None]:
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
     with _rank(rank, world, port):
         for job in jobs:
-            {"case": _case_job, "export_adapter": _export_adapter_job}[task](**job)
+            {"case": _case_job, "export_adapter": _export_adapter_job, "reload": _reload_job}[task](**job)
 
 
 # --------------------------------------------------------------------------- inside the ranks
@@ -326,28 +326,42 @@ def _peft(kind: str, case: Case) -> Any:
 
 
 def _randomize_adapters(model: list) -> None:
-    """Seeded A, B (and DoRA magnitudes): per TP rank where sharded, per EP rank for experts."""
+    """Seeded A and B: per TP rank where sharded, per EP rank for experts; then DoRA magnitudes."""
     import torch
     from megatron.core import parallel_state as ps
 
-    modules = dict(model[0].named_modules())
     for name, p in model[0].named_parameters():
-        if ".adapter." not in name:
+        if ".adapter." not in name or name.endswith("weight_magnitude"):
             continue
-        owner = modules[name.rsplit(".", 1)[0]]
         expert = ".experts." in name
         tp_rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
-        if name.endswith("weight_magnitude"):
-            sharded = not owner.input_is_parallel
-        else:
-            sharded = bool(getattr(p, "tensor_model_parallel", False))
+        sharded = bool(getattr(p, "tensor_model_parallel", False))
         parts = [name, tp_rank if sharded else "-", ps.get_expert_model_parallel_rank() if expert else "-"]
-        g = torch.Generator().manual_seed(_seed(*parts))
-        values = torch.randn(p.shape, generator=g)
-        if name.endswith("weight_magnitude"):
-            p.data.mul_(1 + 0.2 * values.abs())  # around the row norms Bridge initialised them to
-        else:
-            p.data.copy_(values * 0.3)
+        p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(_seed(*parts))) * 0.1)
+    _randomize_magnitudes(model)
+
+
+def _randomize_magnitudes(model: list) -> None:
+    """DoRA magnitudes m = ||W + s·BA||_row · (1 + 0.2·|n|), full-row norms, n seeded per row.
+
+    Bridge initialises m from TP-local row norms (for row-parallel layers each rank holds its own input
+    columns, so its "replicated" m differs per rank and the checkpoint keeps rank 0's); full-row norms
+    summed over TP make the replicated ones equal on every rank, as a checkpoint needs."""
+    import torch
+    from megatron.bridge.peft.dora_layers import DoRALinear
+    from megatron.core import parallel_state as ps
+
+    for name, module in model[0].named_modules():
+        if not isinstance(module, DoRALinear):
+            continue
+        norm = module._get_weight_norm()
+        if module.adapter.input_is_parallel:  # TP-local norms of the input columns: sum the squares
+            squares = norm.square()
+            torch.distributed.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+            norm = squares.sqrt()
+        rank = "-" if module.adapter.input_is_parallel else ps.get_tensor_model_parallel_rank()
+        noise = torch.randn(norm.shape, generator=torch.Generator().manual_seed(_seed(name, "m", rank)))
+        module.adapter.weight_magnitude.data.copy_(norm * (1 + 0.2 * noise.abs()))
 
 
 def _input_ids() -> Any:
@@ -456,6 +470,35 @@ def _export_adapter_job(case: Case, out: str) -> None:
     bridge.export_adapter_ckpt(str(iter_dir), str(root / case.peft / "export_adapter_ckpt"))
 
 
+def _reload_job(case: Case, out: str) -> None:
+    """Bridge's own TP1 reload of the PEFT checkpoint (base from its HF export, adapters loaded the way
+    ``export_adapter_ckpt`` loads them), and its forward: what the checkpoint holds, on one rank."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.checkpointing import (
+        _generate_model_state_dict,
+        apply_peft_adapter_filter_to_state_dict,
+    )
+    from megatron.core import dist_checkpointing
+
+    root = Path(out) / case.model_dir
+    os.chdir(out)
+    peft = _peft(case.peft, case)
+    provider = AutoBridge.from_hf_pretrained(str(root / "base_hf")).to_megatron_provider(load_weights=True)
+    _padded(_for_cpu(provider))
+    provider.finalize()
+    provider.register_pre_wrap_hook(lambda chunks: peft(chunks, training=False))
+    model = provider.provide_distributed_model(
+        wrap_with_ddp=False,
+        use_cpu_initialization=True,
+        init_model_with_meta_device=False,
+        mixed_precision_wrapper=None,
+    )
+    state = apply_peft_adapter_filter_to_state_dict(_generate_model_state_dict(model, {}), peft)
+    loaded = dist_checkpointing.load(state, str(root / case.peft / "ckpt" / f"iter_{STEP:07d}"))
+    model[0].load_state_dict(loaded["model"], strict=False)
+    _save_logits(model, root / case.peft / "tp1_reload_logits.safetensors")
+
+
 def main(argv: list[str]) -> None:
     import logging
 
@@ -468,6 +511,8 @@ def main(argv: list[str]) -> None:
         _spawn(case.world, "case", [{"case": case, "out": str(out)}], timeout=900, worker=_worker)
         if case.model == "moe" and case.peft:
             _spawn(1, "export_adapter", [{"case": case, "out": str(out)}], timeout=900, worker=_worker)
+        if case.peft:
+            _spawn(1, "reload", [{"case": case, "out": str(out)}], timeout=900, worker=_worker)
     (out / "MANIFEST.json").write_text(json.dumps({n: str(CASES[n]) for n in names}, indent=1) + "\n")
 
 
