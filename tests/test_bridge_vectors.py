@@ -9,11 +9,13 @@ Megatron-Bridge 0.6.2 differences") the test pins which tensors differ and that 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM
 
 from offline_bridge import convert, export_adapter
@@ -115,17 +117,55 @@ def test_dense_lora_export_equals_bridge_save_hf_adapter(tmp_path: Path) -> None
     assert sorted(ours_config["target_modules"]) == sorted(theirs_config["target_modules"])
 
 
-def test_dense_dora(converted) -> None:
-    """Ours is standard DoRA, m·V/||V||_row with V = W + s·BA: Bridge's own forward after a TP1 reload of the
-    checkpoint. Its live TP2 forward normalises row-parallel layers by TP-local row norms, so it differs;
-    its merged export drops the magnitudes (V only)."""
+def checkpoint_tensors(iteration_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """A torch_dist save's global tensors, read by torch itself (not by the code under test)."""
+    dcp_to_torch_save(iteration_dir, tmp / "checkpoint.pt")
+    state = torch.load(tmp / "checkpoint.pt", weights_only=False)
+    return {name: value for name, value in state.get("model", state).items() if torch.is_tensor(value)}
+
+
+def fc1_magnitudes(tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DoRA checkpoint's fc1 magnitudes [L, 2F] on disk, and the same rows in true [gate; up] order:
+    Bridge saves them without the swiglu factory, TP rank-major ([gate_0; up_0; gate_1; up_1] at TP2)."""
+    disk = checkpoint_tensors(DENSE / "dora" / "ckpt" / "iter_0000020", tmp)
+    stored = disk["decoder.layers.mlp.linear_fc1.adapter.weight_magnitude"]
+    gate_0, up_0, gate_1, up_1 = stored.chunk(4, dim=1)
+    return stored, torch.cat([gate_0, gate_1, up_0, up_1], dim=1)
+
+
+def test_dense_dora(converted, tmp_path: Path) -> None:
+    """Ours is standard DoRA, m·V/||V||_row with V = W + s·BA, every magnitude row in its true order.
+
+    Bridge's live TP2 forward normalises row-parallel layers by TP-local row norms, so it differs. Its TP1
+    reload of the checkpoint is standard DoRA except that it reads fc1's rank-major magnitudes as
+    [gate; up]: our model with those rows swapped in is Bridge's TP1 forward."""
     out = converted(DENSE, "dora")
-    assert_logits(out, DENSE / "dora" / "tp1_reload_logits.safetensors")
     assert logits_gap(out, DENSE / "dora" / "logits.safetensors") > 100 * ATOL
-    without_magnitude = bridge_export(DENSE / "dora" / "merged_hf")
-    assert differing(tensors(converted(DENSE, "lora")), tensors(out)) != []
-    changed = differing(tensors(out), without_magnitude)
-    assert changed and all(name.endswith("_proj.weight") for name in changed)
+    assert logits_gap(out, DENSE / "dora" / "tp1_reload_logits.safetensors") > 100 * ATOL
+    stored, true_order = fc1_magnitudes(tmp_path)
+    data = tensors(out)
+    gate_up = {"gate_proj": slice(None, stored.shape[1] // 2), "up_proj": slice(stored.shape[1] // 2, None)}
+    for layer in range(stored.shape[0]):
+        for name, rows in gate_up.items():
+            key = f"model.layers.{layer}.mlp.{name}.weight"
+            data[key] = data[key] * (stored[layer, rows] / true_order[layer, rows])[:, None]
+    save_file(data, tmp_path / "model.safetensors")
+    shutil.copy(out / "config.json", tmp_path / "config.json")
+    assert_logits(tmp_path, DENSE / "dora" / "tp1_reload_logits.safetensors")
+
+
+def test_dense_dora_magnitude_order(converted, tmp_path: Path) -> None:
+    """The fixture set m = ||V||_row · (1 + 0.2·|n|): m / ||V|| is in [1, 2) only in the true row order,
+    so fc1's magnitudes are rank-major on disk. Bridge's merged export drops m (V only)."""
+    stored, true_order = fc1_magnitudes(tmp_path)
+    merged = bridge_export(DENSE / "dora" / "merged_hf")
+    layers = range(stored.shape[0])
+    rows = torch.stack(
+        [torch.cat([merged[f"model.layers.{i}.mlp.{p}.weight"] for p in ("gate_proj", "up_proj")]) for i in layers]
+    )
+    ratio = true_order / rows.norm(dim=-1)
+    assert ratio.min() >= 1 - 1e-6 and ratio.max() < 2
+    assert (stored / rows.norm(dim=-1)).min() < 1 - 1e-3
 
 
 def expert_ep_rank(name: str) -> int | None:
@@ -158,15 +198,21 @@ def test_moe_lora_expert_tp2(converted) -> None:
     assert {expert_ep_rank(name) for name in changed} == {0, 1}
 
 
-def test_moe_export_adapter_equals_bridge_export_adapter_ckpt(tmp_path: Path) -> None:
-    """Bridge's export_adapter_ckpt (a TP1 reload of the checkpoint) is right: same tensors as ours."""
-    config = transformers4_config(MOE, tmp_path)
+@pytest.mark.parametrize("model_dir", [MOE, MOE_ETP2], ids=["moe_etp1", "moe_etp2"])
+def test_moe_export_adapter(model_dir: Path, tmp_path: Path) -> None:
+    """Bridge's export_adapter_ckpt (a TP1 reload of the checkpoint) is right: the same tensors as ours.
+    Its save_hf_adapter of the live EP2 model writes EP rank 0's local experts (0, 1) only."""
+    config = transformers4_config(model_dir, tmp_path)
     out = export_adapter(
-        MOE / "lora" / "ckpt", tmp_path / "peft", hf_config=config, expert_format="per-expert", progress=False
+        model_dir / "lora" / "ckpt", tmp_path / "peft", hf_config=config, expert_format="per-expert", progress=False
     )
-    theirs = load_file(MOE / "lora" / "export_adapter_ckpt" / "adapter_model.safetensors")
     ours = load_file(out / "adapter_model.safetensors")
-    assert differing(ours, theirs) == []
+    assert differing(ours, load_file(model_dir / "lora" / "export_adapter_ckpt" / "adapter_model.safetensors")) == []
+    live = load_file(model_dir / "lora" / "hf_adapter" / "adapter_model.safetensors")
+    assert {expert_ep_rank(name) for name in ours} == {None, 0, 1}
+    assert {expert_ep_rank(name) for name in live} == {None, 0}
+    if model_dir == MOE:  # expert TP 1: what it does write is right
+        assert differing({name: ours[name] for name in live}, live) == []
 
 
 @pytest.mark.skip(reason=NO_ALIASES)

@@ -110,7 +110,7 @@ def hf_config(model: str) -> Any:
     common = dict(
         vocab_size=250,
         hidden_size=64,
-        num_hidden_layers=4,
+        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=16,
