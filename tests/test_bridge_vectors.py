@@ -154,7 +154,7 @@ def test_dense_dora(converted, tmp_path: Path) -> None:
     assert_logits(tmp_path, DENSE / "dora" / "tp1_reload_logits.safetensors")
 
 
-def test_dense_dora_magnitude_order(converted, tmp_path: Path) -> None:
+def test_dense_dora_magnitude_order(tmp_path: Path) -> None:
     """The fixture set m = ||V||_row · (1 + 0.2·|n|): m / ||V|| is in [1, 2) only in the true row order,
     so fc1's magnitudes are rank-major on disk. Bridge's merged export drops m (V only)."""
     stored, true_order = fc1_magnitudes(tmp_path)
