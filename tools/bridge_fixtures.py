@@ -61,8 +61,8 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
 
 
 def _case_job(case: Case, out: str) -> None:
-    root = Path(out) / case.model_dir
-    os.chdir(out)  # run_config.yaml's pretrained_checkpoint is relative to OUT_DIR
+    os.chdir(out)  # every path Bridge records (run_config.yaml, .metadata) is relative to OUT_DIR
+    root = Path(case.model_dir)
     bridge, provider, model = build(case)
     if case.peft is None:
         _save_base(bridge, model, root)
@@ -123,8 +123,8 @@ def _export_adapter_job(case: Case, out: str) -> None:
     """Bridge's ``export_adapter_ckpt`` of the saved PEFT checkpoint, from its own HF export of the base."""
     from megatron.bridge import AutoBridge
 
-    root = Path(out) / case.model_dir
     os.chdir(out)
+    root = Path(case.model_dir)
     bridge = AutoBridge.from_hf_pretrained(str(root / "base_hf"))
     to_provider = bridge.to_megatron_provider
     bridge.to_megatron_provider = lambda *a, **k: padded(for_cpu(to_provider(*a, **k)))
@@ -142,8 +142,8 @@ def _reload_job(case: Case, out: str) -> None:
     )
     from megatron.core import dist_checkpointing
 
-    root = Path(out) / case.model_dir
     os.chdir(out)
+    root = Path(case.model_dir)
     peft = peft_for(case.peft, case)
     provider = AutoBridge.from_hf_pretrained(str(root / "base_hf")).to_megatron_provider(load_weights=True)
     padded(for_cpu(provider))
