@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,6 @@ DATA = Path(__file__).resolve().parent / "data" / "bridge"
 DENSE, MOE, MOE_ETP2 = DATA / "dense", DATA / "moe_ep2_etp1", DATA / "moe_ep2_etp2"
 VOCAB = 250  # the HF vocab; Megatron padded it to 256
 ATOL = 1e-5
-NO_RUN_CONFIG = "needs the model config from run_config.yaml (issue 15, library side): not merged yet"
-NO_ALIASES = "needs the HF config alias table (num_local_experts, rope_parameters; issue 15): not merged yet"
 
 
 def transformers4_config(model_dir: Path, tmp: Path) -> Path:
@@ -215,17 +215,19 @@ def test_moe_export_adapter(model_dir: Path, tmp_path: Path) -> None:
         assert differing({name: ours[name] for name in live}, live) == []
 
 
-@pytest.mark.parametrize("model_dir", [DENSE, pytest.param(MOE, marks=pytest.mark.skip(reason=NO_ALIASES))])
+@pytest.mark.parametrize("model_dir", [DENSE, MOE])
 def test_config_as_transformers_5_wrote_it(model_dir: Path, converted, tmp_path: Path) -> None:
     """The config as transformers 5.12 wrote it gives the same tensors as its 4.x spelling."""
     out = convert(model_dir / "base", tmp_path / "out", hf_config=model_dir / "hf_config", progress=False)
     assert differing(tensors(out), tensors(converted(model_dir))) == []
 
 
-@pytest.mark.skip(reason=NO_RUN_CONFIG)
 @pytest.mark.parametrize(
     "model_dir, peft",
-    [(DENSE, None), (DENSE, "lora"), (DENSE, "canonical_lora"), (DENSE, "dora"), (MOE, None), (MOE, "lora")],
+    [
+        *((DENSE, peft) for peft in (None, "lora", "canonical_lora", "dora")),
+        *((moe, peft) for moe in (MOE, MOE_ETP2) for peft in (None, "lora")),
+    ],
 )
 def test_without_hf_config(model_dir: Path, peft: str | None, converted, tmp_path: Path) -> None:
     """Bridge users have no HF config at hand: run_config.yaml alone gives the same tensors."""
@@ -233,3 +235,17 @@ def test_without_hf_config(model_dir: Path, peft: str | None, converted, tmp_pat
     base = model_dir / "base" if peft else None
     out = convert(source, tmp_path / "out", base=base, progress=False)
     assert differing(tensors(out), tensors(converted(model_dir, peft))) == []
+
+
+def test_base_found_through_run_config(converted, tmp_path: Path) -> None:
+    """The command a Bridge user runs: the adapter save alone, its base from run_config.yaml's
+    `pretrained_checkpoint` (relative, as Bridge recorded it, to the directory the run started in)."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "offline_bridge", "convert", str(MOE / "lora" / "ckpt"), str(out), "--quiet"],
+        cwd=DATA,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert differing(tensors(out), tensors(converted(MOE, "lora"))) == []
