@@ -21,9 +21,10 @@ from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
 from ..transform.quant import Quant, find_quant, fp8_plan, write_quant
+from ..write.json_file import write_json
 from ..write.manifest import describe_sources, write_manifest
 from ..write.staging import OutputDir
-from ..write.writer import write_json, write_weights
+from ..write.writer import write_weights
 from .options import check_options
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]

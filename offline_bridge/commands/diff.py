@@ -20,7 +20,7 @@ from ..errors import CheckpointError
 from ..plan.planner import Plan
 from ..readers import CheckpointReader
 from ..readers.safetensors_file import SafetensorsFile
-from ..write.writer import step_outputs
+from ..transform.compute import step_outputs
 from .convert import plan_conversion
 
 __all__ = ["TensorDiff", "diff", "format_diff"]

@@ -48,9 +48,10 @@ from ..plan.schema import Delta, Lora, Source
 from ..readers import open_reader
 from ..readers.base import CheckpointReader, is_model_key
 from ..readers.discovery import find_iteration_dir
+from ..write.json_file import write_json
 from ..write.manifest import describe_sources, fingerprint, write_manifest
 from ..write.staging import staged_output
-from ..write.writer import write_json, write_weights
+from ..write.writer import write_weights
 from .options import check_options
 
 __all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]

@@ -32,8 +32,10 @@ from ..families import Family
 from ..plan.planner import Plan, Source, Step, Target, expand, finder, layout
 from ..plan.rules import Dims, GatedMLP, RankMajorGatedMLP, Repeat, Rule, Shape
 from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
-from ..write.writer import read_source, write_json, write_weights
+from ..write.json_file import write_json
+from ..write.writer import write_weights
 from .casting import cast
+from .compute import read_source
 
 __all__ = ["AMAX_FILE", "CONFIG_FILE", "Quant", "find_quant", "fp8_plan", "write_quant"]
 

@@ -17,8 +17,8 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
+from .json_file import write_json
 from .sources import args_digest, canonical, describe_sources, fingerprint, sha256_file
-from .writer import write_json
 
 __all__ = [
     "MANIFEST",
@@ -52,7 +52,7 @@ def write_manifest(
     """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
 
     ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them, hashed as each
-    tensor was put in place (see `writer.OutputFiles`)."""
+    tensor was put in place (see `output_files.OutputFiles`)."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for path in sorted(out_dir.iterdir()):
