@@ -20,9 +20,11 @@ from ..readers import CheckpointReader
 from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
-from ..transform.quant import Quant, find_quant, fp8_plan, write_quant
+from ..transform.fp8_export import fp8_plan
+from ..transform.quant import Quant, find_quant
 from ..write.json_file import write_json
 from ..write.manifest import describe_sources, write_manifest
+from ..write.quant_files import write_quant
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
