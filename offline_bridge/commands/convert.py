@@ -15,7 +15,8 @@ from ..config.inputs import open_checkpoint
 from ..config.model_args import model_args_of
 from ..dtypes import DType, by_option
 from ..families import Family, family_by_name, family_for_args, family_for_config
-from ..plan.planner import Lora, Plan, build_plan, parse_size
+from ..plan.planner import build_plan
+from ..plan.schema import Lora, Plan
 from ..readers import CheckpointReader
 from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
@@ -28,6 +29,7 @@ from ..write.quant_files import write_quant
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
+from .sizes import parse_size
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 

@@ -29,7 +29,7 @@ from ..dtypes import by_option
 from ..errors import CheckpointError, OptionError
 from ..families import Family, family_by_name, family_for_args, family_for_config
 from ..plan.adapters import find_delta
-from ..plan.planner import Plan, Step, Target, expand, finder, layout
+from ..plan.layout import layout
 from ..plan.rules import (
     Copy,
     Dims,
@@ -44,7 +44,8 @@ from ..plan.rules import (
     SwigluRows,
     VocabRows,
 )
-from ..plan.schema import Delta, Lora, Source
+from ..plan.schema import Delta, Lora, Plan, Source, Step, Target
+from ..plan.sources import expand, finder
 from ..readers import open_reader
 from ..readers.base import CheckpointReader, is_model_key
 from ..readers.discovery import find_iteration_dir

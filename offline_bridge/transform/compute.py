@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import BridgeError
-from ..plan.planner import Plan, Source, Step, Target
 from ..plan.rules import Dims
+from ..plan.schema import Plan, Source, Step, Target
 from ..plan.transfer import selected_rows
 from ..readers.base import CheckpointReader
 from .casting import as_numpy, cast

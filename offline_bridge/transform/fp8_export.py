@@ -11,7 +11,8 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import OptionError
-from ..plan.planner import Plan, Step, Target, layout
+from ..plan.layout import layout
+from ..plan.schema import Plan, Step, Target
 from ..readers.base import CheckpointReader
 from .quant import Quant
 from .quant_rules import FP8, FP8_MAX, Computed

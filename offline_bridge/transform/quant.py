@@ -28,8 +28,9 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError
 from ..families import Family
-from ..plan.planner import Source, Step, Target, expand, finder
 from ..plan.rules import Dims, GatedMLP, RankMajorGatedMLP, Rule
+from ..plan.schema import Source, Step, Target
+from ..plan.sources import expand, finder
 from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
 from .casting import cast
 from .compute import read_source

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..files.handles import HandleCache
 from ..files.posix_io import copy_range, pread_all, pwrite_all, start_writeback
-from ..plan.planner import Plan, Target
+from ..plan.schema import Plan, Target
 from ..plan.transfer import Run
 
 __all__ = ["MAX_OPEN_FILES", "OutputFiles"]

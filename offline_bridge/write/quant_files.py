@@ -9,7 +9,8 @@ from typing import Any
 
 from ..dtypes import FLOAT32
 from ..families import Family
-from ..plan.planner import Plan, layout
+from ..plan.layout import layout
+from ..plan.schema import Plan
 from ..readers.base import CheckpointReader
 from ..transform.quant import AMAX_FILE, CONFIG_FILE, Quant
 from ..transform.quant_rules import FP8

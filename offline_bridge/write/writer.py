@@ -23,8 +23,8 @@ from tqdm import tqdm
 from ..errors import BridgeError
 from ..files.handles import HandleCache
 from ..files.posix_io import open_readonly, pread_all
-from ..plan.planner import Plan, Step, Target
 from ..plan.rules import Dims
+from ..plan.schema import Plan, Step, Target
 from ..plan.transfer import Run, plan_runs
 from ..readers.base import CheckpointReader
 from ..transform.compute import computed
