@@ -108,6 +108,7 @@ def test_merges_in_row_blocks(
     from safetensors.torch import load_file
 
     adapter = adapters[spec]
+    monkeypatch.delitem(sys.modules, "offline_bridge.transform.gpu", raising=False)  # loaded by test_package
     whole = load_file(convert(adapter, tmp_path / "whole", progress=False) / "model.safetensors")
     monkeypatch.setattr(lora_merge, "ROW_BLOCK", 1)
     one = convert(adapter, tmp_path / "one", workers=1, progress=False) / "model.safetensors"

@@ -24,8 +24,9 @@ from ..transform.casting import preload_torch
 from ..transform.fp8_export import fp8_plan
 from ..transform.quant import Quant, find_quant
 from ..write.json_file import write_json
-from ..write.manifest import describe_sources, write_manifest
+from ..write.manifest import write_manifest
 from ..write.quant_files import write_quant
+from ..write.sources import describe_sources
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options

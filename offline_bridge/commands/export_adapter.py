@@ -50,7 +50,8 @@ from ..readers import open_reader
 from ..readers.base import CheckpointReader, is_model_key
 from ..readers.discovery import find_iteration_dir
 from ..write.json_file import write_json
-from ..write.manifest import describe_sources, fingerprint, write_manifest
+from ..write.manifest import write_manifest
+from ..write.sources import describe_sources, fingerprint
 from ..write.staging import staged_output
 from ..write.writer import write_weights
 from .options import check_options

@@ -28,7 +28,7 @@ from ..families import family_for_args
 from ..readers import CheckpointReader, LegacyReader, TorchDistReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.discovery import find_iteration_dir, iterations_present
-from ..write.manifest import canonical
+from ..write.sources import canonical
 
 __all__ = ["format_report", "inspect_checkpoint"]
 

@@ -18,16 +18,11 @@ from ..errors import CheckpointError
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
-from .sources import args_digest, canonical, describe_sources, fingerprint, sha256_file
+from .sources import canonical, sha256_file
 
 __all__ = [
     "MANIFEST",
-    "args_digest",
-    "canonical",
-    "describe_sources",
-    "fingerprint",
     "load_manifest",
-    "sha256_file",
     "verify",
     "write_manifest",
 ]
