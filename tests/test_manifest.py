@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 import offline_bridge
 from offline_bridge import convert, export_adapter
 from offline_bridge.commands.cli import main
-from offline_bridge.write.manifest import MANIFEST, fingerprint
+from offline_bridge.write.manifest import MANIFEST
+from offline_bridge.write.sources import fingerprint
 
 NAME = "model.layers.2.self_attn.k_proj.weight"
 

@@ -15,8 +15,9 @@ from safetensors import safe_open
 
 from offline_bridge import convert
 from offline_bridge.commands.cli import main
+from offline_bridge.files import posix_io
 from offline_bridge.transform import lora_merge
-from offline_bridge.write import writer
+from offline_bridge.write import scheduler, writer
 from tools.lora_fixtures import AdapterSpec
 
 SPEC = next(s for s in PARITY_SPECS if s.family == "qwen3" and s.tp == 2 and s.pp == 2 and s.dtype == "bf16")
@@ -82,9 +83,9 @@ def test_workers_and_file_limits_give_identical_bytes(
     fds_before = len(os.listdir("/proc/self/fd"))
     one = convert(checkpoints[spec], tmp_path / "one", dtype=dtype, max_shard_size="100KB", workers=1, progress=False)
     monkeypatch.setattr(writer, "MAX_OPEN_FILES", 1)
-    monkeypatch.setattr(writer, "MIN_BUDGET", 1)  # steps wait for each other's memory too
-    monkeypatch.setattr(writer, "_WRITE_CHUNK", 1000)
-    monkeypatch.setattr(writer, "_IOV_MAX", 3)
+    monkeypatch.setattr(scheduler, "MIN_BUDGET", 1)  # steps wait for each other's memory too
+    monkeypatch.setattr(posix_io, "_WRITE_CHUNK", 1000)
+    monkeypatch.setattr(posix_io, "_IOV_MAX", 3)
     three = convert(
         checkpoints[spec], tmp_path / "three", dtype=dtype, max_shard_size="100KB", workers=3, progress=False
     )
@@ -107,6 +108,7 @@ def test_merges_in_row_blocks(
     from safetensors.torch import load_file
 
     adapter = adapters[spec]
+    monkeypatch.delitem(sys.modules, "offline_bridge.transform.gpu", raising=False)  # loaded by test_package
     whole = load_file(convert(adapter, tmp_path / "whole", progress=False) / "model.safetensors")
     monkeypatch.setattr(lora_merge, "ROW_BLOCK", 1)
     one = convert(adapter, tmp_path / "one", workers=1, progress=False) / "model.safetensors"

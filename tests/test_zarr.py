@@ -17,8 +17,7 @@ from judge import assert_matches_megatron, assert_same_output, convert_fails
 
 import offline_bridge
 from offline_bridge.errors import CheckpointError
-from offline_bridge.readers import ZarrReader, open_reader
-from offline_bridge.readers import zarr as zarr_reader
+from offline_bridge.readers import ZarrReader, open_reader, zarr_array
 from offline_bridge.write.manifest import MANIFEST
 
 DATA = Path(__file__).resolve().parent / "data" / "zarr"
@@ -99,13 +98,13 @@ def test_transformers_reproduces_megatron(converted: Path) -> None:
 
 def test_reads_only_the_chunks_a_box_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[int, ...]] = []
-    original = zarr_reader._Array.chunk
+    original = zarr_array.ZarrArray.chunk
 
     def spy(self, index):
         seen.append(index)
         return original(self, index)
 
-    monkeypatch.setattr(zarr_reader._Array, "chunk", spy)
+    monkeypatch.setattr(zarr_array.ZarrArray, "chunk", spy)
     with open_reader(ZARR_CKPT / ITER) as reader:
         reader.read(QKV, ((1, 2), (50, 60), (0, 64)))  # layer 1, rows inside the second 48-row chunk
     assert seen == [(1, 1, 0)]

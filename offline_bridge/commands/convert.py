@@ -15,16 +15,22 @@ from ..config.inputs import open_checkpoint
 from ..config.model_args import model_args_of
 from ..dtypes import DType, by_option
 from ..families import Family, family_by_name, family_for_args, family_for_config
-from ..plan.planner import Lora, Plan, build_plan, parse_size
+from ..plan.planner import build_plan
+from ..plan.schema import Lora, Plan
 from ..readers import CheckpointReader
 from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
-from ..transform.quant import Quant, find_quant, fp8_plan, write_quant
-from ..write.manifest import describe_sources, write_manifest
+from ..transform.fp8_export import fp8_plan
+from ..transform.quant import Quant, find_quant
+from ..write.json_file import write_json
+from ..write.manifest import write_manifest
+from ..write.quant_files import write_quant
+from ..write.sources import describe_sources
 from ..write.staging import OutputDir
-from ..write.writer import write_json, write_weights
+from ..write.writer import write_weights
 from .options import check_options
+from .sizes import parse_size
 
 __all__ = ["Conversion", "convert", "describe", "plan_conversion"]
 

@@ -17,10 +17,10 @@ import numpy as np
 from ..config.inputs import open_checkpoint
 from ..dtypes import DType
 from ..errors import CheckpointError
-from ..plan.planner import Plan
+from ..plan.schema import Plan
 from ..readers import CheckpointReader
 from ..readers.safetensors_file import SafetensorsFile
-from ..write.writer import step_outputs
+from ..transform.compute import step_outputs
 from .convert import plan_conversion
 
 __all__ = ["TensorDiff", "diff", "format_diff"]

@@ -1,247 +1,29 @@
 """`export-adapter`: a Megatron-Bridge adapter as a Hugging Face PEFT adapter, without reading the base.
 
-The family tables say which HF modules a Megatron tensor becomes; the adapter follows them:
-- the LoRA A of a fused weight is shared by its parts (written once per part);
-- its B is split by the same rule as the weight (QKV per query group, fc1 halves), rank as feature dim;
-- CanonicalLoRA pieces are already per part (gate/up B rows put back in true order);
-- experts go to transformers-5's fused `gate_up_proj` / `down_proj` as PEFT ParamWrapper tensors, or per
-  expert (`mlp.experts.{e}.*_proj`, PEFT's v4 layout) with `--expert-format per-expert`;
-- the router goes to `mlp.gate.weight`, a plain 2-D parameter in transformers 5 (no nn.Linear), as a
-  ParamWrapper target: its delta is `B @ A` like a Linear's; dense and shared-expert MLPs of MoE models
-  likewise (see `_parameter_target`).
-DoRA magnitudes become `lora_magnitude_vector`, split like the weight. Expert ranks that differ from `r`
-(`normalize_moe_lora`) go to `rank_pattern` (ParamWrapper only). Anything PEFT cannot express (such ranks
-in the per-expert layout, embeddings, DoRA on ParamWrapper targets) is refused.
+The mapping is planned by `plan.peft_adapter`; this command finds the inputs and writes the directory.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from ..config.hf_config import derive_config, dims_of, load_config
 from ..config.inputs import lora_settings
 from ..config.model_args import model_args_of
 from ..config.run_config import load_run_config
-from ..dtypes import by_option
-from ..errors import CheckpointError, OptionError
-from ..families import Family, family_by_name, family_for_args, family_for_config
-from ..plan.adapters import find_delta
-from ..plan.planner import Plan, Step, Target, expand, finder, layout
-from ..plan.rules import (
-    Copy,
-    Dims,
-    ExpertMajorA,
-    GatedDeltaPieces,
-    GatedMLP,
-    Packed,
-    RankMajorB,
-    RankMajorGatedMLP,
-    Repeat,
-    Rule,
-    SwigluRows,
-    VocabRows,
-)
-from ..plan.schema import Delta, Lora, Source
+from ..errors import CheckpointError
+from ..families import family_by_name, family_for_args, family_for_config
+from ..plan.peft_adapter import adapter_config, build_adapter_plan
 from ..readers import open_reader
-from ..readers.base import CheckpointReader, is_model_key
 from ..readers.discovery import find_iteration_dir
-from ..write.manifest import describe_sources, fingerprint, write_manifest
+from ..write.json_file import write_json
+from ..write.manifest import write_manifest
+from ..write.sources import describe_sources, fingerprint
 from ..write.staging import staged_output
-from ..write.writer import write_json, write_weights
+from ..write.writer import write_weights
 from .options import check_options
 
-__all__ = ["ADAPTER_FILE", "adapter_config", "build_adapter_plan", "export_adapter"]
-
-ADAPTER_FILE = "adapter_model"
-PREFIX = "base_model.model."
-
-
-# Leaf names PEFT cannot wrap as modules: the router (a bare `weight` in transformers 5), and on MoE models
-# the v4 expert names, which PEFT's transformers-5 conversion re-aims at the fused experts wherever they appear
-# in target_modules — so dense and shared-expert MLPs of a MoE model are targeted by parameter as well.
-_ROUTER_LEAF = "gate"
-_V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
-_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
-
-
-def _parameter_target(module: str, dims: Dims) -> str | None:
-    """The `target_parameters` entry (`mlp.gate.weight`) for an HF module PEFT must reach by parameter
-    (through `lora.ParamWrapper`, whose delta on a 2-D weight is `B @ A` like a Linear's), else None."""
-    leaf = module.rsplit(".", 1)[-1]
-    if leaf == _ROUTER_LEAF or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
-        return _LAYER.split(module)[-1] + ".weight"
-    return None
-
-
-def _modules(rule: Rule, index: dict[str, int]) -> list[str]:
-    return [t.format(**index).removesuffix(".weight") for t in rule.targets]
-
-
-def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, Any, list[str]]]:
-    """(rule, source, HF tensor names) for the A and B of one Megatron adapter."""
-    if delta.layout == "plain":
-        a, b = delta.pieces[0]
-        return [
-            (Repeat((a.pattern,), tuple(modules)), a, [f"{PREFIX}{m}.lora_A.weight" for m in modules]),
-            (rule, b, [f"{PREFIX}{m}.lora_B.weight" for m in modules]),
-        ]
-    out = []
-    for piece, module in zip(delta.pieces, modules, strict=True):
-        if piece is None:  # a CanonicalLoRA part that was not targeted
-            continue
-        a, b = piece
-        b_rule = (
-            SwigluRows((b.pattern,), (module,), tp=delta.tp)
-            if delta.layout == "gated"
-            else Copy((b.pattern,), (module,))
-        )
-        out.append((Copy((a.pattern,), (module,)), a, [f"{PREFIX}{module}.lora_A.weight"]))
-        out.append((b_rule, b, [f"{PREFIX}{module}.lora_B.weight"]))
-    return out
-
-
-# transformers 5 fuses each layer's experts into two parameters; the Megatron expert rule says which.
-_FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
-
-
-def _layer_adapter(
-    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims
-) -> tuple[Source, Source] | None:
-    """A layer's expert adapter with its expert axis (or shared by all experts), for ParamWrapper."""
-    module = rule.sources[0].removesuffix(".weight").replace(".experts.{e}.", ".experts.experts.") + ".adapter."
-    find = finder(reader, {k: v for k, v in index.items() if k != "e"}, dims)
-    a, b = find((module + "linear_in.weight",)), find((module + "linear_out.weight",))
-    return None if a is None or b is None else (a, b)
-
-
-def _paramwrapper(
-    family: Family, reader: CheckpointReader, dims: Dims, rules: list[tuple[Rule, dict[str, int]]]
-) -> list[tuple[Rule, Source, list[str]]]:
-    """ParamWrapper pieces for one layer's expert rules: A expert-major, B rank-major; with both parameters
-    targeted, gate_up_proj (registered first) is the inner `base_layer`."""
-    found = [(rule, index, _layer_adapter(reader, rule, index, dims)) for rule, index in rules]
-    found = [(rule, index, pair) for rule, index, pair in found if pair is not None]
-    out = []
-    for rule, index, (a, b) in found:
-        if isinstance(rule, Packed):  # the HF parameter itself: `<owner>.gate_up_proj` / `down_proj`
-            owner, parameter = rule.targets[0].format(**index).rsplit(".", 1)
-        else:
-            parameter = _FUSED_EXPERTS[type(rule)]
-            owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
-        inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
-        name = f"{PREFIX}{owner}{inner}"
-        target = (f"mlp.experts.{parameter}",)
-        out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
-        out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
-    return out
-
-
-def build_adapter_plan(
-    family: Family,
-    reader: CheckpointReader,
-    dims: Dims,
-    lora: Lora,
-    dtype_name: str,
-    expert_format: str = "paramwrapper",
-) -> Plan:
-    """The PEFT adapter's tensors, from the adapter checkpoint's metadata alone."""
-    steps: list[Step] = []
-    used: set[str] = set()
-
-    def add(piece_rule: Rule, source: Source, names: list[str]) -> None:
-        dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
-        shapes = piece_rule.target_shapes(source.shape, dims, source.key)
-        steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
-        used.update(key for key, _ in source.parts)
-
-    work = expand(family, dims)
-    if expert_format == "paramwrapper":
-        experts = [(rule, index) for rule, index in work if index.get("e") == 0 or isinstance(rule, Packed)]
-        work = [(rule, index) for rule, index in work if "e" not in index and not isinstance(rule, Packed)]
-        for layer in sorted({index["i"] for _, index in experts}):
-            for piece in _paramwrapper(family, reader, dims, [(r, i) for r, i in experts if i["i"] == layer]):
-                add(*piece)
-    elif expert_format != "per-expert":
-        raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
-    elif any(isinstance(rule, Packed) for rule, _ in work):
-        raise OptionError(f"--expert-format per-expert: {family.name} packs its experts; use paramwrapper")
-    for rule, index in work:
-        find = finder(reader, index, dims)
-        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora, dims)) is not None), None)
-        if delta is None:
-            continue
-        where = delta.sources()[0].key
-        modules = _modules(rule, index)
-        if delta.magnitude is not None and any(_parameter_target(m, dims) for m in modules):
-            raise CheckpointError(
-                f"{where}: DoRA on {', '.join(modules)}, which PEFT reaches only as a ParamWrapper parameter "
-                "(no DoRA there); merge with `convert`"
-            )
-        if isinstance(rule, VocabRows):
-            raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
-        if delta.sources()[0].shape[0] != lora.dim:  # PEFT's v4 conversion fuses gate/up experts at rank 2·r
-            raise CheckpointError(
-                f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
-                "(v4) layout cannot carry; use --expert-format paramwrapper (rank_pattern) or merge with `convert`"
-            )
-        if isinstance(rule, GatedDeltaPieces):  # GDN in_proj B rows: TP-local blocks at the adapter's TP
-            rule = replace(rule, tp=delta.tp)
-        for piece in _pieces(rule, delta, modules):
-            add(*piece)
-        if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
-            m = delta.magnitude
-            m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
-            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
-    unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
-    if unused:
-        raise CheckpointError(
-            f"{reader.path}: adapter tensors the {family.name} tables cannot place: {', '.join(unused[:5])}"
-        )
-    if not steps:
-        raise CheckpointError(f"{reader.path}: no LoRA adapter tensors found")
-    steps, files = layout(steps, 2**62, stem=ADAPTER_FILE)
-    return Plan(tuple(steps), tuple(files), steps[0].targets[0].dtype, dims)
-
-
-def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, Any]:
-    """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
-    modules, parameters, dora, ranks = set(), set(), False, {}
-    for step in plan.steps:
-        if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
-            parameters.add(step.rule.targets[0])
-            if isinstance(step.rule, ExpertMajorA):  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
-                rank = step.targets[0].shape[0] // plan.dims.num_experts
-                if rank != lora.dim:
-                    ranks[re.escape(step.rule.targets[0])] = rank
-        elif step.targets[0].name.endswith(".lora_magnitude_vector"):
-            dora = True
-        else:
-            for module in (t.name.removeprefix(PREFIX).rsplit(".", 2)[0] for t in step.targets):
-                parameter = _parameter_target(module, plan.dims)
-                if parameter:
-                    parameters.add(parameter)
-                else:
-                    modules.add(module.rsplit(".", 1)[-1])
-    return {
-        "target_parameters": sorted(parameters) or None,
-        "alpha_pattern": {},
-        "base_model_name_or_path": base_model,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
-        "peft_type": "LORA",
-        "r": lora.dim,
-        "rank_pattern": ranks,
-        "target_modules": sorted(modules) or None,
-        "task_type": "CAUSAL_LM",
-        "use_dora": dora,
-        "use_rslora": False,
-    }
+__all__ = ["export_adapter"]
 
 
 def export_adapter(

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 
 from ..errors import OptionError
-from ..plan.planner import parse_size
+from .sizes import parse_size
 
 __all__ = ["MAX_WORKERS", "check_options"]
 

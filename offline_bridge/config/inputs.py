@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from ..errors import CheckpointError, OptionError
-from ..plan.planner import Lora
+from ..plan.schema import Lora
 from ..readers import CheckpointReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader

@@ -7,7 +7,7 @@ is shared:
 - layers: chunks are laid out in (virtual stage, pipeline rank) order, so a chunk's first global layer is
   the number of layers in the chunks before it — uneven first/last stages included;
 - experts: global index = ep_rank · E/EP + local index, from `local_experts.{j}.` or TE's `weight{j}`;
-- tensor parallel: see `_TP_RULES`; replicated tensors must agree across ranks.
+- tensor parallel: see `legacy_keys.TP_RULES`; replicated tensors must agree across ranks.
 
 Files are memory-mapped and unpickled through the allow-list; optimizer entries are never read.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from ..dtypes import DType
 from ..errors import CheckpointError
 from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key
+from .legacy_keys import LAYER, global_key, models_of, tp_join
 from .legacy_ranks import RANK_DIR, parallel_size, rank_layout
 from .pickles.safe_pickle import TensorRef
 from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
@@ -35,36 +35,6 @@ from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
 __all__ = ["LegacyReader"]
 
 FILE = "model_optim_rng.pt"
-_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)\.(.*)$")
-_LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
-_GROUPED_EXPERT = re.compile(r"^(mlp\.experts\.)(linear_fc[12]\.(?:weight|bias))(\d+)$")
-
-# How tensor-parallel shards join, by the end of the key: 0 = rows (column-parallel), 1 = columns
-# (row-parallel), "gated" = rows of per-rank [gate_r; up_r] halves. Anything else is replicated.
-_TP_RULES: tuple[tuple[str, int | str], ...] = (
-    ("linear_qkv.weight", 0),
-    ("linear_qkv.bias", 0),
-    ("linear_fc1.weight", "gated"),
-    ("linear_fc1.bias", "gated"),
-    ("word_embeddings.weight", 0),
-    ("output_layer.weight", 0),
-    ("linear_q_proj.weight", 0),
-    ("linear_q_up_proj.weight", 0),
-    ("linear_kv_up_proj.weight", 0),
-    ("eh_proj.weight", 0),
-    ("linear_proj.weight", 1),
-    ("linear_fc2.weight", 1),
-    # ModelOpt per-channel weight amax [rows, 1] of column-parallel linears; fc1's stays rank-major
-    # [gate_0; up_0; gate_1; ...], as torch_dist holds it (see formats/quant.md). Scalars are replicated.
-    ("linear_qkv.weight_quantizer._amax", 0),
-    ("linear_fc1.weight_quantizer._amax", 0),
-    # Gated DeltaNet: in_proj and conv1d stay fused, rank-major (the GDN rules regroup them by the args' TP)
-    ("in_proj.weight", 0),
-    ("conv1d.weight", 0),
-    ("A_log", 0),
-    ("dt_bias", 0),
-    ("out_proj.weight", 1),
-)
 
 
 @dataclass(frozen=True)
@@ -123,9 +93,9 @@ class LegacyReader(CheckpointReader):
         per_ep = num_experts // ep_size if num_experts else 0
         chunk_sizes: dict[tuple[int, int], int] = {}  # (vp, pp) → number of layers
         for (_, pp, _), index in coords.items():
-            for model, state in _models(states[index], self._archives[index].source):
+            for model, state in models_of(states[index], self._archives[index].source):
                 vp = int(model[5:] or 0)
-                layers = {int(m.group(2)) for name in state if (m := _LAYER.match(name))}
+                layers = {int(m.group(2)) for name in state if (m := LAYER.match(name))}
                 count = max(layers) + 1 if layers else 0
                 if chunk_sizes.setdefault((vp, pp), count) != count:
                     raise CheckpointError(
@@ -140,12 +110,12 @@ class LegacyReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: the rank files hold {total} layers but args.num_layers={num_layers}")
         shards: dict[str, list[_Shard]] = defaultdict(list)
         for (tp, pp, ep), index in sorted(coords.items()):
-            for model, state in _models(states[index], self._archives[index].source):
+            for model, state in models_of(states[index], self._archives[index].source):
                 vp = int(model[5:] or 0)
                 for name, value in state.items():
                     if not isinstance(value, TensorRef) or not is_model_key(name):
                         continue
-                    key, is_expert = _global_key(name, offsets[(vp, pp)], ep, per_ep)
+                    key, is_expert = global_key(name, offsets[(vp, pp)], ep, per_ep)
                     if ep and not is_expert:
                         continue  # replicated over expert-parallel ranks: ep 0 holds the copy we use
                     shards[key].append(_Shard(index, name, model, tp))
@@ -160,7 +130,7 @@ class LegacyReader(CheckpointReader):
     @property
     def virtual_stages(self) -> int:
         """Model chunks per rank file (`model0`, `model1`, ...): the virtual pipeline size."""
-        return max(len(_models(state, archive.source)) for state, archive in zip(self._states, self._archives))
+        return max(len(models_of(state, archive.source)) for state, archive in zip(self._states, self._archives))
 
     def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """One piece per TP shard (their placement in the global tensor depends on the TP rule)."""
@@ -180,10 +150,10 @@ class LegacyReader(CheckpointReader):
         return start
 
     def _tp_rule(self, key: str, ndim: int) -> int | str | None:
-        """How this tensor's TP shards join (see `_TP_RULES`); None when replicated (always for scalars)."""
+        """How this tensor's TP shards join (see `legacy_keys.TP_RULES`); None when replicated (always for scalars)."""
         if ndim == 0 or (self._experts_replicated and ".mlp.experts." in key):
             return None
-        rule = next((rule for suffix, rule in _TP_RULES if key.endswith(suffix)), None)
+        rule = tp_join(key)
         return 0 if rule == "gated" and not self._gated else rule
 
     def _info(self, key: str, shards: list[_Shard]) -> TensorInfo:
@@ -283,25 +253,3 @@ class LegacyReader(CheckpointReader):
             except BufferError:  # a view is still referenced (say, by a traceback); collected later
                 pass
         self._maps.clear()
-
-
-def _models(state: dict, source: str) -> list[tuple[str, dict]]:
-    """The model dicts of one file: `model`, or `model0`, `model1`, ... with virtual pipelining."""
-    models = sorted((k, v) for k, v in state.items() if re.fullmatch(r"model\d*", k) and isinstance(v, dict))
-    if not models:
-        raise CheckpointError(f"{source}: no 'model' entry")
-    return models
-
-
-def _global_key(name: str, layer_offset: int, ep: int, per_ep: int) -> tuple[str, bool]:
-    """A local key as the torch_dist per-layer key, and whether it is an expert's tensor."""
-    match = _LAYER.match(name)
-    if not match:
-        return name, False
-    prefix, local, sub = match.groups()
-    expert = _LOCAL_EXPERT.match(sub) or _GROUPED_EXPERT.match(sub)
-    if expert:
-        head, a, b = expert.groups()
-        local_expert, rest = (int(a), b) if expert.re is _LOCAL_EXPERT else (int(b), a)
-        sub = f"{head}{ep * per_ep + local_expert}.{rest}"
-    return f"{prefix}{layer_offset + int(local)}.{sub}", bool(expert)

@@ -17,17 +17,12 @@ from typing import Any
 from ..errors import CheckpointError
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
-from .sources import args_digest, canonical, describe_sources, fingerprint, sha256_file
-from .writer import write_json
+from .json_file import write_json
+from .sources import canonical, sha256_file
 
 __all__ = [
     "MANIFEST",
-    "args_digest",
-    "canonical",
-    "describe_sources",
-    "fingerprint",
     "load_manifest",
-    "sha256_file",
     "verify",
     "write_manifest",
 ]
@@ -52,7 +47,7 @@ def write_manifest(
     """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
 
     ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them, hashed as each
-    tensor was put in place (see `writer.OutputFiles`)."""
+    tensor was put in place (see `output_files.OutputFiles`)."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for path in sorted(out_dir.iterdir()):

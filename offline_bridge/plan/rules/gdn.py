@@ -1,0 +1,141 @@
+"""Rules of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5): gated QKV, and the GDN input projection and
+convolution Megatron may save in pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import CheckpointError
+from .core import QKV, Rule
+from .dims import Dims, Shape
+
+__all__ = ["GDN_CONV_PARTS", "GDN_IN_PROJ_PARTS", "GatedDeltaConv", "GatedDeltaInProj", "GatedDeltaPieces", "GatedQKV"]
+
+
+@dataclass(frozen=True)
+class GatedQKV(QKV):
+    """Fused QKV with an attention output gate (Qwen3-Next / Qwen3.5 full attention): per query group
+    `[q heads; gate heads; k; v]` → HF q_proj with query and gate per head `[q_h; gate_h]`, k, v."""
+
+    def _grouped(self, shape: Shape, dims: Dims, key: str) -> tuple[int, int, int]:
+        groups, head_dim = dims.num_query_groups, dims.head_dim
+        per_group = dims.num_heads // groups
+        if shape[0] != groups * (2 * per_group + 2) * head_dim:
+            raise CheckpointError(
+                f"{key} has {shape[0]} rows; a gated QKV with num_attention_heads={dims.num_heads}, "
+                f"num_key_value_heads={groups}, head_dim={head_dim} needs {groups * (2 * per_group + 2) * head_dim}"
+                " — the config does not match the checkpoint"
+            )
+        return groups, per_group, head_dim
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        groups, per_group, head_dim = self._grouped(shape, dims, key)
+        rest = shape[1:]
+        kv = (groups * head_dim, *rest)
+        return [(2 * groups * per_group * head_dim, *rest), kv, kv]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        groups, per_group, head_dim = self._grouped(array.shape, dims, self.sources[0])
+        rest = array.shape[1:]
+        grouped = array.reshape(groups, 2 * per_group + 2, head_dim, *rest)
+        query_gate = np.stack([grouped[:, :per_group], grouped[:, per_group : 2 * per_group]], axis=2)
+        return [
+            query_gate.reshape(-1, *rest),
+            grouped[:, 2 * per_group].reshape(-1, *rest),
+            grouped[:, 2 * per_group + 1].reshape(-1, *rest),
+        ]
+
+
+GDN_IN_PROJ_PARTS = (".query", ".key", ".value", ".z", ".beta", ".alpha")  # how Megatron saves in_proj apart
+GDN_CONV_PARTS = (".query", ".key", ".value")
+
+
+def _whole(key: str) -> str:
+    """The name of a tensor Megatron saved apart, from one of its pieces' keys."""
+    base, _, piece = key.rpartition(".")
+    return base if f".{piece}" in GDN_IN_PROJ_PARTS else key
+
+
+def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
+    """(key heads, key head dim, value heads, value head dim) of the Gated DeltaNet layers."""
+    c = dims.config
+    try:
+        return (
+            int(c["linear_num_key_heads"]),
+            int(c["linear_key_head_dim"]),
+            int(c["linear_num_value_heads"]),
+            int(c["linear_value_head_dim"]),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"the HF config lacks {exc}, needed for the Gated DeltaNet layers") from exc
+
+
+@dataclass(frozen=True)
+class GatedDeltaPieces(Rule):
+    """A GDN tensor Megatron saves apart, its pieces joined piece-major (each over all heads); or, fused
+    (legacy `--ckpt-format torch`), rank-major: per TP rank its own slice of every piece in turn."""
+
+    tp: int = 1  # > 1: the source is the fused tensor saved at this training TP
+
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
+        raise NotImplementedError
+
+    def joined(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        """The pieces in true order, whichever way they were saved."""
+        rows = self.piece_rows(array.shape, dims, self.sources[0])
+        if any(n % self.tp for n in rows):
+            raise CheckpointError(f"{self.sources[0]}: pieces of {rows} rows cannot be split over TP {self.tp}")
+        local = [n // self.tp for n in rows]
+        ranks = [np.split(block, np.cumsum(local)[:-1]) for block in np.split(array, self.tp)]
+        return [np.concatenate([pieces[j] for pieces in ranks]) for j in range(len(rows))]
+
+
+@dataclass(frozen=True)
+class GatedDeltaConv(GatedDeltaPieces):
+    """GDN conv1d `[C, 1, K]` from its q, k, v channels (HF conv1d runs over `[q; k; v]` too)."""
+
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
+        nk, dk, nv, dv = _linear_heads(dims)
+        if shape[0] != 2 * nk * dk + nv * dv:
+            raise CheckpointError(
+                f"{_whole(key)} has {shape[0]} channels; the config's linear heads need {2 * nk * dk + nv * dv}"
+            )
+        return [nk * dk, nk * dk, nv * dv]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        return [np.concatenate(self.joined(array, dims))]
+
+
+@dataclass(frozen=True)
+class GatedDeltaInProj(GatedDeltaPieces):
+    """GDN in_proj `[q; k; v; z; b; a]` → Qwen3.5 `in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`, or with
+    ``grouped`` Qwen3-Next `in_proj_qkvz` `[q; k; v; z]` and `in_proj_ba` `[b; a]`, both grouped per key head."""
+
+    grouped: bool = False
+
+    def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
+        nk, dk, nv, dv = _linear_heads(dims)
+        if shape[0] != 2 * nk * dk + 2 * nv * dv + 2 * nv or nv % nk:
+            raise CheckpointError(
+                f"{_whole(key)} has {shape[0]} rows; linear_num_key_heads={nk}, linear_key_head_dim={dk}, "
+                f"linear_num_value_heads={nv}, linear_value_head_dim={dv} need {2 * nk * dk + 2 * nv * dv + 2 * nv}"
+            )
+        return [nk * dk, nk * dk, nv * dv, nv * dv, nv, nv]
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        q, k, v, z, b, a = self.piece_rows(shape, dims, key)
+        rest = shape[1:]
+        if self.grouped:
+            return [(q + k + v + z, *rest), (b + a, *rest)]
+        return [(q + k + v, *rest), (z, *rest), (b, *rest), (a, *rest)]
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        q, k, v, z, b, a = self.joined(array, dims)
+        if not self.grouped:
+            return [np.concatenate([q, k, v]), z, b, a]
+        nk, rest = _linear_heads(dims)[0], array.shape[1:]
+        per_key = [t.reshape(nk, -1, *rest) for t in (q, k, v, z, b, a)]  # value heads follow their key head
+        qkvz = np.concatenate(per_key[:4], axis=1).reshape(-1, *rest)
+        return [qkvz, np.concatenate(per_key[4:], axis=1).reshape(-1, *rest)]
