@@ -221,7 +221,6 @@ def diff_command(a: str, b: str, atol: float, rtol: float, json_output: bool) ->
     from .diff import diff, format_diff, identical
 
     def compared() -> tuple[str, bool]:
-        check_options(atol=atol, rtol=rtol)
         results = diff(a, b, atol=atol, rtol=rtol)
         text = as_json(diff_json(a, b, atol, rtol, results)) if json_output else format_diff(results)
         return text, identical(results)
