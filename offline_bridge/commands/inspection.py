@@ -18,6 +18,7 @@ from ..families import family_for_args
 from ..readers import CheckpointReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.discovery import find_iteration_dir, iterations_present
+from ..readers.marker import read_marker
 from ..readers.parallel_layout import ARGS_LAYOUT, parallel_layout
 from ..write.sources import canonical
 
@@ -113,15 +114,9 @@ def _family(found: ModelArgs | None) -> str | None:
 
 
 def _version(reader: CheckpointReader) -> dict[str, Any]:
-    marker = reader.path / "metadata.json"
-    backend: dict[str, Any] = {}
-    if marker.is_file():
-        try:
-            backend = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            backend = {}
+    backend = read_marker(reader.path) or {}  # bounded, regular files only: refused like `convert` refuses it
     return {
-        "sharded_backend_version": backend.get("sharded_backend_version") if isinstance(backend, dict) else None,
+        "sharded_backend_version": canonical(backend.get("sharded_backend_version")),
         "checkpoint_version": canonical(reader.common_state.get("checkpoint_version")),
     }
 
