@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_bridge.commands.inspection import inspect_checkpoint
+from offline_bridge.commands.inspection import format_report, inspect_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
 
@@ -23,3 +23,10 @@ def test_marker_is_read_through_the_bounded_reader(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(Path, "read_text", refuse_marker)
     report = inspect_checkpoint(EXAMPLE)
     assert report["version"]["sharded_backend_version"] == 1
+
+
+def test_dtype_args_are_shown_by_name() -> None:
+    """The example's args hold `params_dtype=torch.bfloat16`: shown as `bfloat16`, not as a record's fields."""
+    report = inspect_checkpoint(EXAMPLE)
+    assert report["args"]["params_dtype"] == "bfloat16"
+    assert "params_dtype=bfloat16," in format_report(report)

@@ -10,9 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config.inputs import ADAPTER_MARK
 from ..config.model_args import ModelArgs, find_model_args
 from ..config.run_config import load_run_config
+from ..dtypes import DType
 from ..errors import BridgeError
 from ..families import family_for_args
 from ..readers import CheckpointReader, open_reader
@@ -113,6 +116,15 @@ def _family(found: ModelArgs | None) -> str | None:
         return None
 
 
+def _shown_arg(value: Any) -> Any:
+    """An arg as `inspect` shows it: a dtype (torch's, unpickled as our `DType`, or numpy's) by its name."""
+    if isinstance(value, DType):
+        return value.torch_name
+    if isinstance(value, np.dtype):
+        return str(value)
+    return canonical(value)
+
+
 def _version(reader: CheckpointReader) -> dict[str, Any]:
     backend = read_marker(reader.path) or {}  # bounded, regular files only: refused like `convert` refuses it
     return {
@@ -160,7 +172,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "layout_args": None if args is None else {k: getattr(args, name, None) for k, name in ARGS_LAYOUT.items()},
             "args": None
             if args is None
-            else {k: canonical(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
+            else {k: _shown_arg(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
             "family": _family(found),
             "config_source": found.describe() if found is not None else None,
             "adapter": adapter,
