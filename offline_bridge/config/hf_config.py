@@ -42,42 +42,11 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
     return value
 
 
-def _first(args: argparse.Namespace, *names: str, default: Any) -> Any:
-    """The first of ``names`` that args set (Megatron-LM renamed some arguments across versions)."""
-    return next((getattr(args, n) for n in names if getattr(args, n, None) is not None), default)
-
-
 def _check_supported(args: argparse.Namespace, family: Family) -> None:
     """Refuse args whose model the family cannot express, instead of writing a wrong one."""
-    problems = []
-    if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
-        problems.append(f"normalization={args.normalization} (need RMSNorm)")
-    if not getattr(args, "swiglu", True):
-        problems.append("swiglu=False (need a gated SiLU MLP)")
-    if getattr(args, "add_bias_linear", False):
-        problems.append("add_bias_linear=True (linear biases)")
-    if getattr(args, "position_embedding_type", "rope") != "rope":
-        problems.append(f"position_embedding_type={args.position_embedding_type} (need rope)")
-    if getattr(args, "rotary_percent", 1.0) != 1.0 and not family.partial_rotary:
-        problems.append(f"rotary_percent={args.rotary_percent} (partial rotary)")
-    if getattr(args, "use_rope_scaling", False):
-        problems.append("use_rope_scaling=True (Llama-3 rope scaling is not mapped yet)")
-    if getattr(args, "rotary_seq_len_interpolation_factor", None) not in (None, 1, 1.0):
-        problems.append(
-            f"rotary_seq_len_interpolation_factor={args.rotary_seq_len_interpolation_factor} (linear rope scaling)"
-        )
-    if zero_centred_gamma(args) != family.zero_centred_norms:
-        problems.append(
-            f"zero-centred layernorm gamma {'off' if family.zero_centred_norms else 'on'} "
-            f"({family.name} norms are {'zero-centred' if family.zero_centred_norms else 'plain RMSNorm'})"
-        )
+    problems = family.decoder.problems(args, family.name)
     if problems:
         raise CheckpointError("the checkpoint's model is not supported: " + "; ".join(problems))
-
-
-def zero_centred_gamma(args: argparse.Namespace) -> bool:
-    """Megatron-LM's `--apply-layernorm-1p` (TransformerConfig `layernorm_zero_centered_gamma`)."""
-    return bool(getattr(args, "apply_layernorm_1p", False) or getattr(args, "layernorm_zero_centered_gamma", False))
 
 
 def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size: int | None) -> dict[str, Any]:
@@ -94,7 +63,6 @@ def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size
     if vocab_size is None:
         vocab_size = _arg(args, "padded_vocab_size")
         log.warning("args carry no true vocab size; keeping the padded %d rows (pass --vocab-size to trim)", vocab_size)
-    rope_theta = float(getattr(args, "rotary_base", 10000))
     config = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
@@ -106,10 +74,7 @@ def derive_config(args: argparse.Namespace | None, family: Family, *, vocab_size
         if getattr(args, "group_query_attention", False)
         else heads,
         "head_dim": getattr(args, "kv_channels", None) or hidden // heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": float(_first(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        **family.decoder.fields(args),  # norm, activation, rotary embedding
         "max_position_embeddings": getattr(args, "max_position_embeddings", None) or _arg(args, "seq_length"),
         "vocab_size": vocab_size,
         "tie_word_embeddings": not getattr(args, "untie_embeddings_and_output_weights", False),

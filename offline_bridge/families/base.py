@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..plan.rules import Rule
+from .decoder import Decoder
+from .tables import Row, describe
 
 __all__ = ["Family"]
 
@@ -22,19 +24,28 @@ class Family:
     head: tuple[Rule, ...]  # before the layers (embeddings)
     layer: tuple[Rule, ...]  # once per decoder layer
     tail: tuple[Rule, ...]  # after the layers (final norm, output layer)
-    detect: Callable[[argparse.Namespace], bool]  # do Megatron args describe this family?
+    # Do Megatron args describe this family? Only the features it needs, never another family's: when several
+    # families match, the highest `priority` wins (a family refining another outranks it); None: never inferred.
+    detect: Callable[[argparse.Namespace], bool] | None
+    priority: int = 0
     mtp: tuple[Rule, ...] = ()  # once per MTP depth ``{k}``, written as HF layer ``{i}`` = num_layers + k
     config: Mapping[str, Any] = field(default_factory=dict)  # fixed HF config fields only this family has
     from_args: Callable[[argparse.Namespace], dict[str, Any]] = lambda args: {}  # derived ones
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
     mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
-    # Gated DeltaNet hybrids: HF norms compute `x · (1 + w)` like Megatron's zero-centred gamma, and the
-    # config can express a partial rotary embedding (`partial_rotary_factor`).
-    zero_centred_norms: bool = False
-    partial_rotary: bool = False
+    # config hooks: what Megatron args the HF class can express, and the config fields it writes for them
+    decoder: Decoder = field(default_factory=Decoder)
     text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config
     """The part of the HF config describing the language model (a vision-language config nests it)."""
+
+    def matches(self, args: argparse.Namespace) -> bool:
+        """Whether detection may pick this family for ``args`` (see `Registry.for_args`)."""
+        return self.detect is not None and self.detect(args)
+
+    def describe(self) -> list[Row]:
+        """The tables as rows (HF name ← Megatron names, rule kind, condition), in state-dict order."""
+        return describe(self)
 
 
 def as_mtp(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:

@@ -106,7 +106,7 @@ MOE = (
     Copy.of(M + "mlp.shared_experts.linear_fc2.weight", H + "mlp.shared_experts.down_proj.weight", when=moe_layer),
 )
 
-LAYER = MLA + MOE + only(dense_layer, llama.MLP) + llama.NORMS
+LAYER = MLA + MOE + only(dense_layer, llama.GATED_MLP) + llama.NORMS
 
 MTP = (
     Copy.of("mtp.layers.{k}.enorm.weight", H + "enorm.weight"),
@@ -273,6 +273,7 @@ FAMILY = Family(
     layer=LAYER,
     tail=llama.FINAL,
     detect=lambda args: flag(args, "multi_latent_attention") and flag(args, "num_experts"),
+    priority=30,  # MLA replaces the attention the priority-10/20 families assume
     mtp=MTP,
     config={"attention_bias": False},
     from_args=_from_args,

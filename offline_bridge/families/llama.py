@@ -7,9 +7,22 @@ Megatron names are the TE-fused ones the checkpoint holds; the separate-norm nam
 from __future__ import annotations
 
 from ..plan.rules import QKV, Copy, GatedMLP, VocabRows, untied
-from .base import Family, flag
+from .base import Family
 
-__all__ = ["ATTENTION", "EMBEDDING", "FAMILY", "FINAL", "MLP", "NORMS", "H", "M"]
+__all__ = [
+    "ATTENTION",
+    "EMBEDDING",
+    "FAMILY",
+    "FINAL",
+    "FINAL_NORM",
+    "GATED_MLP",
+    "INPUT_NORM",
+    "NORMS",
+    "OUTPUT_LAYER",
+    "PRE_MLP_NORM",
+    "H",
+    "M",
+]
 
 M = "decoder.layers.{i}."  # Megatron layer prefix
 H = "model.layers.{i}."  # HF layer prefix
@@ -26,34 +39,31 @@ ATTENTION = (
     Copy.of(M + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
 )
 
-MLP = (
+GATED_MLP = (
     GatedMLP.of(M + "mlp.linear_fc1.weight", H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
     Copy.of(M + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
 )
 
-NORMS = (
-    Copy.of(
-        (M + "self_attention.linear_qkv.layer_norm_weight", M + "input_layernorm.weight"), H + "input_layernorm.weight"
-    ),
-    Copy.of(
-        (M + "mlp.linear_fc1.layer_norm_weight", M + "pre_mlp_layernorm.weight"), H + "post_attention_layernorm.weight"
-    ),
+INPUT_NORM = Copy.of(
+    (M + "self_attention.linear_qkv.layer_norm_weight", M + "input_layernorm.weight"), H + "input_layernorm.weight"
 )
+PRE_MLP_NORM = Copy.of(
+    (M + "mlp.linear_fc1.layer_norm_weight", M + "pre_mlp_layernorm.weight"), H + "post_attention_layernorm.weight"
+)
+NORMS = (INPUT_NORM, PRE_MLP_NORM)
 
-FINAL = (
-    Copy.of("decoder.final_layernorm.weight", "model.norm.weight"),
-    VocabRows.of("output_layer.weight", "lm_head.weight", when=untied),
-)
+FINAL_NORM = Copy.of("decoder.final_layernorm.weight", "model.norm.weight")
+OUTPUT_LAYER = VocabRows.of("output_layer.weight", "lm_head.weight", when=untied)
+FINAL = (FINAL_NORM, OUTPUT_LAYER)
 
 FAMILY = Family(
     name="llama",
     architecture="LlamaForCausalLM",
     model_type="llama",
     head=EMBEDDING,
-    layer=ATTENTION + MLP + NORMS,
+    layer=ATTENTION + GATED_MLP + NORMS,
     tail=FINAL,
-    detect=lambda args: (
-        not flag(args, "qk_layernorm") and not flag(args, "add_qkv_bias") and not flag(args, "num_experts")
-    ),
+    detect=lambda args: True,  # the plain decoder: any args, unless a more specific family matches
+    priority=0,
     config={"attention_bias": False, "mlp_bias": False},
 )

@@ -17,6 +17,6 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=llama.FAMILY.layer,
     tail=llama.FINAL,
-    detect=lambda args: False,
+    detect=None,
     config={"sliding_window": None},
 )

@@ -68,9 +68,8 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=llama.ATTENTION + ROUTER + EXPERTS + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: (
-        flag(args, "num_experts") and not flag(args, "qk_layernorm") and not flag(args, "multi_latent_attention")
-    ),
+    detect=lambda args: flag(args, "num_experts"),
+    priority=10,
     config={"sliding_window": None},
     from_args=_from_args,
     experts=_experts,

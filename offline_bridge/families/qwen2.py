@@ -24,8 +24,9 @@ FAMILY = Family(
     architecture="Qwen2ForCausalLM",
     model_type="qwen2",
     head=llama.EMBEDDING,
-    layer=llama.ATTENTION + QKV_BIAS + llama.MLP + llama.NORMS,
+    layer=llama.ATTENTION + QKV_BIAS + llama.GATED_MLP + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: flag(args, "add_qkv_bias") and not flag(args, "qk_layernorm") and not flag(args, "num_experts"),
+    detect=lambda args: flag(args, "add_qkv_bias"),
+    priority=10,
     config={"use_sliding_window": False},
 )

@@ -20,13 +20,9 @@ FAMILY = Family(
     architecture="Qwen3ForCausalLM",
     model_type="qwen3",
     head=llama.EMBEDDING,
-    layer=llama.ATTENTION + QK_NORMS + llama.MLP + llama.NORMS,
+    layer=llama.ATTENTION + QK_NORMS + llama.GATED_MLP + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: (
-        flag(args, "qk_layernorm")
-        and not flag(args, "add_qkv_bias")
-        and not flag(args, "num_experts")
-        and not flag(args, "experimental_attention_variant")
-    ),
+    detect=lambda args: flag(args, "qk_layernorm"),
+    priority=10,
     config={"attention_bias": False, "use_sliding_window": False},
 )

@@ -72,8 +72,8 @@ def _all_experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
     return int(hf_value(config, "num_experts")), qwen3_next.with_mtp_experts(layers, config)
 
 
-DENSE_MLP = llama.MLP + llama.NORMS[1:]
-MOE_MLP = qwen3_next.ROUTER_AND_SHARED_EXPERT + PACKED_EXPERTS + llama.NORMS[1:]
+DENSE_MLP = (*llama.GATED_MLP, llama.PRE_MLP_NORM)
+MOE_MLP = qwen3_next.ROUTER_AND_SHARED_EXPERT + PACKED_EXPERTS + (llama.PRE_MLP_NORM,)
 
 
 FAMILY = Family(
@@ -83,13 +83,13 @@ FAMILY = Family(
     head=llama.EMBEDDING,
     layer=ATTENTION + DENSE_MLP,
     tail=llama.FINAL,
-    detect=lambda args: qwen3_next.is_gdn(args) and not getattr(args, "num_experts", None),
+    detect=qwen3_next.is_gdn,
+    priority=30,  # a Gated DeltaNet hybrid replaces the attention the priority-10/20 families assume
     mtp=qwen3_next.mtp(DENSE_MLP),
     config={"attention_bias": False},
     from_args=_from_args,
     mtp_layers=qwen3_next.mtp_layers,
-    zero_centred_norms=True,
-    partial_rotary=True,
+    decoder=qwen3_next.HYBRID,
 )
 
 MOE_FAMILY = replace(
@@ -99,7 +99,7 @@ MOE_FAMILY = replace(
     model_type="qwen3_5_moe_text",
     layer=ATTENTION + MOE_MLP,
     mtp=qwen3_next.mtp(MOE_MLP),
-    detect=lambda args: False,  # the same args as Qwen3-Next: only --model-type / --hf-config choose it
+    detect=None,  # the same args as Qwen3-Next: only --model-type / --hf-config choose it
     from_args=_moe_from_args,
     experts=_all_experts,
 )
@@ -132,7 +132,7 @@ def _vision_language(family: Family, name: str, architecture: str, model_type: s
         head=_language_model(family.head),
         layer=_language_model(family.layer),
         tail=_language_model(family.tail),
-        detect=lambda args: False,
+        detect=None,
         from_args=from_args,
         text_config=lambda config: {**config, **(hf_value(config, "text_config", None) or {})},
     )

@@ -70,14 +70,10 @@ FAMILY = Family(
     architecture="Qwen3MoeForCausalLM",
     model_type="qwen3_moe",
     head=llama.EMBEDDING,
-    layer=llama.ATTENTION + qwen3.QK_NORMS + ROUTER + EXPERTS + only(dense_layer, llama.MLP) + llama.NORMS,
+    layer=llama.ATTENTION + qwen3.QK_NORMS + ROUTER + EXPERTS + only(dense_layer, llama.GATED_MLP) + llama.NORMS,
     tail=llama.FINAL,
-    detect=lambda args: (
-        flag(args, "num_experts")
-        and flag(args, "qk_layernorm")
-        and not flag(args, "multi_latent_attention")
-        and not flag(args, "experimental_attention_variant")
-    ),
+    detect=lambda args: flag(args, "num_experts") and flag(args, "qk_layernorm"),
+    priority=20,  # refines Qwen3 (q/k norms) and Mixtral (experts)
     config={"attention_bias": False, "use_sliding_window": False},
     from_args=_from_args,
     experts=experts,

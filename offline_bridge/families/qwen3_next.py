@@ -35,11 +35,13 @@ from ..plan.rules import (
 )
 from . import llama, qwen3, qwen3_moe
 from .base import Family, flag
+from .decoder import Decoder
 from .moe import check_softmax_router, moe_layer_pattern
 
 __all__ = [
     "FAMILY",
     "GATED_ATTENTION",
+    "HYBRID",
     "IN_PROJ_GROUPED",
     "LAYER",
     "MLP",
@@ -57,13 +59,15 @@ __all__ = [
 ]
 
 M, H = llama.M, llama.H
+# HF norms compute `x · (1 + w)` like Megatron's zero-centred gamma; the config has `partial_rotary_factor`
+HYBRID = Decoder(zero_centred_norms=True, partial_rotary=True)
 A = M + "self_attention."  # Megatron's attention module, GDN or full
 G = H + "linear_attn."  # HF GDN module
 
 GATED_ATTENTION = only(
     full_attention_layer,
     (
-        llama.NORMS[0],
+        llama.INPUT_NORM,
         GatedQKV.of(
             A + "linear_qkv.weight",
             H + "self_attn.q_proj.weight",
@@ -118,7 +122,7 @@ ROUTER_AND_SHARED_EXPERT = only(
     ),
 )
 
-MLP = ROUTER_AND_SHARED_EXPERT + qwen3_moe.EXPERTS + only(dense_layer, llama.MLP) + llama.NORMS[1:]
+MLP = ROUTER_AND_SHARED_EXPERT + qwen3_moe.EXPERTS + only(dense_layer, llama.GATED_MLP) + (llama.PRE_MLP_NORM,)
 
 LAYER = linear_attention(IN_PROJ_GROUPED) + GATED_ATTENTION + MLP
 
@@ -185,7 +189,8 @@ def linear_attention_pattern(args: argparse.Namespace) -> list[bool]:
 
 
 def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields of the GDN layers, the gated attention and the partial rotary embedding."""
+    """The config fields of the GDN layers and the gated attention (`rope_parameters` with the partial rotary
+    factor come from the `HYBRID` decoder)."""
     problems = [
         f"{name}={getattr(args, name, None)}"
         for name in ("attention_output_gate", "qk_layernorm")
@@ -198,7 +203,6 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
     depth = int(getattr(args, "mtp_num_layers", None) or 0)
     if depth > 1:
         raise CheckpointError(f"mtp_num_layers={depth}: the HF checkpoint names one MTP layer (mtp.fc, mtp.norm)")
-    theta = float(getattr(args, "rotary_base", 10000))
     partial = float(getattr(args, "rotary_percent", 1.0))
     return {
         "layer_types": [
@@ -211,7 +215,6 @@ def hybrid_config(args: argparse.Namespace) -> dict[str, Any]:
         "linear_num_value_heads": int(args.linear_num_value_heads),
         "partial_rotary_factor": partial,
         "mtp_num_hidden_layers": depth,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": partial},
     }
 
 
@@ -251,11 +254,11 @@ FAMILY = Family(
     layer=LAYER,
     tail=llama.FINAL,
     detect=lambda args: is_gdn(args) and flag(args, "num_experts"),
+    priority=40,  # refines the dense hybrid (Qwen3.5, 30) with experts
     mtp=mtp(MLP),
     config={"attention_bias": False},
     from_args=_from_args,
     experts=_experts,
     mtp_layers=mtp_layers,
-    zero_centred_norms=True,
-    partial_rotary=True,
+    decoder=HYBRID,
 )
