@@ -266,3 +266,13 @@ def test_special_run_config_of_an_adapter_save(kind: str, tmp_path: Path) -> Non
     needle = "more than" if kind == "sparse" else "not a regular file"
     line = assert_refused(outcome, "run_config.yaml", needle)
     assert len(line) < 400
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_verify_names_a_directory_that_is_not_there(kind: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("{}")
+    needle = "no such directory" if kind == "missing" else "not a directory"
+    line = assert_refused(run_cli("verify", out, cwd=tmp_path), str(out), needle)
+    assert "offline-bridge.json" not in line
