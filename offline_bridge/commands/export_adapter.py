@@ -74,10 +74,10 @@ def export_adapter(
                 if base is None:
                     raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
                 with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
-                    args = model_args_of(base_reader).args  # its args, or its run_config.yaml model: section
-                    sources.append(fingerprint(base_reader, "base (args only)"))
-                family = named or family_for_args(args)
-                config = derive_config(args, family, vocab_size=None)
+                    found = model_args_of(base_reader)  # its args, or its run_config.yaml model: section
+                    sources.append(fingerprint(base_reader, "base (args only)", (found.source, found.file)))
+                family = named or family_for_args(found.args)
+                config = derive_config(found.args, family, vocab_size=None)
             lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
             plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
             with output.staged([directory, base]) as staging:
