@@ -136,7 +136,7 @@ def _version(reader: CheckpointReader) -> dict[str, Any]:
 def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None) -> dict[str, Any]:
     """A JSON-able description of the checkpoint; reads metadata, never tensor bytes."""
     directory = find_iteration_dir(ckpt_dir, iteration)
-    with open_reader(directory) as reader:
+    with open_reader(directory, inspecting=True) as reader:
         errors = reader.validate()  # what `convert` would refuse
         args = reader.args
         adapter = _adapter(reader, directory)
