@@ -22,6 +22,7 @@ from ..readers import CheckpointReader
 from ..readers.safetensors_file import SafetensorsFile
 from ..transform.compute import step_outputs
 from .convert import plan_conversion
+from .options import check_options
 
 __all__ = ["TensorDiff", "diff", "format_diff"]
 
@@ -141,6 +142,7 @@ def _compare(
 
 def diff(a: str | Path, b: str | Path, *, atol: float = 0.0, rtol: float = 0.0) -> list[TensorDiff]:
     """Per-tensor comparison of ``a`` and ``b``, in ``a``'s order, then the tensors only ``b`` has."""
+    check_options(atol=atol, rtol=rtol)  # before either side is opened
     left = _open(a)
     try:
         right = _open(b)

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import BridgeError
 from ..files.handles import HandleCache
@@ -31,6 +30,7 @@ from ..readers.base import CheckpointReader
 from ..transform.compute import computed
 from .json_file import write_json
 from .output_files import MAX_OPEN_FILES, OutputFiles
+from .progress import progress as progress_of
 from .scheduler import TorchThreads, default_workers, run_bounded
 
 __all__ = ["INDEX_FILE", "write_weights"]
@@ -61,7 +61,7 @@ def write_weights(
     scratch = threading.local()
     lock = threading.Lock()
     try:
-        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+        with progress_of(plan, progress) as bar:
 
             def write_step(step: Step) -> None:
                 step_runs = runs[id(step)]
@@ -75,7 +75,7 @@ def write_weights(
                         data = _gather(target, target_runs, sources, scratch)
                         outputs.write(target, [data])
                 with lock:
-                    bar.update(sum(t.nbytes for t in step.targets))
+                    bar.update(step.targets)
 
             def cost(step: Step) -> int:
                 return _footprint(step, runs[id(step)])
