@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import LORA_SPECS, ROOT
+from slow_convert import start_slow_convert
 
 from offline_bridge.commands.cli import run
 from offline_bridge.write.manifest import verify
@@ -166,37 +165,6 @@ def test_long_and_special_names(ckpt: Path, tmp_path: Path, capsys: pytest.Captu
     for name in ["y" * 256, ".", "..", "/", "sub/.."]:
         code, lines = cli(capsys, "convert", ckpt, name if name != "sub/.." else tmp_path / name, "--quiet")
         assert code == 2 and len(lines) == 1 and "OUT_DIR" in lines[0], (name, lines)
-
-
-SLOW_CONVERT = """
-import os, time
-def slowed(real):
-    def slow(*args):
-        time.sleep(0.05)
-        return real(*args)
-    return slow
-for name in ("pwrite", "pwritev", "copy_file_range"):
-    setattr(os, name, slowed(getattr(os, name)))
-from offline_bridge.commands.cli import entry
-entry()
-"""
-
-
-def start_slow_convert(
-    ckpt: Path, out: Path, *extra: str, ignore: signal.Signals | None = None
-) -> subprocess.Popen[str]:
-    """A conversion that takes a few seconds (every write sleeps), returned once it writes into its staging
-    directory; ``ignore``: a signal it starts with ignored."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-c", SLOW_CONVERT, "convert", str(ckpt), str(out), "--quiet", "--workers", "1", *extra]
-    ignoring = None if ignore is None else lambda: signal.signal(ignore, signal.SIG_IGN)
-    started = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignoring)
-    staging = out.parent / f".{out.name}.partial-{started.pid}"
-    deadline = time.monotonic() + 30
-    while not (staging / "model.safetensors").exists() and started.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert started.poll() is None, "the conversion ended before the test could act on it"
-    return started
 
 
 def test_second_run_into_the_same_output_fails_at_once(

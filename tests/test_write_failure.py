@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import BASE_SPEC, ROOT
+from conftest import BASE_SPEC
+from slow_convert import start_slow_convert
 
 from offline_bridge.commands.cli import main
 from offline_bridge.write.manifest import MANIFEST, verify
@@ -66,28 +66,10 @@ def test_disk_full(stage: str, checkpoints: dict, tmp_path: Path, monkeypatch: p
     assert verify(out) == []
 
 
-SLOW_CONVERT = """
-import os, sys, time
-def slowed(real):
-    def slow(*args):
-        time.sleep(0.05)
-        return real(*args)
-    return slow
-for name in ("pwrite", "pwritev", "copy_file_range"):
-    setattr(os, name, slowed(getattr(os, name)))
-from offline_bridge.commands.cli import main
-main()
-"""
-
-
 def test_killed_run_is_cleaned_up_by_the_next(checkpoints: dict, tmp_path: Path) -> None:
     ckpt, out = checkpoints[BASE_SPEC], tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", str(ckpt), str(out), "--quiet"], env=env)
+    run = start_slow_convert(ckpt, out, "--workers", "4")
     staging = tmp_path / f".out.partial-{run.pid}"
-    deadline = time.monotonic() + 60
-    while not (staging / "model.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
     run.send_signal(signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL, "the conversion ended before it could be killed"
     # named as incomplete, beside OUT_DIR; its lock file stays too, unlocked: the next run takes it
