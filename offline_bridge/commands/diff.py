@@ -107,9 +107,7 @@ class TensorDiff:
 
 
 def _floats(block: np.ndarray, dtype: DType) -> np.ndarray:
-    if dtype.torch_name == "bfloat16":
-        return (block.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return block.astype(np.float64)
+    return block.view(dtype.values).astype(np.float64)
 
 
 def _compare(

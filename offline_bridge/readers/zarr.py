@@ -1,4 +1,6 @@
-"""Megatron's zarr format (megatron-core 0.9 to 0.15), read without megatron, torch or torch.distributed.
+"""Megatron's zarr format (megatron-core 0.9 to 0.15), read without megatron, torch or torch.distributed, and
+without the zarr package (a missing chunk must be an error, not `fill_value`; its codec registry builds any
+codec a `.zarray` names): the chunk reader is our own, for both reasons given below.
 
 Every ShardedTensor key is a zarr v2 array directory: `.zarray` (JSON) gives the global shape, the chunk
 grid and the dtype; each chunk is a file `i.j.k` holding raw C-order bytes (or bytes encoded by a numcodecs
@@ -29,7 +31,6 @@ from .zarr_array import CHUNK_NAME, ZARRAY, ZarrArray
 __all__ = ["ZarrReader"]
 
 
-# zarr v2 numpy type strings (kind + item size, byte order aside) -> our dtype names; "bfloat16" is special.
 class ZarrReader(CheckpointReader):
     """Reader of a zarr iteration directory (`metadata.json`, one array directory per key, `common.pt`)."""
 

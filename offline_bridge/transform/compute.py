@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import BridgeError
+from ..errors import InternalError
 from ..plan.rules import Dims
 from ..plan.schema import Plan, Source, Step, Target
 from ..plan.transfer import selected_rows
@@ -79,7 +79,7 @@ def _applied(step: Step, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
     outs = step.rule.apply(array, dims)
     for target, out in zip(step.targets, outs, strict=True):
         if out.shape != target.shape:
-            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+            raise InternalError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
     return outs
 
 

@@ -22,7 +22,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import BridgeError, OptionError
+from ..errors import CheckpointError, OptionError, OutputError
 from ..files.small_files import JSON_LIMIT, read_small_text
 from .manifest import MANIFEST
 from .output_lock import OutputLock
@@ -94,7 +94,7 @@ class OutputDir:
                 out.rename(old)
             staging.rename(out)
         except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
-            raise BridgeError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
+            raise OutputError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
@@ -182,7 +182,7 @@ def _recognised(out: Path, entries: list[str]) -> str | None:
             tool = manifest.get("tool") if isinstance(manifest, dict) else None
             if isinstance(tool, dict) and tool.get("name") == "offline-bridge":
                 return f"an earlier output of {manifest.get('command', 'offline-bridge')}"
-        except (BridgeError, ValueError, RecursionError):
+        except (CheckpointError, ValueError, RecursionError):
             pass
     files_only = all(stat.S_ISREG(os.lstat(out / name).st_mode) for name in entries)
     if files_only and any(marker in entries for marker in _HF_MARKERS):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BridgeError
+from ..errors import InternalError
 from ..files.handles import HandleCache
 from ..files.posix_io import open_readonly, pread_all
 from ..plan.rules import Dims
@@ -128,7 +128,7 @@ def _compute(
     before_merge = None if merges is None else merges.limit
     for target, blocks in zip(step.targets, computed(reader, step, device, dims, before_merge), strict=True):
         if sum(len(block) for block in blocks) != target.nbytes:
-            raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
+            raise InternalError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
         outputs.write(target, blocks)
 
 
