@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from offline_bridge.commands.convert import convert
 from offline_bridge.commands.export_adapter import export_adapter
 from offline_bridge.errors import BridgeError, OptionError
 
@@ -37,4 +38,10 @@ def test_out_dir_is_checked_before_the_adapter_is_read(kind: str, tmp_path: Path
 def test_bad_option_is_refused_before_the_adapter_is_read(option: str, value: object, tmp_path: Path) -> None:
     with pytest.raises(OptionError) as refused:
         export_adapter(tmp_path / "missing", tmp_path / "out", progress=False, **{option: value})
+    assert "missing" not in str(refused.value)
+
+
+def test_convert_refuses_a_bad_dtype_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="--dtype") as refused:
+        convert(tmp_path / "missing", tmp_path / "out", dtype="fp8", progress=False)
     assert "missing" not in str(refused.value)

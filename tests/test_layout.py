@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "offline_bridge"
 MAX_LINES = 260
 # Owned by the family-tables work (issue 17 phase B splits them); not to grow.
-OVERSIZED = {"families/deepseek_v3.py": 285, "families/qwen3_next.py": 265}
+OVERSIZED = {"families/qwen3_next.py": 265}
 
 # Stages, lowest first. A module imports only from its own stage or lower ones. The rules and the HF field
 # helpers are the vocabulary family tables are written in, so they sit below `families`; the planner and the

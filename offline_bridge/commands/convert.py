@@ -160,6 +160,7 @@ def convert(
         lora_dim=lora_dim,
         device=device,
         workers=workers,
+        dtype=dtype,
     )
     options = {
         "model_type": model_type,
