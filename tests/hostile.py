@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -128,3 +129,23 @@ def zstd_rle_frame(total: int, content_size: int | None) -> bytes:
         left -= size
         blocks.append(((size << 3) | (1 << 1) | (left == 0)).to_bytes(3, "little") + b"\0")  # RLE block
     return header + b"".join(blocks)
+
+
+GIANT = 300 * 10**9  # a sparse file's claimed size: holds nothing, would take minutes to read
+
+
+def make_special(path: Path, kind: str) -> None:
+    """Put a FIFO, a link to /dev/zero, a directory or a 300 GB sparse file at ``path``."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.touch()
+        os.truncate(path, GIANT)

@@ -6,7 +6,6 @@ bounded memory, and no marker file from any payload."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 import struct
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hostile import assert_refused, run_cli, zstd_rle_frame
+from hostile import assert_refused, make_special, run_cli, zstd_rle_frame
 
 from offline_bridge.readers.zarr_codecs import decode
 
@@ -195,23 +194,9 @@ def test_chunk_claiming_more_than_the_files_hold(ckpt: Path, tmp_path: Path) -> 
 # --------------------------------------------------------------------------- special and giant files
 
 
-def _special(path: Path, kind: str) -> None:
-    if path.exists():
-        path.unlink()
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        path.symlink_to("/dev/zero")
-    elif kind == "directory":
-        path.mkdir()
-    else:  # sparse: 300 GB that hold nothing
-        path.touch()
-        os.truncate(path, 300 * 10**9)
-
-
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "sparse"])
 def test_special_zarray(kind: str, ckpt: Path, tmp_path: Path) -> None:
-    _special(_array(ckpt) / ".zarray", kind)
+    make_special(_array(ckpt) / ".zarray", kind)
     needle = "more than" if kind == "sparse" else "not a regular file"
     _refused(ckpt, tmp_path, f"{KEY}/.zarray", needle)
 
@@ -219,19 +204,19 @@ def test_special_zarray(kind: str, ckpt: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse"])
 def test_special_raw_chunk(kind: str, ckpt: Path, tmp_path: Path) -> None:
     """A chunk file that is not a regular file counts as missing; a sparse one has the wrong size."""
-    _special(_array(ckpt) / "0", kind)
+    make_special(_array(ckpt) / "0", kind)
     _refused(ckpt, tmp_path, KEY, "expected 128" if kind == "sparse" else "chunk file 0 of")
 
 
 def test_sparse_encoded_chunk(ckpt: Path, tmp_path: Path) -> None:
     _forge(ckpt, compressor={"id": "zstd"})
-    _special(_array(ckpt) / "0", "sparse")
+    make_special(_array(ckpt) / "0", "sparse")
     _refused(ckpt, tmp_path, f"{KEY}/0", "more than a zstd stream")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "sparse"])
 def test_special_marker(kind: str, ckpt: Path, tmp_path: Path) -> None:
-    _special(ckpt / ITER / "metadata.json", kind)
+    make_special(ckpt / ITER / "metadata.json", kind)
     _refused(ckpt, tmp_path, "metadata.json")
 
 

@@ -6,14 +6,13 @@ in `verify`. Each runs the CLI in a subprocess under a memory cap and a time lim
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile import Outcome, assert_refused, run_cli
+from hostile import GIANT, Outcome, assert_refused, make_special, run_cli
 
 import offline_bridge
 from offline_bridge.write.manifest import MANIFEST
@@ -24,24 +23,6 @@ TINY = REPO / "formats" / "vectors" / "tiny.safetensors"
 TRACKER = "latest_checkpointed_iteration.txt"
 ITER = "iter_0000010"
 MEMORY = 512 << 20  # a refused run needs well under 100 MiB
-GIANT = 300 * 10**9  # bytes of a sparse file
-
-
-def _special(path: Path, kind: str) -> None:
-    """Put a FIFO, a link to /dev/zero, a directory or a 300 GB sparse file at ``path``."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        path.symlink_to("/dev/zero")
-    elif kind == "directory":
-        path.mkdir()
-    else:
-        path.touch()
-        os.truncate(path, GIANT)
 
 
 def _bounded(outcome: Outcome) -> Outcome:
@@ -81,7 +62,7 @@ def test_tracker_that_is_not_a_number(content: str | bytes, needle: str, ckpt: P
 
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "sparse"])
 def test_special_tracker(kind: str, ckpt: Path, tmp_path: Path) -> None:
-    _special(ckpt / TRACKER, kind)
+    make_special(ckpt / TRACKER, kind)
     needle = "more than" if kind == "sparse" else "not a regular file"
     assert_refused(_convert(ckpt, tmp_path), TRACKER, needle)
 
@@ -100,7 +81,7 @@ def test_iteration_option_that_is_not_a_number(value: str, ckpt: Path, tmp_path:
 @pytest.mark.parametrize("name", ["__0_0.distcp", ".metadata", "common.pt"])
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
 def test_special_checkpoint_file(name: str, kind: str, ckpt: Path, tmp_path: Path) -> None:
-    _special(ckpt / ITER / name, kind)
+    make_special(ckpt / ITER / name, kind)
     assert_refused(_convert(ckpt, tmp_path), f"{ITER}/{name}", "not a regular file")
 
 
@@ -110,8 +91,8 @@ def test_fingerprint_hashes_only_fixed_files(ckpt: Path, tmp_path: Path) -> None
     notes = ckpt / ITER / "notes"
     notes.mkdir()
     for name in ("config.json", "metadata.json", ".metadata", "common.pt"):
-        _special(notes / name, "sparse")
-    _special(notes / "pipe", "fifo")
+        make_special(notes / name, "sparse")
+    make_special(notes / "pipe", "fifo")
     outcome = _convert(ckpt, tmp_path)
     assert outcome.code == 0, outcome.stderr
     files = json.loads((tmp_path / "out" / MANIFEST).read_text())["sources"][0]["files"]
@@ -158,11 +139,11 @@ def test_diff_hostile_header(header: dict | str, needle: str, tmp_path: Path) ->
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse"])
 def test_diff_special_file(kind: str, tmp_path: Path) -> None:
     """A single file, and the same inside an HF directory: never opened blocking, never read whole."""
-    _special(tmp_path / "a.safetensors", kind)
+    make_special(tmp_path / "a.safetensors", kind)
     assert_refused(_bounded(run_cli("diff", tmp_path / "a.safetensors", TINY, cwd=tmp_path)), "a.safetensors")
     model = tmp_path / "model"
     model.mkdir()
-    _special(model / "model.safetensors", kind)
+    make_special(model / "model.safetensors", kind)
     assert_refused(_bounded(run_cli("diff", TINY, model, cwd=tmp_path)), "model.safetensors")
 
 
@@ -193,7 +174,7 @@ def _verify(out: Path) -> Outcome:
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
 def test_verify_special_output_file(name: str, kind: str, out: Path) -> None:
     size = (out / name).stat().st_size
-    _special(out / name, kind)
+    make_special(out / name, kind)
     _edit_manifest(out, {name: {**json.loads((out / MANIFEST).read_text())["files"][name], "size": size}})
     assert_refused(_verify(out), name, "not a regular file")
 
@@ -231,7 +212,7 @@ def test_verify_hostile_manifest(kind: str, needle: str, out: Path) -> None:
     elif kind == "not-utf8":
         manifest.write_bytes(b'{"manifest_version": 1, "files": {"\xff": {}}}')
     else:
-        _special(manifest, kind)
+        make_special(manifest, kind)
     assert_refused(_verify(out), MANIFEST, needle)
 
 
@@ -249,7 +230,7 @@ def test_special_hf_config(kind: str, where: str, ckpt: Path, tmp_path: Path) ->
     given = tmp_path / "hf"
     if where == "model-dir":
         given.mkdir()
-    _special(given / "config.json" if where == "model-dir" else given, kind)
+    make_special(given / "config.json" if where == "model-dir" else given, kind)
     needle = "more than" if kind == "sparse" else "not a regular file"
     line = assert_refused(_convert(ckpt, tmp_path, "--hf-config", str(given)), "--hf-config", needle)
     assert len(line) < 400
@@ -259,7 +240,7 @@ def test_special_hf_config(kind: str, where: str, ckpt: Path, tmp_path: Path) ->
 def test_special_run_config_of_an_adapter_save(kind: str, tmp_path: Path) -> None:
     """Bridge's run_config.yaml (which names the adapter's base and its LoRA settings) as a special file."""
     bridge = Path(shutil.copytree(REPO / "tests" / "data" / "bridge" / "dense", tmp_path / "bridge", symlinks=True))
-    _special(bridge / "lora" / "ckpt" / "iter_0000020" / "run_config.yaml", kind)
+    make_special(bridge / "lora" / "ckpt" / "iter_0000020" / "run_config.yaml", kind)
     outcome = _bounded(
         run_cli("convert", bridge / "base", tmp_path / "out", "--adapter", bridge / "lora" / "ckpt", cwd=tmp_path)
     )
