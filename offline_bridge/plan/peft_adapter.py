@@ -41,6 +41,7 @@ from .rules import (
     SwigluRows,
     VocabRows,
 )
+from .rules.registry import rule_ref
 from .schema import Delta, Lora, Plan, Source, Step, Target
 from .sources import expand, finder
 
@@ -145,7 +146,9 @@ def build_adapter_plan(
     def add(piece_rule: Rule, source: Source, names: list[str]) -> None:
         dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
         shapes = piece_rule.target_shapes(source.shape, dims, source.key)
-        steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
+        steps.append(
+            Step(rule_ref(piece_rule), source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)))
+        )
         used.update(key for key, _ in source.parts)
 
     work = expand(family, dims)
@@ -201,12 +204,12 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
     modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
-        if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
-            parameters.add(step.rule.targets[0])
-            if isinstance(step.rule, ExpertMajorA):  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
+        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__):
+            parameters.add(step.rule.param("targets")[0])
+            if step.rule.name == ExpertMajorA.__name__:  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
                 rank = step.targets[0].shape[0] // plan.dims.num_experts
                 if rank != lora.dim:
-                    ranks[re.escape(step.rule.targets[0])] = rank
+                    ranks[re.escape(step.rule.param("targets")[0])] = rank
         elif step.targets[0].name.endswith(".lora_magnitude_vector"):
             dora = True
         else:

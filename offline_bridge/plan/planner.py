@@ -12,6 +12,7 @@ from ..readers.base import CheckpointReader, is_model_key, is_quantizer_key
 from .adapters import find_delta
 from .layout import layout
 from .rules import Dims, GatedDeltaPieces, Rule
+from .rules.registry import rule_ref
 from .schema import Delta, Lora, Plan, Source, Step, Target
 from .sources import expand, finder, packs_experts, resolve
 
@@ -39,7 +40,9 @@ def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, l
             box = (*box[:axis], (0, rows), *box[axis + 1 :])
             source = replace(source, parts=((key, box),), shape=(rows, *source.shape[1:]))
         names = [t.format(**index) for t in rule.targets]
-        steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
+        steps.append(
+            Step(rule_ref(rule), source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta)
+        )
     return steps
 
 

@@ -1,15 +1,32 @@
-"""The plan's vocabulary, logic-free: where a tensor comes from, where it goes, and the LoRA pieces on it."""
+"""The plan's vocabulary, pure data: where a tensor comes from, where it goes, the LoRA pieces on it and the
+rule that turns one into the other, named by data (`RuleRef`). A plan can be printed, compared (``==``) and
+serialised (`offline_bridge.plan.serial`); nothing in it is a function or an array."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType
-from ..readers.base import Box
-from .rules import Dims, Rule
 
-__all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target"]
+if TYPE_CHECKING:
+    from ..readers.base import Box
+    from .rules.dims import Dims
+
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RuleRef", "Source", "Step", "Target"]
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """A rule by data: its registered class name and its fields (sources, targets, TP ...), values plain
+    data or nested `RuleRef`s. `offline_bridge.plan.rules.registry.rule_of` turns it back into the rule."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, key: str) -> Any:
+        return dict(self.params)[key]
 
 
 @dataclass(frozen=True)
@@ -83,7 +100,7 @@ class Delta:
 class Step:
     """One read (plus an optional LoRA delta) and one rule: ``source`` → ``targets``."""
 
-    rule: Rule
+    rule: RuleRef
     source: Source
     targets: tuple[Target, ...]
     delta: Delta | None = None

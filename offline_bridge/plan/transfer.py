@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BridgeError
 from ..readers.base import CheckpointReader, Extent
 from .rules import Dims
+from .rules.registry import rule_of
 from .schema import Source, Step
 
 __all__ = ["Run", "plan_runs", "selected_rows"]
@@ -89,10 +90,11 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
 def selected_rows(step: Step, dims: Dims) -> list[list[tuple[int, int]]] | None:
     """Per target, the source row ranges it takes, in order: the rule applied to the row numbers; None unless
     the rule only picks rows."""
-    if not step.rule.rows_only or not step.source.shape:
+    rule = rule_of(step.rule)
+    if not rule.rows_only or not step.source.shape:
         return None
     rows = step.source.shape[0]
-    picked = step.rule.apply(np.arange(rows, dtype=np.int64).reshape(rows, 1), dims)
+    picked = rule.apply(np.arange(rows, dtype=np.int64).reshape(rows, 1), dims)
     result = []
     for target, out in zip(step.targets, picked, strict=True):
         if not target.shape or out.shape != (target.shape[0], 1) or target.shape[1:] != step.source.shape[1:]:

@@ -9,11 +9,13 @@ import numpy as np
 
 from ..errors import BridgeError
 from ..plan.rules import Dims
+from ..plan.rules.registry import rule_of
 from ..plan.schema import Plan, Source, Step, Target
 from ..plan.transfer import selected_rows
 from ..readers.base import CheckpointReader
 from .casting import as_numpy, cast
 from .lora_merge import merge_tensor
+from .quant_rules import __name__ as _registers_quant_rules  # noqa: F401  (a plan read back may name them)
 
 __all__ = ["computed", "read_source", "step_outputs"]
 
@@ -39,8 +41,9 @@ def computed(
     array = read_source(reader, step.source)
     (dtype,) = {t.dtype for t in step.targets}
     delta = step.delta
-    if step.rule.computes is not None:  # new values (FP8 export): apply the rule, then cast its outputs
-        return [[_bytes(cast(out, step.rule.computes, dtype))] for out in _applied(step, array, dims)]
+    computes = rule_of(step.rule).computes
+    if computes is not None:  # new values (FP8 export): apply the rule, then cast its outputs
+        return [[_bytes(cast(out, computes, dtype))] for out in _applied(step, array, dims)]
     if delta is None:
         whole = cast(array, step.source.dtype, dtype)
     else:
@@ -76,7 +79,7 @@ def computed(
 
 def _applied(step: Step, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
     """The step's rule applied to ``array``, each output checked against its planned shape."""
-    outs = step.rule.apply(array, dims)
+    outs = rule_of(step.rule).apply(array, dims)
     for target, out in zip(step.targets, outs, strict=True):
         if out.shape != target.shape:
             raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")

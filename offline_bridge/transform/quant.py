@@ -29,6 +29,7 @@ from ..dtypes import FLOAT32
 from ..errors import CheckpointError
 from ..families import Family
 from ..plan.rules import Dims, GatedMLP, RankMajorGatedMLP, Rule
+from ..plan.rules.registry import rule_of, rule_ref
 from ..plan.schema import Source, Step, Target
 from ..plan.sources import expand, finder
 from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
@@ -56,7 +57,7 @@ class Quant:
         """Every HF amax in fp32 (tiny: one scalar or one row vector per linear)."""
         out = {}
         for step in self.steps:
-            parts = step.rule.apply(read_source(reader, step.source), dims)
+            parts = rule_of(step.rule).apply(read_source(reader, step.source), dims)
             for target, part in zip(step.targets, parts, strict=True):
                 out[target.name] = cast(np.ascontiguousarray(part), step.source.dtype, FLOAT32).astype(np.float32)
         return out
@@ -128,7 +129,7 @@ def _amax_step(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims
     if source.shape and (rows := amax_rule.rows(source.shape, dims)) != source.shape[0]:  # vocab padding
         source = _narrow(source, 0, rows, drop=False)
     shapes = amax_rule.target_shapes(source.shape, dims, source.key)
-    return Step(amax_rule, source, tuple(Target(n, tuple(s), FLOAT32) for n, s in zip(names, shapes)))
+    return Step(rule_ref(amax_rule), source, tuple(Target(n, tuple(s), FLOAT32) for n, s in zip(names, shapes)))
 
 
 def find_quant(family: Family, reader: CheckpointReader, dims: Dims) -> Quant | None:

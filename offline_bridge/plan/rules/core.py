@@ -13,7 +13,9 @@ from ...dtypes import DType
 from ...errors import CheckpointError
 from .dims import Condition, Dims, Shape
 
-__all__ = ["QKV", "Copy", "GatedMLP", "Packed", "PlusOne", "Repeat", "Rule", "VocabRows", "only"]
+__all__ = ["QKV", "RULES", "Copy", "GatedMLP", "Packed", "PlusOne", "Repeat", "Rule", "VocabRows", "only"]
+
+RULES: dict[str, type[Rule]] = {}  # every rule class by name, for plans that name their rules by data
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Rule:
     # Suffixes of the tensors Megatron saves the source apart as (rows joined in this order) when the
     # source key itself is absent; swiglu halves `_w` / `_v` are always tried.
     saved_apart: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        RULES[cls.__name__] = cls
 
     @classmethod
     def of(
