@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from .rules import Dims, fused_part_rows
 from .schema import Delta, Lora, Source
 
-__all__ = ["find_delta"]
+__all__ = ["Find", "find_delta"]
 
 Find = Callable[[tuple[str, ...]], Source | None]
 

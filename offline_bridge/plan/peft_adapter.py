@@ -25,8 +25,8 @@ from ..dtypes import by_option
 from ..errors import CheckpointError, OptionError
 from ..families import Family
 from ..readers.base import CheckpointReader, is_model_key
-from .adapters import find_delta
 from .layout import layout
+from .planner import Planner
 from .rules import (
     Copy,
     Dims,
@@ -41,9 +41,7 @@ from .rules import (
     SwigluRows,
     VocabRows,
 )
-from .rules.registry import rule_ref
-from .schema import Delta, Lora, Plan, Source, Step, Target
-from .sources import expand, finder
+from .schema import Delta, Lora, Plan, Source
 
 __all__ = ["ADAPTER_FILE", "PREFIX", "adapter_config", "build_adapter_plan"]
 
@@ -99,22 +97,19 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
 _FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
 
 
-def _layer_adapter(
-    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims
-) -> tuple[Source, Source] | None:
+def _layer_adapter(planner: Planner, rule: Rule, index: dict[str, int]) -> tuple[Source, Source] | None:
     """A layer's expert adapter with its expert axis (or shared by all experts), for ParamWrapper."""
     module = rule.sources[0].removesuffix(".weight").replace(".experts.{e}.", ".experts.experts.") + ".adapter."
-    find = finder(reader, {k: v for k, v in index.items() if k != "e"}, dims)
+    find = planner.find({k: v for k, v in index.items() if k != "e"})
     a, b = find((module + "linear_in.weight",)), find((module + "linear_out.weight",))
     return None if a is None or b is None else (a, b)
 
 
-def _paramwrapper(
-    family: Family, reader: CheckpointReader, dims: Dims, rules: list[tuple[Rule, dict[str, int]]]
-) -> list[tuple[Rule, Source, list[str]]]:
+def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) -> list[tuple[Rule, Source, list[str]]]:
     """ParamWrapper pieces for one layer's expert rules: A expert-major, B rank-major; with both parameters
     targeted, gate_up_proj (registered first) is the inner `base_layer`."""
-    found = [(rule, index, _layer_adapter(reader, rule, index, dims)) for rule, index in rules]
+    dims = planner.dims
+    found = [(rule, index, _layer_adapter(planner, rule, index)) for rule, index in rules]
     found = [(rule, index, pair) for rule, index, pair in found if pair is not None]
     out = []
     for rule, index, (a, b) in found:
@@ -140,31 +135,24 @@ def build_adapter_plan(
     expert_format: str = "paramwrapper",
 ) -> Plan:
     """The PEFT adapter's tensors, from the adapter checkpoint's metadata alone."""
-    steps: list[Step] = []
-    used: set[str] = set()
+    planner = Planner(family, reader, dims)
 
     def add(piece_rule: Rule, source: Source, names: list[str]) -> None:
-        dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
-        shapes = piece_rule.target_shapes(source.shape, dims, source.key)
-        steps.append(
-            Step(rule_ref(piece_rule), source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)))
-        )
-        used.update(key for key, _ in source.parts)
+        planner.add(piece_rule, source, names, source.dtype if dtype_name == "auto" else by_option(dtype_name))
 
-    work = expand(family, dims)
+    work = planner.rules()
     if expert_format == "paramwrapper":
         experts = [(rule, index) for rule, index in work if index.get("e") == 0 or isinstance(rule, Packed)]
         work = [(rule, index) for rule, index in work if "e" not in index and not isinstance(rule, Packed)]
         for layer in sorted({index["i"] for _, index in experts}):
-            for piece in _paramwrapper(family, reader, dims, [(r, i) for r, i in experts if i["i"] == layer]):
+            for piece in _paramwrapper(planner, [(r, i) for r, i in experts if i["i"] == layer]):
                 add(*piece)
     elif expert_format != "per-expert":
         raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
     elif any(isinstance(rule, Packed) for rule, _ in work):
         raise OptionError(f"--expert-format per-expert: {family.name} packs its experts; use paramwrapper")
     for rule, index in work:
-        find = finder(reader, index, dims)
-        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora, dims)) is not None), None)
+        delta = planner.attach(rule, index, None, lora)
         if delta is None:
             continue
         where = delta.sources()[0].key
@@ -189,11 +177,7 @@ def build_adapter_plan(
             m = delta.magnitude
             m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
             add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
-    unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
-    if unused:
-        raise CheckpointError(
-            f"{reader.path}: adapter tensors the {family.name} tables cannot place: {', '.join(unused[:5])}"
-        )
+    steps = planner.checked(is_model_key, "adapter tensors")
     if not steps:
         raise CheckpointError(f"{reader.path}: no LoRA adapter tensors found")
     steps, files = layout(steps, 2**62, stem=ADAPTER_FILE)
