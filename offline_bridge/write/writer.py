@@ -1,4 +1,4 @@
-"""Carry out a plan: headers first, then each tensor's bytes streamed into its place; index and config.
+"""Carry out a plan: each tensor's bytes streamed into its place, then the index.
 
 The files go into the staging directory `offline_bridge.write.staging` makes beside OUT_DIR.
 
@@ -6,8 +6,9 @@ Every tensor has a planned file and offset, so steps run in any order and on sev
 bytes as the result. Steps go in the order their bytes lie in the checkpoint's files. A step that only
 moves bytes is copied file to file (`transfer.plan_runs`, `os.copy_file_range`: no pass through memory);
 one whose rows interleave across chunks is gathered into a buffer with one scattered read per chunk; the
-rest (merges, casts, other rules) are read, computed and written from memory. Threads work within a
-budget of bytes held at once, so memory stays a few tensors whatever the model size.
+rest (merges, casts, other rules) are computed in memory (`transform.compute`). Threads work within a
+budget of bytes held at once (`scheduler`), so memory stays a few tensors whatever the model size; the
+files themselves (headers, offsets, hashes, fsync) are `output_files`.
 """
 
 from __future__ import annotations
