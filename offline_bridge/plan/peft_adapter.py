@@ -18,7 +18,6 @@ in the per-expert layout, embeddings, DoRA on ParamWrapper targets) is refused.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from typing import Any
 
 from ..dtypes import by_option
@@ -31,14 +30,11 @@ from .rules import (
     Copy,
     Dims,
     ExpertMajorA,
-    GatedDeltaPieces,
     GatedMLP,
     Packed,
     RankMajorB,
-    RankMajorGatedMLP,
     Repeat,
     Rule,
-    SwigluRows,
     VocabRows,
 )
 from .schema import Delta, Lora, Plan, Source
@@ -83,13 +79,8 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
         if piece is None:  # a CanonicalLoRA part that was not targeted
             continue
         a, b = piece
-        b_rule = (
-            SwigluRows((b.pattern,), (module,), tp=delta.tp)
-            if delta.layout == "gated"
-            else Copy((b.pattern,), (module,))
-        )
         out.append((Copy((a.pattern,), (module,)), a, [f"{PREFIX}{module}.lora_A.weight"]))
-        out.append((b_rule, b, [f"{PREFIX}{module}.lora_B.weight"]))
+        out.append((Copy((b.pattern,), (module,)), b, [f"{PREFIX}{module}.lora_B.weight"]))
     return out
 
 
@@ -169,14 +160,11 @@ def build_adapter_plan(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
                 "(v4) layout cannot carry; use --expert-format paramwrapper (rank_pattern) or merge with `convert`"
             )
-        if isinstance(rule, GatedDeltaPieces):  # GDN in_proj B rows: TP-local blocks at the adapter's TP
-            rule = replace(rule, tp=delta.tp)
+        _, delta = rule.row_orders(None, delta, dims, None)  # e.g. GDN in_proj B rows: TP-local blocks
         for piece in _pieces(rule, delta, modules):
             add(*piece)
-        if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
-            m = delta.magnitude
-            m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
-            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
+        if delta.magnitude is not None:  # DoRA: split like the weight
+            add(rule, delta.magnitude, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
     steps = planner.checked(is_model_key, "adapter tensors")
     if not steps:
         raise CheckpointError(f"{reader.path}: no LoRA adapter tensors found")

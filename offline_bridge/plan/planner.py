@@ -13,9 +13,8 @@ from ..errors import CheckpointError
 from ..families import Family
 from ..readers.base import CheckpointReader, is_model_key, is_quantizer_key
 from .adapters import Find, find_delta
-from .gdn_layout import gated_delta_layout
 from .layout import layout
-from .rules import Dims, GatedDeltaPieces, Rule
+from .rules import Dims, Rule
 from .rules.registry import rule_ref
 from .schema import Delta, Lora, Plan, Source, Step, Target
 from .sources import expand, finder, missing, packs_experts, resolve
@@ -120,8 +119,7 @@ def build_plan(
         if source is None:
             continue
         delta = planner.attach(rule, index, source, lora)
-        if isinstance(rule, GatedDeltaPieces):
-            source, rule = gated_delta_layout(reader, rule, source, delta)
+        source, delta = rule.row_orders(source, delta, dims, getattr(reader.args, "tensor_model_parallel_size", None))
         rule.check(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
         if rows < source.shape[0]:  # read only what is kept (vocab trim); too few rows: `add` raises

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..readers.base import Box
     from .rules.dims import Dims
 
-__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RuleRef", "Source", "Step", "Target"]
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RowOrder", "RuleRef", "Source", "Step", "Target"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,24 @@ class RuleRef:
 
 
 @dataclass(frozen=True)
+class RowOrder:
+    """How a tensor's rows lie on disk when Megatron saved them in tensor-parallel order, not in their true
+    one; `offline_bridge.plan.row_order` turns it into the row permutation every reader of the source applies.
+
+    - ``swiglu``: the swiglu sharded-state-dict factory's order at TP ``tp`` (rank t's gate and up halves at
+      blocks t and tp + t of 2·tp), e.g. CanonicalLoRA gate/up B;
+    - ``rank_major_gated``: per TP rank its `[gate_t; up_t]` rows in turn (DoRA fc1 magnitudes, ModelOpt fc1
+      per-channel amax);
+    - ``tp_blocks``: per TP rank its slice of every piece in turn, the pieces' global rows in ``parts``
+      (fused Gated DeltaNet in_proj / conv1d, and their LoRA B).
+    """
+
+    kind: str
+    tp: int
+    parts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Source:
     """A Megatron tensor, or one layer / expert of a stacked one: each part's ``box`` picks it and ``shape``
     drops the stacked axes. Several parts (swiglu halves saved apart as `<key>_w`, `<key>_v`) are joined
@@ -39,6 +57,7 @@ class Source:
     shape: tuple[int, ...]
     dtype: DType
     pattern: str = ""  # the table pattern it was found by
+    row_order: RowOrder | None = None  # rows saved in a TP order (None: true order)
 
     @property
     def key(self) -> str:
@@ -89,7 +108,6 @@ class Delta:
     scale: float
     magnitude: Source | None = None  # DoRA's weight_magnitude [out]
     tp: int = 1  # training TP (see Lora.tp)
-    gated_rows: bool = False  # a gated fc1: DoRA magnitudes come as rank-major [gate_r; up_r] blocks
 
     def sources(self) -> tuple[Source, ...]:
         pairs = [s for pair in self.pieces if pair is not None for s in pair]

@@ -16,11 +16,11 @@ from typing import Any
 from ..dtypes import DTYPES, DType
 from ..errors import CheckpointError
 from .rules.dims import Dims
-from .schema import Delta, FilePlan, Lora, Plan, RuleRef, Source, Step, Target
+from .schema import Delta, FilePlan, Lora, Plan, RowOrder, RuleRef, Source, Step, Target
 
 __all__ = ["plan_from_json", "plan_to_json"]
 
-_CLASSES = {cls.__name__: cls for cls in (Delta, Dims, FilePlan, Lora, Plan, RuleRef, Source, Step, Target)}
+_CLASSES = {cls.__name__: cls for cls in (Delta, Dims, FilePlan, Lora, Plan, RowOrder, RuleRef, Source, Step, Target)}
 _DTYPES = {dtype.torch_name: dtype for dtype in DTYPES}
 _RAW = ("config",)  # fields kept as plain JSON (lists stay lists)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import BridgeError
+from ..plan.row_order import stored_rows
 from ..plan.rules import Dims
 from ..plan.rules.registry import rule_of
 from ..plan.schema import Plan, Source, Step, Target
@@ -58,9 +59,7 @@ def computed(
             layout=delta.layout,
             scale=delta.scale,
             dims=dims,
-            tp=delta.tp,
             magnitude=None if delta.magnitude is None else read_source(reader, delta.magnitude),
-            gated_rows=delta.gated_rows,
             device=device,
             out_dtype=dtype,
         )
@@ -91,9 +90,11 @@ def _bytes(array: np.ndarray) -> memoryview:
 
 
 def read_source(reader: CheckpointReader, source: Source) -> np.ndarray:
-    """A source's tensor, its parts joined along the first kept axis."""
+    """A source's tensor, its parts joined along the first kept axis, its rows in true order."""
     tail = source.shape[1:]
     arrays = [
         reader.read(key, box).reshape(-1, *tail) if source.shape else reader.read(key, box) for key, box in source.parts
     ]
-    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+    array = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+    rows = stored_rows(source)
+    return array if rows is None else array[rows]

@@ -29,9 +29,9 @@ from ..dtypes import FLOAT32
 from ..errors import CheckpointError
 from ..families import Family
 from ..plan.planner import Planner
-from ..plan.rules import Dims, GatedMLP, RankMajorGatedMLP, Rule
+from ..plan.rules import Dims, GatedMLP, Rule
 from ..plan.rules.registry import rule_of
-from ..plan.schema import Source, Step
+from ..plan.schema import RowOrder, Source, Step
 from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
 from .casting import cast
 from .compute import read_source
@@ -100,7 +100,7 @@ def _grouped(planner: Planner, sources: tuple[str, ...], index: dict[str, int], 
     return _narrow(source, block, block + 1, drop=True)
 
 
-def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, ...], tp: int) -> Rule:
+def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, ...]) -> Rule:
     """How one amax becomes its HF amax tensors: copied, or split like the weight (per-channel)."""
     sources = (source.key,)
     if math.prod(source.shape) == 1 or quantizer == "input_quantizer":
@@ -110,8 +110,6 @@ def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, .
             f"{source.key} has shape {list(source.shape)}: only per-tensor and per-output-channel [rows, 1] "
             "amax are exported (block quantization is not supported)"
         )
-    if isinstance(rule, GatedMLP) and len(source.parts) == 1:  # rank-major rows, not swiglu halves _w / _v
-        return RankMajorGatedMLP(sources, targets, tp=tp)
     return replace(rule, sources=sources, targets=targets, when=None, expect=None)
 
 
@@ -127,7 +125,10 @@ def _add_amax_step(planner: Planner, rule: Rule, index: dict[str, int], quantize
         return
     dims = planner.dims
     names = tuple(t.format(**index).removesuffix(".weight") + suffix for t in rule.targets)
-    amax_rule = _amax_rule(rule, source, quantizer, names, etp if expert else tp)
+    amax_rule = _amax_rule(rule, source, quantizer, names)
+    saved_tp = etp if expert else tp
+    if saved_tp > 1 and isinstance(amax_rule, GatedMLP) and len(source.parts) == 1:  # not swiglu halves _w / _v
+        source = replace(source, row_order=RowOrder("rank_major_gated", saved_tp))
     if source.shape and (rows := amax_rule.rows(source.shape, dims)) != source.shape[0]:  # vocab padding
         source = _narrow(source, 0, rows, drop=False)
     planner.add(amax_rule, source, names, FLOAT32)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ...dtypes import DType
 from ...errors import CheckpointError
 from .dims import Condition, Dims, Shape
+
+if TYPE_CHECKING:
+    from ..schema import Delta, Source
 
 __all__ = ["QKV", "RULES", "Copy", "GatedMLP", "Packed", "PlusOne", "Repeat", "Rule", "VocabRows", "only"]
 
@@ -66,6 +69,13 @@ class Rule:
                 f"{key} has shape {tuple(shape)} in the checkpoint but the HF config implies {expected}"
             )
 
+    def row_orders(
+        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
+    ) -> tuple[Source | None, Delta | None]:
+        """``source`` and ``delta`` with the TP row orders their layout implies (`RowOrder`), for a rule whose
+        tensors Megatron saves in TP order (``saved_tp``: the args' training TP); most save none."""
+        return source, delta
+
     def rows(self, shape: Shape, dims: Dims) -> int:
         """How many leading rows of the source to read (all, unless the rule trims)."""
         return shape[0]
@@ -90,6 +100,13 @@ class VocabRows(Rule):
     """Embedding / output layer: drop the rows Megatron padded the vocab with."""
 
     rows_only: ClassVar[bool] = True
+
+    def row_orders(
+        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
+    ) -> tuple[Source | None, Delta | None]:
+        """``source`` and ``delta`` with the TP row orders their layout implies (`RowOrder`), for a rule whose
+        tensors Megatron saves in TP order (``saved_tp``: the args' training TP); most save none."""
+        return source, delta
 
     def rows(self, shape: Shape, dims: Dims) -> int:
         return dims.vocab_size
