@@ -3,6 +3,8 @@ the plan read back writes the same bytes. Fast tier: the bundled example and met
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,20 @@ def test_text_that_is_no_plan_is_refused() -> None:
         plan_from_json('{"class": "Target", "name": "x", "shape": [], "dtype": {"dtype": "float32"}}')
     with pytest.raises(CheckpointError, match="not a serialised plan"):
         plan_from_json('{"class": "Nothing"}')
+
+
+def test_a_fresh_process_computing_a_plan_knows_every_rule(tmp_path: Path) -> None:
+    """The rules a plan names (the families' own, the quantizer's) are registered wherever steps run."""
+    family = FAMILIES["qwen3_next"]
+    fields, keys = CASES["qwen3_next"]
+    dims = dims_of({"model_type": family.model_type, **fields}, family)
+    (tmp_path / "plan.json").write_text(plan_to_json(build_plan(family, MetadataReader(keys), dims, BF16, 2**20)))
+    code = (
+        "import sys; from pathlib import Path; import offline_bridge.transform.compute; "
+        "from offline_bridge.plan.serial import plan_from_json; from offline_bridge.plan.rules.registry import rule_of; "
+        f"plan = plan_from_json(Path({str(tmp_path / 'plan.json')!r}).read_text()); "
+        "print(sorted({type(rule_of(s.rule)).__name__ for s in plan.steps}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "GatedDeltaInProj" in done.stdout and "GatedQKV" in done.stdout

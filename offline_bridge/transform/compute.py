@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import families  # noqa: F401  (registers the families' own rules: a plan read back names them)
 from ..errors import BridgeError
 from ..plan.row_order import stored_rows
 from ..plan.rules import Dims
@@ -14,9 +15,9 @@ from ..plan.rules.registry import rule_of
 from ..plan.schema import Plan, Source, Step, Target
 from ..plan.transfer import selected_rows
 from ..readers.base import CheckpointReader
+from . import quant_rules  # noqa: F401  (registers the quantizer rules, likewise)
 from .casting import as_numpy, cast
 from .lora_merge import merge_tensor
-from .quant_rules import __name__ as _registers_quant_rules  # noqa: F401  (a plan read back may name them)
 
 __all__ = ["computed", "read_source", "step_outputs"]
 

@@ -12,22 +12,15 @@ One module per job: `dims` (model dimensions, layer conditions), `core`, `lora` 
 
 from .core import QKV, Copy, GatedMLP, Packed, PlusOne, Repeat, Rule, VocabRows, only
 from .dims import Condition, Dims, Shape, dense_layer, full_attention_layer, linear_attention_layer, moe_layer, untied
-from .gdn import GDN_CONV_PARTS, GDN_IN_PROJ_PARTS, GatedDeltaConv, GatedDeltaInProj, GatedDeltaPieces, GatedQKV
 from .lora import ExpertMajorA, RankMajorB, fused_part_rows
 
 __all__ = [
-    "GDN_CONV_PARTS",
-    "GDN_IN_PROJ_PARTS",
     "QKV",
     "Condition",
     "Copy",
     "Dims",
     "ExpertMajorA",
-    "GatedDeltaConv",
-    "GatedDeltaInProj",
-    "GatedDeltaPieces",
     "GatedMLP",
-    "GatedQKV",
     "Packed",
     "PlusOne",
     "RankMajorB",

@@ -1,5 +1,6 @@
-"""Rules of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5): gated QKV, and the GDN input projection and
-convolution Megatron may save in pieces."""
+"""Rules of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5; `qwen3_next.py` holds their tables and is at its
+size cap): gated QKV, and the GDN input projection and convolution Megatron may save in pieces, with the TP
+row order of their fused and LoRA forms (`GatedDeltaPieces.row_orders`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...errors import CheckpointError
-from ..schema import Delta, RowOrder, Source
-from .core import QKV, Rule
-from .dims import Dims, Shape
+from ..errors import CheckpointError
+from ..plan.rules import QKV, Dims, Rule, Shape
+from ..plan.schema import Delta, RowOrder, Source
 
 __all__ = ["GDN_CONV_PARTS", "GDN_IN_PROJ_PARTS", "GatedDeltaConv", "GatedDeltaInProj", "GatedDeltaPieces", "GatedQKV"]
 
