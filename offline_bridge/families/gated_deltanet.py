@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
 from ..plan.rules import QKV, Dims, Rule, Shape
 from ..plan.schema import Delta, RowOrder, Source
@@ -61,16 +62,12 @@ def _whole(key: str) -> str:
 
 def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
     """(key heads, key head dim, value heads, value head dim) of the Gated DeltaNet layers."""
-    c = dims.config
+    names = ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads", "linear_value_head_dim")
     try:
-        return (
-            int(c["linear_num_key_heads"]),
-            int(c["linear_key_head_dim"]),
-            int(c["linear_num_value_heads"]),
-            int(c["linear_value_head_dim"]),
-        )
+        nk, dk, nv, dv = (int(hf_value(dims.config, name)) for name in names)
     except KeyError as exc:
         raise CheckpointError(f"the HF config lacks {exc}, needed for the Gated DeltaNet layers") from exc
+    return nk, dk, nv, dv
 
 
 def _tp_blocks(source: Source, parts: list[int], tp: int) -> Source:
