@@ -1,17 +1,20 @@
 """The one dtype table: torch names, safetensors codes, numpy storage types.
 
-bfloat16 has no numpy type; its bytes move as ``uint16`` (a conversion mostly only moves bytes).
+bfloat16 and float8 have no numpy type of their own; their bytes move as ``uint16`` / ``uint8`` (a conversion
+mostly only moves bytes), and where their values are needed (casts, `diff`, a norm's `1 + w`) `ml_dtypes`
+supplies the numpy types, with torch's rounding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from .errors import OptionError
 
-__all__ = ["DTYPES", "FLOAT32", "DType", "by_option", "by_storage_class", "by_torch_name"]
+__all__ = ["BFLOAT16", "DTYPES", "FLOAT32", "DType", "by_option", "by_storage_class", "by_torch_name"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class DType:
     @property
     def np(self) -> np.dtype:
         return np.dtype(self.numpy)
+
+    @property
+    def values(self) -> np.dtype:
+        """The numpy type of its values (``ml_dtypes.bfloat16`` for bf16), to view :attr:`np` bytes as."""
+        return np.dtype(getattr(ml_dtypes, self.torch_name)) if self.torch_name in _ML_DTYPES else self.np
 
     def __repr__(self) -> str:
         return self.torch_name
@@ -50,6 +58,8 @@ DTYPES: tuple[DType, ...] = (
 )
 
 FLOAT32 = DTYPES[0]
+BFLOAT16 = DTYPES[1]
+_ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 _BY_TORCH = {d.torch_name: d for d in DTYPES}
 _BY_STORAGE = {d.storage_class: d for d in DTYPES}

@@ -240,7 +240,7 @@ def test_legacy_records_are_checked_against_their_crc(tmp_path: Path) -> None:
     rank.mkdir(parents=True)
     weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     torch.save(
-        {"args": argparse.Namespace(num_layers=0), "model": {"output_layer.weight": weight}},
+        {"args": argparse.Namespace(), "model": {"output_layer.weight": weight}},
         rank / "model_optim_rng.pt",
     )
     data = bytearray((rank / "model_optim_rng.pt").read_bytes())

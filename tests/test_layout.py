@@ -17,11 +17,12 @@ OVERSIZED = {"families/deepseek_v3.py": 285, "families/qwen3_next.py": 265}
 
 # Stages, lowest first. A module imports only from its own stage or lower ones. The rules and the HF field
 # helpers are the vocabulary family tables are written in, so they sit below `families`; the planner and the
-# model description read the tables, so they sit above.
+# model description read the tables, so they sit above. The args schema (a leaf) checks the args a reader
+# sizes itself by (legacy rank files), so it sits with the readers.
 STAGES = [
     ("errors", "dtypes"),
     ("files",),
-    ("readers",),
+    ("readers", "config.args_schema"),
     ("plan.rules", "plan.schema", "config.hf_fields"),
     ("families",),
     ("plan",),

@@ -107,6 +107,7 @@ def test_export_adapter_writes_a_manifest(adapters: dict, tmp_path: Path) -> Non
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["command"] == "export-adapter"
     assert [s["role"] for s in manifest["sources"]] == ["checkpoint", "base (args only)"]
+    assert [s.get("config") for s in manifest["sources"]] == [None, {"kind": "common.pt args", "file": "common.pt"}]
     tensors = load_file(out / "adapter_model.safetensors")
     assert {name: _sha(a.tobytes()) for name, a in tensors.items()} == {
         name: entry["sha256"] for name, entry in manifest["tensors"].items()

@@ -237,3 +237,42 @@ def test_verify_hostile_manifest(kind: str, needle: str, out: Path) -> None:
 
 def test_verify_dev_zero(tmp_path: Path) -> None:
     assert_refused(_bounded(run_cli("verify", "/dev/zero", cwd=tmp_path)), "no manifest")
+
+
+# --------------------------------------------------------------------------- --hf-config
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse"])
+@pytest.mark.parametrize("where", ["file", "model-dir"])
+def test_special_hf_config(kind: str, where: str, ckpt: Path, tmp_path: Path) -> None:
+    """A FIFO, /dev/zero or a 300 GB sparse file as `--hf-config` (or as its directory's config.json)."""
+    given = tmp_path / "hf"
+    if where == "model-dir":
+        given.mkdir()
+    _special(given / "config.json" if where == "model-dir" else given, kind)
+    needle = "more than" if kind == "sparse" else "not a regular file"
+    line = assert_refused(_convert(ckpt, tmp_path, "--hf-config", str(given)), "--hf-config", needle)
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "sparse"])
+def test_special_run_config_of_an_adapter_save(kind: str, tmp_path: Path) -> None:
+    """Bridge's run_config.yaml (which names the adapter's base and its LoRA settings) as a special file."""
+    bridge = Path(shutil.copytree(REPO / "tests" / "data" / "bridge" / "dense", tmp_path / "bridge", symlinks=True))
+    _special(bridge / "lora" / "ckpt" / "iter_0000020" / "run_config.yaml", kind)
+    outcome = _bounded(
+        run_cli("convert", bridge / "base", tmp_path / "out", "--adapter", bridge / "lora" / "ckpt", cwd=tmp_path)
+    )
+    needle = "more than" if kind == "sparse" else "not a regular file"
+    line = assert_refused(outcome, "run_config.yaml", needle)
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_verify_names_a_directory_that_is_not_there(kind: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("{}")
+    needle = "no such directory" if kind == "missing" else "not a directory"
+    line = assert_refused(run_cli("verify", out, cwd=tmp_path), str(out), needle)
+    assert "offline-bridge.json" not in line

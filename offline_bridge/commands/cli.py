@@ -19,7 +19,7 @@ from ..families import FAMILIES
 from .convert import convert
 from .export_adapter import export_adapter
 from .options import MAX_WORKERS, check_options
-from .outcome import as_json, report
+from .outcome import as_json, internal_error, report
 
 __all__ = ["entry", "main", "run"]
 
@@ -71,7 +71,7 @@ def _invoke(argv: list[str]) -> int:
     except click.Abort:
         raise KeyboardInterrupt from None
     except Exception as exc:  # raised outside a command's `report`
-        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(internal_error(exc), err=True)
         return 1
     return 0
 
@@ -221,7 +221,6 @@ def diff_command(a: str, b: str, atol: float, rtol: float, json_output: bool) ->
     from .diff import diff, format_diff, identical
 
     def compared() -> tuple[str, bool]:
-        check_options(atol=atol, rtol=rtol)
         results = diff(a, b, atol=atol, rtol=rtol)
         text = as_json(diff_json(a, b, atol, rtol, results)) if json_output else format_diff(results)
         return text, identical(results)

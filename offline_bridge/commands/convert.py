@@ -26,7 +26,7 @@ from ..transform.quant import Quant, find_quant
 from ..write.json_file import write_json
 from ..write.manifest import write_manifest
 from ..write.quant_files import write_quant
-from ..write.sources import describe_sources
+from ..write.sources import ConfigFrom, describe_sources
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
@@ -58,7 +58,7 @@ class Conversion:
     family: Family
     model_dir: Path | None  # the HF model directory ``hf_config`` named, for its tokenizer files
     quant: Quant | None  # ModelOpt amax mapped to HF names, when the checkpoint has any
-    config_source: str = ""  # where the config came from: --hf-config, or the checkpoint's args / run config
+    config_source: ConfigFrom | None = None  # the checkpoint's args / run config it came from; None: --hf-config
 
 
 def plan_conversion(
@@ -75,17 +75,16 @@ def plan_conversion(
     """The plan, the HF config and the side files for ``reader``, from metadata only."""
     shard_limit = parse_size(max_shard_size)
     target_dtype = None if dtype == "auto" else by_option(dtype)
-    model_dir = None
+    model_dir, source = None, None
     if hf_config is not None:
         config, model_dir = load_config(hf_config)
         family = family_by_name(model_type) if model_type else family_for_config(config)
-        source = f"--hf-config {hf_config}"
     else:
         found = model_args_of(reader)
         check_args_against_tensors(found.args, reader.tensors, str(found.file))
         family = family_by_name(model_type) if model_type else family_for_args(found.args)
         config = derive_config(found.args, family, vocab_size=vocab_size)
-        source = found.describe()
+        source = (found.source, found.file)
     target_dtype = target_dtype or _auto_dtype(reader)
     config = finalize_config(config, target_dtype, vocab_size=vocab_size)
     plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
@@ -210,7 +209,9 @@ def convert(
                 write_json(staging / "config.json", conversion.config)
                 if conversion.model_dir is not None:
                     copy_side_files(conversion.model_dir, staging)
-                write_manifest(staging, "convert", options, describe_sources(reader, hf_config), digests)
+                write_manifest(
+                    staging, "convert", options, describe_sources(reader, hf_config, conversion.config_source), digests
+                )
     return Path(out_dir)
 
 

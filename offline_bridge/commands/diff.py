@@ -22,6 +22,7 @@ from ..readers import CheckpointReader
 from ..readers.safetensors_file import SafetensorsFile
 from ..transform.compute import step_outputs
 from .convert import plan_conversion
+from .options import check_options
 
 __all__ = ["TensorDiff", "diff", "format_diff"]
 
@@ -106,9 +107,7 @@ class TensorDiff:
 
 
 def _floats(block: np.ndarray, dtype: DType) -> np.ndarray:
-    if dtype.torch_name == "bfloat16":
-        return (block.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return block.astype(np.float64)
+    return block.view(dtype.values).astype(np.float64)
 
 
 def _compare(
@@ -141,6 +140,7 @@ def _compare(
 
 def diff(a: str | Path, b: str | Path, *, atol: float = 0.0, rtol: float = 0.0) -> list[TensorDiff]:
     """Per-tensor comparison of ``a`` and ``b``, in ``a``'s order, then the tensors only ``b`` has."""
+    check_options(atol=atol, rtol=rtol)  # before either side is opened
     left = _open(a)
     try:
         right = _open(b)

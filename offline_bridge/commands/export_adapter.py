@@ -19,7 +19,7 @@ from ..readers.discovery import find_iteration_dir
 from ..write.json_file import write_json
 from ..write.manifest import write_manifest
 from ..write.sources import describe_sources, fingerprint
-from ..write.staging import staged_output
+from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
 
@@ -47,9 +47,10 @@ def export_adapter(
     The HF model's shapes come from ``hf_config``, or from the base checkpoint's Megatron args (``base``,
     else run_config.yaml's pretrained_checkpoint) — its tensors are never read.
     """
-    check_options(iteration=iteration, lora_alpha=lora_alpha, lora_dim=lora_dim)
-    directory = find_iteration_dir(adapter_ckpt, iteration)
-    run_config = load_run_config(directory)
+    check_options(
+        iteration=iteration, lora_alpha=lora_alpha, lora_dim=lora_dim, dtype=dtype, expert_format=expert_format
+    )
+    named = family_by_name(model_type) if model_type else None  # an unknown family before anything is read
     options = {
         "base_model_name_or_path": base_model_name_or_path,
         "model_type": model_type,
@@ -59,25 +60,28 @@ def export_adapter(
         "lora_dim": lora_dim,
         "expert_format": expert_format,
     }
-    with open_reader(directory) as reader:
-        sources = describe_sources(reader, hf_config)
-        if hf_config is not None:
-            config, _ = load_config(hf_config)
-            family = family_by_name(model_type) if model_type else family_for_config(config)
-        else:
-            base = base or (run_config.pretrained_checkpoint if run_config else None)
-            if base is None:
-                raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
-            with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
-                args = model_args_of(base_reader).args  # its args, or its run_config.yaml model: section
-                sources.append(fingerprint(base_reader, "base (args only)"))
-            family = family_by_name(model_type) if model_type else family_for_args(args)
-            config = derive_config(args, family, vocab_size=None)
-        lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
-        plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
-        inputs = [adapter_ckpt, directory, hf_config, base]
-        with staged_output(out_dir, overwrite=overwrite, inputs=inputs) as staging:
-            digests = write_weights(plan, reader, staging, progress=progress)
-            write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
-            write_manifest(staging, "export-adapter", options, sources, digests)
+    # OUT_DIR is checked and locked before the checkpoint is read
+    with OutputDir(out_dir, overwrite=overwrite, inputs=[adapter_ckpt, hf_config, base]) as output:
+        directory = find_iteration_dir(adapter_ckpt, iteration)
+        run_config = load_run_config(directory)
+        with open_reader(directory) as reader:
+            sources = describe_sources(reader, hf_config)
+            if hf_config is not None:
+                config, _ = load_config(hf_config)
+                family = named or family_for_config(config)
+            else:
+                base = base or (run_config.pretrained_checkpoint if run_config else None)
+                if base is None:
+                    raise CheckpointError(f"{directory}: pass --hf-config (or --base) to describe the target model")
+                with open_reader(find_iteration_dir(base)) as base_reader:  # for its args only
+                    found = model_args_of(base_reader)  # its args, or its run_config.yaml model: section
+                    sources.append(fingerprint(base_reader, "base (args only)", (found.source, found.file)))
+                family = named or family_for_args(found.args)
+                config = derive_config(found.args, family, vocab_size=None)
+            lora = lora_settings(run_config, lora_alpha, lora_dim, directory)
+            plan = build_adapter_plan(family, reader, dims_of(config, family), lora, dtype, expert_format)
+            with output.staged([directory, base]) as staging:
+                digests = write_weights(plan, reader, staging, progress=progress)
+                write_json(staging / "adapter_config.json", adapter_config(plan, lora, base_model_name_or_path))
+                write_manifest(staging, "export-adapter", options, sources, digests)
     return Path(out_dir)

@@ -10,14 +10,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config.inputs import ADAPTER_MARK
 from ..config.model_args import ModelArgs, find_model_args
 from ..config.run_config import load_run_config
+from ..dtypes import DType
 from ..errors import BridgeError
 from ..families import family_for_args
 from ..readers import CheckpointReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.discovery import find_iteration_dir, iterations_present
+from ..readers.marker import read_marker
 from ..readers.parallel_layout import ARGS_LAYOUT, parallel_layout
 from ..write.sources import canonical
 
@@ -112,16 +116,19 @@ def _family(found: ModelArgs | None) -> str | None:
         return None
 
 
+def _shown_arg(value: Any) -> Any:
+    """An arg as `inspect` shows it: a dtype (torch's, unpickled as our `DType`, or numpy's) by its name."""
+    if isinstance(value, DType):
+        return value.torch_name
+    if isinstance(value, np.dtype):
+        return str(value)
+    return canonical(value)
+
+
 def _version(reader: CheckpointReader) -> dict[str, Any]:
-    marker = reader.path / "metadata.json"
-    backend: dict[str, Any] = {}
-    if marker.is_file():
-        try:
-            backend = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            backend = {}
+    backend = read_marker(reader.path) or {}  # bounded, regular files only: refused like `convert` refuses it
     return {
-        "sharded_backend_version": backend.get("sharded_backend_version") if isinstance(backend, dict) else None,
+        "sharded_backend_version": canonical(backend.get("sharded_backend_version")),
         "checkpoint_version": canonical(reader.common_state.get("checkpoint_version")),
     }
 
@@ -129,7 +136,7 @@ def _version(reader: CheckpointReader) -> dict[str, Any]:
 def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None) -> dict[str, Any]:
     """A JSON-able description of the checkpoint; reads metadata, never tensor bytes."""
     directory = find_iteration_dir(ckpt_dir, iteration)
-    with open_reader(directory) as reader:
+    with open_reader(directory, inspecting=True) as reader:
         errors = reader.validate()  # what `convert` would refuse
         args = reader.args
         adapter = _adapter(reader, directory)
@@ -165,7 +172,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "layout_args": None if args is None else {k: getattr(args, name, None) for k, name in ARGS_LAYOUT.items()},
             "args": None
             if args is None
-            else {k: canonical(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
+            else {k: _shown_arg(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
             "family": _family(found),
             "config_source": found.describe() if found is not None else None,
             "adapter": adapter,

@@ -77,6 +77,14 @@ def _device(option: str, value: object) -> None:
         raise OptionError(f"{option} must be auto, cpu or cuda[:N], got {_shown(value)}")
 
 
+def _choice(*names: str) -> Callable[[str, object], None]:
+    def check(option: str, value: object) -> None:
+        if not isinstance(value, str) or value not in names:
+            raise OptionError(f"{option} must be one of {', '.join(names)}, got {_shown(value)}")
+
+    return check
+
+
 _CHECKS: dict[str, Callable[[str, object], None]] = {
     "iteration": _iteration,
     "max_shard_size": _shard_size,
@@ -85,6 +93,8 @@ _CHECKS: dict[str, Callable[[str, object], None]] = {
     "lora_alpha": _real(None),
     "lora_dim": _integer(1, MAX_LORA_DIM),
     "device": _device,
+    "dtype": _choice("auto", "bf16", "fp16", "fp32"),
+    "expert_format": _choice("paramwrapper", "per-expert"),
     "atol": _real(0),
     "rtol": _real(0),
 }

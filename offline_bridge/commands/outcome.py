@@ -13,8 +13,11 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import BridgeError
+from ..files.small_files import clip
 
-__all__ = ["as_json", "json_safe", "report"]
+__all__ = ["as_json", "internal_error", "json_safe", "report"]
+
+INTERNAL_LIMIT = 300  # characters of an unexpected exception's text shown on its one line
 
 T = TypeVar("T")
 
@@ -31,8 +34,18 @@ def report(produce: Callable[[], T]) -> T:
         elif isinstance(exc, BridgeError):
             click.echo(f"error: {exc}", err=True)
         else:
-            click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+            click.echo(internal_error(exc), err=True)
         sys.exit(exc.exit_code if isinstance(exc, BridgeError) else 1)
+
+
+def internal_error(exc: BaseException) -> str:
+    """The one line for an exception we did not expect: its text may be anything (a whole file, many
+    lines, an int too long to print), so it is put on one line and clipped."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:  # str() of a hostile value (an int of 5000 digits) may raise anything
+        text = "<unprintable>"
+    return f"internal error: {type(exc).__name__}: {clip(text, INTERNAL_LIMIT)}"
 
 
 def as_json(value: object) -> str:

@@ -31,8 +31,9 @@ class RunConfig:
 
 
 def find_run_config(iteration_dir: Path) -> Path | None:
-    """`run_config.yaml` in the iteration directory or its parent (where Bridge saves it)."""
-    return next((d / RUN_CONFIG for d in (iteration_dir, iteration_dir.parent) if (d / RUN_CONFIG).is_file()), None)
+    """`run_config.yaml` in the iteration directory or its parent (where Bridge saves it); one that is not a
+    regular file (a FIFO, a directory) is found too, and refused when read."""
+    return next((d / RUN_CONFIG for d in (iteration_dir, iteration_dir.parent) if (d / RUN_CONFIG).exists()), None)
 
 
 def _section(data: dict[str, Any], name: str) -> dict[str, Any] | None:

@@ -1,6 +1,7 @@
 """Raw positional I/O on file descriptors: scattered reads, gathered writes, kernel copies, all retried when short.
+Our own code: the standard library has the calls, no library their retries and bounded batches.
 
-Our own code, not a library's: the writer puts bytes at planned offsets from several threads, which needs
+The writer puts bytes at planned offsets from several threads, which needs
 `os.preadv`/`os.pwritev`/`os.copy_file_range` on shared descriptors (no file position), in bounded batches.
 """
 

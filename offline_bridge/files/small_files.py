@@ -25,6 +25,7 @@ __all__ = [
     "TEXT_LIMIT",
     "clip",
     "load_json",
+    "map_descriptor",
     "map_regular",
     "open_regular",
     "quote",
@@ -101,13 +102,21 @@ def map_regular(path: str | Path, what: str = "file", error: type[Exception] = C
     """A read-only map of the regular file ``path`` (``b""`` when it is empty: an empty file cannot be mapped)."""
     fd = open_regular(path, what, error)
     try:
+        return map_descriptor(fd, path, what, error)
+    finally:
+        os.close(fd)
+
+
+def map_descriptor(
+    fd: int, path: str | Path, what: str = "file", error: type[Exception] = CheckpointError
+) -> mmap.mmap | bytes:
+    """A read-only map of ``fd``, a regular file from `open_regular` named ``path`` (``b""`` when empty)."""
+    try:
         if os.fstat(fd).st_size == 0:
             return b""
         return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as exc:
         raise error(f"{path}: cannot map the {what} ({exc})") from exc
-    finally:
-        os.close(fd)
 
 
 def clip(text: str, limit: int = QUOTE_LIMIT) -> str:

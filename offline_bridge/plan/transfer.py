@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BridgeError
+from ..errors import InternalError
 from ..readers.base import CheckpointReader, Extent
 from .row_order import stored_rows
 from .rules import Dims
@@ -83,7 +83,7 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
                     runs += _runs(pieces, lo - firsts[index], hi - firsts[index], at + lo - start, row_bytes)
             at += stop - start
         if sum(run.nbytes for run in runs) != target.nbytes:
-            raise BridgeError(f"internal error: the byte runs of {target.name} do not add up to its size")
+            raise InternalError(f"internal error: the byte runs of {target.name} do not add up to its size")
         plans.append(runs)
     return plans
 

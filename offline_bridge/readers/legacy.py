@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.args_schema import checked_args
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..files.small_files import map_regular
@@ -61,9 +62,9 @@ class LegacyReader(CheckpointReader):
         self._files: list[str] = []
         self._maps: list[mmap.mmap | bytes] = []  # b"" for an empty file
         self._states = states = [self._open(rank / FILE) for rank in ranks]
-        self._args = states[0].get("args")
-        if not isinstance(self._args, argparse.Namespace):
+        if not isinstance(args := states[0].get("args"), argparse.Namespace):
             raise CheckpointError(f"{ranks[0] / FILE}: no Megatron args")
+        self._args = checked_args(args, str(ranks[0] / FILE))  # sizes below are read from checked values
         coords, tp_size, pp_size, ep_size = rank_layout(self.path, ranks, self._args)
         etp = parallel_size(self._args, "expert_tensor_parallel", len(ranks), ranks[0] / FILE, tp_size)
         if etp not in (1, tp_size):

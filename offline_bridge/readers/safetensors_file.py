@@ -1,5 +1,12 @@
 """Read safetensors files someone else may have written or edited (`diff`, `verify`).
 
+Our own reader, because the `safetensors` library loads a tensor whole (a `diff` compares block by block and
+`verify` hashes block by block, in bounded memory) and has no bf16 without torch; and our own header checks
+first, each failing with a message naming the file and the tensor. The library then parses the header too
+(`safe_open`, which reads only the header), through the descriptor we mapped, never the path again: it adds
+the format's rule that the tensors cover the data buffer exactly (no gap, nothing after the last one), and a
+file it accepts is one transformers loads.
+
 The file must be a regular file (a FIFO or device is refused, never opened blocking). The header is checked
 before anything is allocated from it: its length against the file and a cap, no key twice, every entry's
 dtype, shape (one numpy can represent) and byte range against the data buffer (in bounds, the size the shape
@@ -13,17 +20,19 @@ import itertools
 import json
 import math
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from ..dtypes import DTYPES, DType
 from ..errors import CheckpointError
 from ..files.shapes import shape_problem
-from ..files.small_files import clip, map_regular, quote
+from ..files.small_files import clip, map_descriptor, open_regular, quote
 from .pickles.torch_save import release_pages
 
 __all__ = ["MAX_HEADER", "SafetensorsFile", "StEntry"]
@@ -31,6 +40,7 @@ __all__ = ["MAX_HEADER", "SafetensorsFile", "StEntry"]
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _BY_CODE = {d.safetensors: d for d in DTYPES}
 _HASH_BLOCK = 64 * 2**20
+_FD_DIR = "/dev/fd"  # an open descriptor's file by name (Linux, macOS): the same file, not the path again
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,15 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._buf = map_regular(self.path, "safetensors file")
+        fd = open_regular(self.path, "safetensors file")
+        try:
+            self._buf = map_descriptor(fd, self.path, "safetensors file")
+            self._check_header()
+            _library_check(fd, self.path)
+        finally:
+            os.close(fd)
+
+    def _check_header(self) -> None:
         size = len(self._buf)
         if size < 8:
             raise CheckpointError(f"{self.path}: {size} bytes, too short for a safetensors header")
@@ -137,6 +155,18 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+def _library_check(fd: int, path: Path) -> None:
+    """The `safetensors` library's parse of the header of the file open as ``fd``; its refusal is ours. Without
+    a `/dev/fd` (no procfs) only our own checks apply."""
+    if not os.path.isdir(_FD_DIR):
+        return
+    try:
+        with safe_open(f"{_FD_DIR}/{fd}", framework="numpy"):
+            pass
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: the safetensors library refuses the file ({clip(str(exc))})") from exc
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

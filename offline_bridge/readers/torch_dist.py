@@ -1,4 +1,7 @@
-"""Megatron's torch_dist format (PyTorch DCP + Megatron's common state), read without torch.distributed.
+"""Megatron's torch_dist format (PyTorch DCP + Megatron's common state), read without torch.distributed. Our
+own reader, not DCP's or Megatron's loaders: those need torch, unpickle `.metadata` and chunk records with the
+full unpickler (a checkpoint could run code) and load a whole state dict (memory as large as the model); here
+every pickle goes through the allow-list and a tensor's chunks are read one tensor at a time.
 
 `.metadata` gives every tensor's global shape and chunks, and where each chunk's `torch.save` record sits
 in a `.distcp` file. Each record is parsed once (through a memory map); then `extents` tells where the

@@ -1,4 +1,6 @@
-"""Megatron's zarr format (megatron-core 0.9 to 0.15), read without megatron, torch or torch.distributed.
+"""Megatron's zarr format (megatron-core 0.9 to 0.15), read without megatron, torch or torch.distributed, and
+without the zarr package (a missing chunk must be an error, not `fill_value`; its codec registry builds any
+codec a `.zarray` names): the chunk reader is our own, for both reasons given below.
 
 Every ShardedTensor key is a zarr v2 array directory: `.zarray` (JSON) gives the global shape, the chunk
 grid and the dtype; each chunk is a file `i.j.k` holding raw C-order bytes (or bytes encoded by a numcodecs
@@ -29,32 +31,46 @@ from .zarr_array import CHUNK_NAME, ZARRAY, ZarrArray
 __all__ = ["ZarrReader"]
 
 
-# zarr v2 numpy type strings (kind + item size, byte order aside) -> our dtype names; "bfloat16" is special.
 class ZarrReader(CheckpointReader):
     """Reader of a zarr iteration directory (`metadata.json`, one array directory per key, `common.pt`)."""
 
     format = "zarr"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, defer_problems: bool = False) -> None:
+        """Every array's metadata, codecs and chunk files are checked here: the first problem is raised, or,
+        with ``defer_problems`` (`inspect`), every problem is kept for `validate` and its array left out."""
         self.path = Path(path)
         backend = (read_marker(self.path) or {}).get("sharded_backend")
         if backend != "zarr":
             raise CheckpointError(f"{self.path / MARKER}: sharded_backend is {quote(backend)}, not zarr")
         self._arrays: dict[str, ZarrArray] = {}
         self._tensors: dict[str, TensorInfo] = {}
+        self._problems: list[str] = []
         self.objects: list[str] = []  # ShardedObject directories (`<key>/shard_*.pt`), never read
         for child in sorted(self.path.iterdir(), key=lambda p: p.name):
             if not child.is_dir() or child.suffix == ".sync":  # zarr ProcessSynchronizer lock directories
                 continue
-            if os.path.lexists(child / ZARRAY):  # a FIFO or directory there is refused when read
-                array = ZarrArray(child.name, child)
-                array.check_files()
-                self._arrays[child.name] = array
-                self._tensors[child.name] = TensorInfo(child.name, array.shape, array.dtype)
-            elif any(CHUNK_NAME.fullmatch(p.name) for p in child.iterdir()):
-                raise CheckpointError(f"{child}: holds zarr chunk files but no {ZARRAY}; the array metadata is missing")
-            else:
-                self.objects.append(child.name)
+            try:
+                self._add(child)
+            except CheckpointError as exc:
+                if not defer_problems:
+                    raise
+                self._problems.append(str(exc))
+
+    def _add(self, child: Path) -> None:
+        if os.path.lexists(child / ZARRAY):  # a FIFO or directory there is refused when read
+            array = ZarrArray(child.name, child)
+            array.check_files()
+            self._arrays[child.name] = array
+            self._tensors[child.name] = TensorInfo(child.name, array.shape, array.dtype)
+        elif any(CHUNK_NAME.fullmatch(p.name) for p in child.iterdir()):
+            raise CheckpointError(f"{child}: holds zarr chunk files but no {ZARRAY}; the array metadata is missing")
+        else:
+            self.objects.append(child.name)
+
+    def validate(self) -> list[str]:
+        """What opening refused, one line per array (empty unless opened with ``defer_problems``)."""
+        return list(self._problems)
 
     @property
     def tensors(self) -> Mapping[str, TensorInfo]:

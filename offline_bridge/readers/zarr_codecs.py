@@ -1,4 +1,5 @@
-"""The compressors a zarr chunk may be encoded with, each decoded with its output bounded by the chunk's size.
+"""The compressors a zarr chunk may be encoded with, each decoded with its output bounded by the chunk's size:
+our own code around the libraries' bindings, because numcodecs' codecs decode whatever the stream claims.
 
 A `.zarray`'s `compressor` and `filters` are attacker input: numcodecs' registry builds whatever codec an id
 names, and some decode by unpickling (`pickle`) or into object arrays (`json2`, `msgpack2`, `vlen-*`,
@@ -6,8 +7,8 @@ names, and some decode by unpickling (`pickle`) or into object arrays (`json2`, 
 `filters: null`; beyond that we accept the data-only compressors zarr users pick (`zlib`, `gzip`, `zstd`,
 `blosc`) and no filter at all. Everything else is refused by id when the `.zarray` is read, before any chunk.
 
-Our own code around the libraries because numcodecs' `decode` allocates whatever the stream claims, and a
-check after decoding comes too late. Here the output is bounded before decompression starts:
+A check after decoding comes too late (numcodecs' `decode` allocates first), so the output is bounded before
+decompression starts:
 
 - zlib, gzip: the standard library's `zlib.decompressobj().decompress(data, max_length)`;
 - zstd: the frame header must state a content size equal to the chunk's; numcodecs' `zstd.decompress` then
@@ -103,7 +104,7 @@ def _unzstd(data: bytes, expected: int) -> bytearray:
     if size != expected:
         said = "no content size" if size is None else f"content size {size}"
         raise ValueError(f"the zstd frame states {said}, the chunk has {expected} bytes")
-    from numcodecs import zstd  # zarr's own compressors (a zarr dependency)
+    from numcodecs import zstd  # the compressors zarr writes with (a declared dependency, imported when needed)
 
     try:
         return zstd.decompress(data, bytearray(expected))

@@ -1,4 +1,10 @@
-"""dtype casts, the one place torch is needed on the byte path; imported lazily, only when casting."""
+"""dtype casts in numpy through `ml_dtypes` (bfloat16, float8), rounded as torch's ``.to`` rounds; and torch's
+CPU tensors seen as numpy, for the merges, the only step that needs torch.
+
+`ml_dtypes` (JAX's numpy dtypes) rounds to nearest even like torch, bit for bit on every non-NaN value
+(`tests/test_casting.py` checks it against torch); NaN stays NaN, its payload unspecified as in torch. float8
+E4M3FN has no infinity: values beyond its range saturate to ±448 as torch does (ml_dtypes alone gives NaN).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import threading
 from functools import cache
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ..dtypes import DType
@@ -14,6 +21,7 @@ from ..dtypes import DType
 __all__ = ["as_numpy", "cast", "preload_torch"]
 
 _CARRIER = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}  # torch types that view any dtype's bytes
+_SATURATING = {"float8_e4m3fn"}  # no infinity: torch clamps to the largest finite value
 
 
 @cache
@@ -26,10 +34,11 @@ def cast(array: np.ndarray, source: DType, target: DType) -> np.ndarray:
     """``array`` (bytes of ``source``) as ``target``, rounded the way torch's ``.to`` rounds."""
     if source == target:
         return array
-    import torch
-
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).view(getattr(torch, source.torch_name))
-    return as_numpy(tensor.to(getattr(torch, target.torch_name)), target)
+    values = np.ascontiguousarray(array).view(source.values)
+    if target.torch_name in _SATURATING:
+        limit = float(ml_dtypes.finfo(target.values).max)
+        values = np.clip(values, -limit, limit)
+    return values.astype(target.values).view(target.np)
 
 
 def as_numpy(tensor: Any, dtype: DType) -> np.ndarray:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import families  # noqa: F401  (registers the families' own rules: a plan read back names them)
-from ..errors import BridgeError
+from ..errors import InternalError
 from ..plan.row_order import stored_rows
 from ..plan.rules import Dims
 from ..plan.rules.registry import rule_of
@@ -82,7 +82,7 @@ def _applied(step: Step, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
     outs = rule_of(step.rule).apply(array, dims)
     for target, out in zip(step.targets, outs, strict=True):
         if out.shape != target.shape:
-            raise BridgeError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
+            raise InternalError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
     return outs
 
 

@@ -82,6 +82,9 @@ def write_manifest(
 def load_manifest(out_dir: Path) -> dict[str, Any]:
     """The manifest of ``out_dir``: a regular file of at most `JSON_LIMIT` bytes, of our version and shape."""
     file = Path(out_dir) / MANIFEST
+    if not Path(out_dir).is_dir():
+        missing = not os.path.lexists(out_dir)
+        raise CheckpointError(f"{out_dir}: {'no such directory' if missing else 'not a directory, so no manifest'}")
     if not os.path.lexists(file):
         raise CheckpointError(f"{file}: no manifest; only directories written by convert / export-adapter have one")
     manifest = load_json(file, JSON_LIMIT, "manifest")

@@ -1,5 +1,7 @@
 """The safetensors files being written: headers first, each tensor put at its planned offset and hashed, each
-file flushed to disk (fsync) once complete. Kept apart from the step scheduling that feeds it."""
+file flushed to disk (fsync) once complete. Kept apart from the step scheduling that feeds it. Our own writer,
+not `safetensors.save_file`, which takes every tensor of a file in memory at once and writes it in one go;
+here tensors arrive from several threads (or are copied file to file by the kernel) in bounded memory."""
 
 from __future__ import annotations
 

@@ -21,7 +21,9 @@ from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT, open_reg
 from ..readers.base import CheckpointReader
 from ..readers.combined import CombinedReader
 
-__all__ = ["args_digest", "canonical", "describe_sources", "fingerprint", "sha256_file"]
+__all__ = ["ConfigFrom", "args_digest", "canonical", "describe_sources", "fingerprint", "sha256_file"]
+
+ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kind ("common.pt args", ...), its file
 
 # Files whose bytes say what the checkpoint is, hashed where the readers read them (at the top of the
 # iteration directory; `.zarray` one level down), under the limit they are read with. Every other file, at
@@ -88,8 +90,22 @@ def _iteration(directory: Path) -> str:
     return str(int(match.group(1))) if match else directory.name
 
 
-def fingerprint(reader: CheckpointReader, role: str) -> dict[str, Any]:
-    """Format, iteration, the checkpoint's files (metadata hashed, data by size) and its args' hash."""
+def _config_entry(config_from: ConfigFrom | None, directory: Path) -> dict[str, str] | None:
+    """``{"kind", "file"}`` when the configuration was read under ``directory`` (or beside it: Bridge's
+    run_config.yaml): the file relative to it, so that the manifest holds no absolute path."""
+    if config_from is None:
+        return None
+    kind, file = config_from
+    if directory in file.parents:
+        return {"kind": kind, "file": file.relative_to(directory).as_posix()}
+    if file.parent == directory.parent:
+        return {"kind": kind, "file": f"../{file.name}"}
+    return None
+
+
+def fingerprint(reader: CheckpointReader, role: str, config_from: ConfigFrom | None = None) -> dict[str, Any]:
+    """Format, iteration, the checkpoint's files (metadata hashed, data by size) and its args' hash; and
+    `config` when the model configuration was read from this checkpoint (``config_from``)."""
     files = {}
     for path in sorted(p for p in reader.path.rglob("*") if p.is_file()):
         relative = path.relative_to(reader.path)
@@ -98,21 +114,26 @@ def fingerprint(reader: CheckpointReader, role: str) -> dict[str, Any]:
         if limit is not None:
             entry["sha256"] = sha256_file(path, limit, "checkpoint file")
         files[relative.as_posix()] = entry
-    return {
+    found = {
         "role": role,
         "format": reader.format,
         "iteration": _iteration(reader.path),
         "args_sha256": args_digest(reader.args),
         "files": files,
     }
+    config = _config_entry(config_from, reader.path)
+    return found if config is None else {**found, "config": config}
 
 
-def describe_sources(reader: CheckpointReader, hf_config: str | Path | None = None) -> list[dict[str, Any]]:
-    """Fingerprints of everything a conversion read: the checkpoint (or base and adapter) and --hf-config."""
+def describe_sources(
+    reader: CheckpointReader, hf_config: str | Path | None = None, config_from: ConfigFrom | None = None
+) -> list[dict[str, Any]]:
+    """Fingerprints of everything a conversion read: the checkpoint (or base and adapter) and --hf-config,
+    the one the model configuration came from marked with `config` (``--hf-config`` when given)."""
     if isinstance(reader, CombinedReader):
-        sources = [fingerprint(reader.base, "base"), fingerprint(reader.adapter, "adapter")]
+        sources = [fingerprint(reader.base, "base", config_from), fingerprint(reader.adapter, "adapter", config_from)]
     else:
-        sources = [fingerprint(reader, "checkpoint")]
+        sources = [fingerprint(reader, "checkpoint", config_from)]
     if hf_config is not None:
         path = Path(hf_config)
         path = path / "config.json" if path.is_dir() else path
@@ -121,6 +142,7 @@ def describe_sources(reader: CheckpointReader, hf_config: str | Path | None = No
                 "role": "hf_config",
                 "format": "json",
                 "files": {path.name: {"sha256": sha256_file(path, JSON_LIMIT, "HF config")}},
+                "config": {"kind": "--hf-config", "file": path.name},
             }
         )
     return sources

@@ -4,8 +4,8 @@ An interrupted or failed run never leaves something that looks like a finished o
 its `.<OUT_DIR>.partial-<pid>` behind, and the next run into the same OUT_DIR removes it. Before anything is
 touched, OUT_DIR is refused when it is, lies inside or contains an input (symlinks resolved), and `--overwrite`
 replaces only what is recognisably an output (our manifest, or an HF model directory). A lock beside OUT_DIR
-(`offline_bridge.write.output_lock`) keeps a second run out from before the checkpoint is read (`convert`; from the
-first touch of OUT_DIR with `staged_output`) until the output is in place.
+(`offline_bridge.write.output_lock`) keeps a second run out from before the checkpoint is read (`convert`,
+`export-adapter`) until the output is in place.
 A symlink OUT_DIR is followed: the output replaces the directory it points to, the link stays. Our own
 code: no library stages a directory this way.
 """
@@ -22,12 +22,12 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import BridgeError, OptionError
+from ..errors import CheckpointError, OptionError, OutputError
 from ..files.small_files import JSON_LIMIT, read_small_text
 from .manifest import MANIFEST
 from .output_lock import OutputLock
 
-__all__ = ["OutputDir", "output_path", "staged_output"]
+__all__ = ["OutputDir", "output_path"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class OutputDir:
                 out.rename(old)
             staging.rename(out)
         except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
-            raise BridgeError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
+            raise OutputError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
@@ -102,13 +102,6 @@ class OutputDir:
                 shutil.rmtree(old)
             except OSError as exc:  # the new output is in place; the old one is named as such
                 log.warning("%s: could not remove the replaced output %s (%s)", out, old, exc.strerror)
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-    """`OutputDir` entered and staged at once, for a run that reads little before it writes."""
-    with OutputDir(out_dir, overwrite=overwrite, inputs=inputs) as output, output.staged() as staging:
-        yield staging
 
 
 def output_path(out_dir: str | Path) -> Path:
@@ -189,7 +182,7 @@ def _recognised(out: Path, entries: list[str]) -> str | None:
             tool = manifest.get("tool") if isinstance(manifest, dict) else None
             if isinstance(tool, dict) and tool.get("name") == "offline-bridge":
                 return f"an earlier output of {manifest.get('command', 'offline-bridge')}"
-        except (BridgeError, ValueError, RecursionError):
+        except (CheckpointError, ValueError, RecursionError):
             pass
     files_only = all(stat.S_ISREG(os.lstat(out / name).st_mode) for name in entries)
     if files_only and any(marker in entries for marker in _HF_MARKERS):

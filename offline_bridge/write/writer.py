@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from ..errors import BridgeError
+from ..errors import InternalError
 from ..files.handles import HandleCache
 from ..files.posix_io import open_readonly, pread_all
 from ..plan.rules import Dims
@@ -31,6 +30,7 @@ from ..readers.base import CheckpointReader
 from ..transform.compute import computed
 from .json_file import write_json
 from .output_files import MAX_OPEN_FILES, OutputFiles
+from .progress import progress as progress_of
 from .scheduler import TorchThreads, default_workers, run_bounded
 
 __all__ = ["INDEX_FILE", "write_weights"]
@@ -64,7 +64,7 @@ def write_weights(
     scratch = threading.local()
     lock = threading.Lock()
     try:
-        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting", disable=not progress) as bar:
+        with progress_of(plan, progress) as bar:
 
             def write_step(index: int) -> None:
                 step, step_runs = plan.steps[index], runs[index]
@@ -78,7 +78,7 @@ def write_weights(
                         data = _gather(target, target_runs, sources, scratch)
                         outputs.write(target, [data])
                 with lock:
-                    bar.update(sum(t.nbytes for t in step.targets))
+                    bar.update(step.targets)
 
             def cost(index: int) -> int:
                 return _footprint(plan.steps[index], runs[index])
@@ -131,7 +131,7 @@ def _compute(
     before_merge = None if merges is None else merges.limit
     for target, blocks in zip(step.targets, computed(reader, step, device, dims, before_merge), strict=True):
         if sum(len(block) for block in blocks) != target.nbytes:
-            raise BridgeError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
+            raise InternalError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
         outputs.write(target, blocks)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ...dtypes import DType
+from ...dtypes import BFLOAT16, DType
 from ...errors import CheckpointError
 from .dims import Condition, Dims, Shape
 
@@ -203,7 +203,5 @@ class PlusOne(Rule):
     once in the stored dtype (bf16 as its uint16 bits, round-to-nearest-even like torch)."""
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
-        if array.dtype == np.uint16:  # bfloat16
-            bits = ((array.astype(np.uint32) << 16).view(np.float32) + np.float32(1)).view(np.uint32)
-            return [((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)]
-        return [array + array.dtype.type(1)]
+        values = array.view(BFLOAT16.values) if array.dtype == np.uint16 else array  # uint16: bf16's bits
+        return [(values + values.dtype.type(1)).view(array.dtype)]

@@ -7,7 +7,7 @@ from dataclasses import fields
 from functools import cache
 from typing import Any
 
-from ...errors import BridgeError
+from ...errors import InternalError
 from ..schema import RuleRef
 from .core import RULES, Rule
 
@@ -43,5 +43,5 @@ def rule_of(ref: RuleRef) -> Rule:
     """The rule ``ref`` names (built once per distinct ref)."""
     cls = RULES.get(ref.name)
     if cls is None:
-        raise BridgeError(f"internal error: no rule named {ref.name!r} is registered")
+        raise InternalError(f"internal error: no rule named {ref.name!r} is registered")
     return cls(**{key: _value(value) for key, value in ref.params})

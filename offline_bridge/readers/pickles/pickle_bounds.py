@@ -1,5 +1,5 @@
 """Bounds a pickle must keep before the C unpickler runs it: memo indices in sequence, nesting not too deep,
-no more copying than its size allows.
+no more copying than its size allows. Our own code: no library checks this (pickletools only lists opcodes).
 
 The C unpickler allocates on a pickle's say-so (a memo index of 1e9 grows its table to 16 GB); hashes dict
 keys and set members as it inserts them, and a tuple nested a million deep overflows the C stack there (a
@@ -10,7 +10,6 @@ anything, simulating the stack with each item's nesting depth and size, and what
 copy is counted against `COPY_FACTOR` times the pickle's size. Objects built by calling an allowed class
 (`frozenset(...)`, `torch.Size(...)`) are checked by `hash_depth` on their arguments, and the object
 unpickled by `check_nesting` (a list can be made to contain itself, or be deepened after it was nested).
-Our own code: pickletools only lists the opcodes.
 """
 
 from __future__ import annotations

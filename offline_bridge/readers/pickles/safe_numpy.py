@@ -1,10 +1,11 @@
-"""The numpy names a checkpoint pickle may use (rng states in `common.pt`), limited to plain numbers.
+"""The numpy names a checkpoint pickle may use (rng states in `common.pt`), limited to plain numbers: our own
+stand-ins, because numpy offers no restricted loader.
 
 numpy's own pickle entry points (`dtype`, `_reconstruct`, `scalar`) would build whatever a pickle describes:
 object dtypes (arbitrary objects inside an array), structured dtypes whose field offsets point anywhere
 (both crash the interpreter) and void scalars of any size. Here a pickle gets stand-ins that only build
 arrays and scalars of fixed-size numbers, from exactly as many bytes as their shape needs; the bytes are
-then numpy's (a copy). Our own code, because numpy offers no restricted loader.
+then numpy's (a copy).
 """
 
 from __future__ import annotations

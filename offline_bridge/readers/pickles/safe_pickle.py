@@ -1,4 +1,6 @@
-"""Allow-list unpickling for the pickles inside a checkpoint (`.metadata`, `common.pt`, chunk records).
+"""Allow-list unpickling for the pickles inside a checkpoint (`.metadata`, `common.pt`, chunk records): the
+standard library's unpickler with our own `find_class` (pickle's documented way to restrict it), not
+`torch.load(weights_only=True)`, which needs torch and would build torch and numpy objects on the pickle's say.
 
 Nothing a pickle names is imported or called unless it is on the allow-list below. torch and DCP classes
 are replaced by inert records (so reading metadata needs no torch import); Megatron classes are stubbed

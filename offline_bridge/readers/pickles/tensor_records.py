@@ -1,4 +1,5 @@
-"""The one validation of what a checkpoint says about a tensor, used by every reader, `convert` and `inspect`.
+"""The one validation of what a checkpoint says about a tensor, used by every reader, `convert` and `inspect`:
+our own, because torch and numpy take a record's sizes and strides on trust.
 
 A shape from metadata and a tensor record from a pickle (`_rebuild_tensor_v2`: storage, offset, size,
 stride) are numbers a file claims. Before anything is sized, viewed or copied from them: at most `MAX_DIMS`

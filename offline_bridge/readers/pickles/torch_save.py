@@ -1,4 +1,6 @@
 """Read `torch.save` zip archives without torch: the pickle through the allow-list, storages as numpy views.
+Our own reader around `zipfile`'s directory parsing, not `torch.load`: no torch import, no copy of a storage,
+and no member inflated or read outside its record.
 
 A `.distcp` chunk is such an archive embedded at (offset, length) of a memory-mapped file; `common.pt`
 is one on its own. Members are stored uncompressed, so a storage's bytes are a slice of the map.
