@@ -16,9 +16,10 @@ from typing import Any
 
 from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..plan.rules import GDN_IN_PROJ_PARTS, GatedDeltaInProj, Packed, Rule, moe_layer, only
+from ..plan.rules import Packed, Rule, moe_layer, only
 from . import llama, qwen3_next
 from .base import Family
+from .gated_deltanet import GDN_IN_PROJ_PARTS, GatedDeltaInProj
 from .moe import moe_layer_pattern
 
 __all__ = [

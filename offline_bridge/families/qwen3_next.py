@@ -18,13 +18,8 @@ from typing import Any
 from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
 from ..plan.rules import (
-    GDN_CONV_PARTS,
-    GDN_IN_PROJ_PARTS,
     Copy,
-    GatedDeltaConv,
-    GatedDeltaInProj,
     GatedMLP,
-    GatedQKV,
     PlusOne,
     Rule,
     dense_layer,
@@ -36,6 +31,7 @@ from ..plan.rules import (
 from . import llama, qwen3, qwen3_moe
 from .base import Family, flag
 from .decoder import Decoder
+from .gated_deltanet import GDN_CONV_PARTS, GDN_IN_PROJ_PARTS, GatedDeltaConv, GatedDeltaInProj, GatedQKV
 from .moe import check_softmax_router, moe_layer_pattern
 
 __all__ = [

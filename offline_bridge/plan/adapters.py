@@ -16,12 +16,13 @@ base (so stacked, per-layer and per-expert layouts resolve like the base does):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..errors import CheckpointError
 from .rules import Dims, fused_part_rows
-from .schema import Delta, Lora, Source
+from .schema import Delta, Lora, RowOrder, Source
 
-__all__ = ["find_delta"]
+__all__ = ["Find", "find_delta"]
 
 Find = Callable[[tuple[str, ...]], Source | None]
 
@@ -100,5 +101,8 @@ def find_delta(find: Find, pattern: str, lora: Lora | None, dims: Dims, base: So
     rows = sum(p[1].shape[0] for p in present)
     if magnitude is not None and tuple(magnitude.shape) != (rows,):
         raise CheckpointError(f"{magnitude.key}: DoRA magnitude {list(magnitude.shape)} does not fit {a0.key}")
-    gated = pattern.endswith("linear_fc1.weight")
-    return Delta(tuple(pieces), layout, lora.alpha / rank, magnitude, lora.tp, gated)
+    if lora.tp > 1 and layout == "gated":  # canonical gate/up B went through the swiglu factory
+        pieces = [None if p is None else (p[0], replace(p[1], row_order=RowOrder("swiglu", lora.tp))) for p in pieces]
+    if lora.tp > 1 and magnitude is not None and pattern.endswith("linear_fc1.weight"):  # rank-major [gate_t; up_t]
+        magnitude = replace(magnitude, row_order=RowOrder("rank_major_gated", lora.tp))
+    return Delta(tuple(pieces), layout, lora.alpha / rank, magnitude, lora.tp)

@@ -18,31 +18,26 @@ in the per-expert layout, embeddings, DoRA on ParamWrapper targets) is refused.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from typing import Any
 
 from ..dtypes import by_option
 from ..errors import CheckpointError, OptionError
 from ..families import Family
 from ..readers.base import CheckpointReader, is_model_key
-from .adapters import find_delta
 from .layout import layout
+from .planner import Planner
 from .rules import (
     Copy,
     Dims,
     ExpertMajorA,
-    GatedDeltaPieces,
     GatedMLP,
     Packed,
     RankMajorB,
-    RankMajorGatedMLP,
     Repeat,
     Rule,
-    SwigluRows,
     VocabRows,
 )
-from .schema import Delta, Lora, Plan, Source, Step, Target
-from .sources import expand, finder
+from .schema import Delta, Lora, Plan, Source
 
 __all__ = ["ADAPTER_FILE", "PREFIX", "adapter_config", "build_adapter_plan"]
 
@@ -84,13 +79,8 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
         if piece is None:  # a CanonicalLoRA part that was not targeted
             continue
         a, b = piece
-        b_rule = (
-            SwigluRows((b.pattern,), (module,), tp=delta.tp)
-            if delta.layout == "gated"
-            else Copy((b.pattern,), (module,))
-        )
         out.append((Copy((a.pattern,), (module,)), a, [f"{PREFIX}{module}.lora_A.weight"]))
-        out.append((b_rule, b, [f"{PREFIX}{module}.lora_B.weight"]))
+        out.append((Copy((b.pattern,), (module,)), b, [f"{PREFIX}{module}.lora_B.weight"]))
     return out
 
 
@@ -98,22 +88,19 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
 _FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
 
 
-def _layer_adapter(
-    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims
-) -> tuple[Source, Source] | None:
+def _layer_adapter(planner: Planner, rule: Rule, index: dict[str, int]) -> tuple[Source, Source] | None:
     """A layer's expert adapter with its expert axis (or shared by all experts), for ParamWrapper."""
     module = rule.sources[0].removesuffix(".weight").replace(".experts.{e}.", ".experts.experts.") + ".adapter."
-    find = finder(reader, {k: v for k, v in index.items() if k != "e"}, dims)
+    find = planner.find({k: v for k, v in index.items() if k != "e"})
     a, b = find((module + "linear_in.weight",)), find((module + "linear_out.weight",))
     return None if a is None or b is None else (a, b)
 
 
-def _paramwrapper(
-    family: Family, reader: CheckpointReader, dims: Dims, rules: list[tuple[Rule, dict[str, int]]]
-) -> list[tuple[Rule, Source, list[str]]]:
+def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) -> list[tuple[Rule, Source, list[str]]]:
     """ParamWrapper pieces for one layer's expert rules: A expert-major, B rank-major; with both parameters
     targeted, gate_up_proj (registered first) is the inner `base_layer`."""
-    found = [(rule, index, _layer_adapter(reader, rule, index, dims)) for rule, index in rules]
+    dims = planner.dims
+    found = [(rule, index, _layer_adapter(planner, rule, index)) for rule, index in rules]
     found = [(rule, index, pair) for rule, index, pair in found if pair is not None]
     out = []
     for rule, index, (a, b) in found:
@@ -139,29 +126,24 @@ def build_adapter_plan(
     expert_format: str = "paramwrapper",
 ) -> Plan:
     """The PEFT adapter's tensors, from the adapter checkpoint's metadata alone."""
-    steps: list[Step] = []
-    used: set[str] = set()
+    planner = Planner(family, reader, dims)
 
     def add(piece_rule: Rule, source: Source, names: list[str]) -> None:
-        dtype = source.dtype if dtype_name == "auto" else by_option(dtype_name)
-        shapes = piece_rule.target_shapes(source.shape, dims, source.key)
-        steps.append(Step(piece_rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes))))
-        used.update(key for key, _ in source.parts)
+        planner.add(piece_rule, source, names, source.dtype if dtype_name == "auto" else by_option(dtype_name))
 
-    work = expand(family, dims)
+    work = planner.rules()
     if expert_format == "paramwrapper":
         experts = [(rule, index) for rule, index in work if index.get("e") == 0 or isinstance(rule, Packed)]
         work = [(rule, index) for rule, index in work if "e" not in index and not isinstance(rule, Packed)]
         for layer in sorted({index["i"] for _, index in experts}):
-            for piece in _paramwrapper(family, reader, dims, [(r, i) for r, i in experts if i["i"] == layer]):
+            for piece in _paramwrapper(planner, [(r, i) for r, i in experts if i["i"] == layer]):
                 add(*piece)
     elif expert_format != "per-expert":
         raise OptionError(f"--expert-format {expert_format!r}: use paramwrapper or per-expert")
     elif any(isinstance(rule, Packed) for rule, _ in work):
         raise OptionError(f"--expert-format per-expert: {family.name} packs its experts; use paramwrapper")
     for rule, index in work:
-        find = finder(reader, index, dims)
-        delta = next((d for p in rule.sources if (d := find_delta(find, p, lora, dims)) is not None), None)
+        delta = planner.attach(rule, index, None, lora)
         if delta is None:
             continue
         where = delta.sources()[0].key
@@ -178,19 +160,12 @@ def build_adapter_plan(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
                 "(v4) layout cannot carry; use --expert-format paramwrapper (rank_pattern) or merge with `convert`"
             )
-        if isinstance(rule, GatedDeltaPieces):  # GDN in_proj B rows: TP-local blocks at the adapter's TP
-            rule = replace(rule, tp=delta.tp)
+        _, delta = rule.row_orders(None, delta, dims, None)  # e.g. GDN in_proj B rows: TP-local blocks
         for piece in _pieces(rule, delta, modules):
             add(*piece)
-        if delta.magnitude is not None:  # DoRA: split like the weight (fc1 magnitudes come rank-major)
-            m = delta.magnitude
-            m_rule = RankMajorGatedMLP((m.pattern,), rule.targets, tp=delta.tp) if delta.gated_rows else rule
-            add(m_rule, m, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
-    unused = sorted(k for k in reader.tensors if is_model_key(k) and k not in used)
-    if unused:
-        raise CheckpointError(
-            f"{reader.path}: adapter tensors the {family.name} tables cannot place: {', '.join(unused[:5])}"
-        )
+        if delta.magnitude is not None:  # DoRA: split like the weight
+            add(rule, delta.magnitude, [f"{PREFIX}{module}.lora_magnitude_vector" for module in modules])
+    steps = planner.checked(is_model_key, "adapter tensors")
     if not steps:
         raise CheckpointError(f"{reader.path}: no LoRA adapter tensors found")
     steps, files = layout(steps, 2**62, stem=ADAPTER_FILE)
@@ -201,12 +176,12 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
     modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
-        if isinstance(step.rule, (ExpertMajorA, RankMajorB)):
-            parameters.add(step.rule.targets[0])
-            if isinstance(step.rule, ExpertMajorA):  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
+        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__):
+            parameters.add(step.rule.param("targets")[0])
+            if step.rule.name == ExpertMajorA.__name__:  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
                 rank = step.targets[0].shape[0] // plan.dims.num_experts
                 if rank != lora.dim:
-                    ranks[re.escape(step.rule.targets[0])] = rank
+                    ranks[re.escape(step.rule.param("targets")[0])] = rank
         elif step.targets[0].name.endswith(".lora_magnitude_vector"):
             dora = True
         else:

@@ -1,131 +1,137 @@
-"""The conversion plan: every HF tensor's name, shape, dtype, file and byte position, and the Megatron
-tensor (or part of it) it comes from — all decided from metadata before any tensor byte is read."""
+"""The one planner: a family's tables walked against a checkpoint's metadata, with the hooks `convert`, the
+quantizer export and `export-adapter` build their steps with (resolve a source, attach an adapter, add a
+step), and one validation of the result that names every missing, unused and duplicate tensor at once."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..families import Family
 from ..readers.base import CheckpointReader, is_model_key, is_quantizer_key
-from .adapters import find_delta
+from .adapters import Find, find_delta
 from .layout import layout
-from .rules import Dims, GatedDeltaPieces, Rule
+from .rules import Dims, Rule
+from .rules.registry import rule_ref
 from .schema import Delta, Lora, Plan, Source, Step, Target
-from .sources import expand, finder, packs_experts, resolve
+from .sources import expand, finder, missing, packs_experts, resolve
 
-__all__ = ["build_plan"]
+__all__ = ["Planner", "build_plan"]
+
+SHOWN = 5  # names listed per problem before "and N more"
 
 
-def _steps(family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, lora: Lora | None) -> list[Step]:
-    steps = []
-    for rule, index in expand(family, dims):
-        source = resolve(reader, rule, index, dims)
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+class Planner:
+    """One planning pass of ``family`` over ``reader``: `rules` to walk, `resolve` / `find` / `attach` to
+    look tensors up, `add` to make steps, and `checked` to validate them all at once."""
+
+    def __init__(self, family: Family, reader: CheckpointReader, dims: Dims) -> None:
+        self.family, self.reader, self.dims = family, reader, dims
+        self.steps: list[Step] = []
+        self._missing: list[str] = []
+
+    def rules(self) -> list[tuple[Rule, dict[str, int]]]:
+        """Every (rule, placeholder values) of the family's tables for this model, in HF state-dict order."""
+        return expand(self.family, self.dims)
+
+    def find(self, index: dict[str, int]) -> Find:
+        """Tensors by table pattern at fixed placeholder values (None when absent)."""
+        return finder(self.reader, index, self.dims)
+
+    def resolve(self, rule: Rule, index: dict[str, int]) -> Source | None:
+        """The rule's tensor at ``index``; a missing one is noted for `checked` and gives None."""
+        source = resolve(self.reader, rule, index, self.dims)
+        if source is None:
+            self._missing.append(missing(self.reader, rule, index, self.dims))
+        return source
+
+    def attach(self, rule: Rule, index: dict[str, int], source: Source | None, lora: Lora | None) -> Delta | None:
+        """The adapter on the rule's tensor at ``index`` (on every packed expert), if the checkpoint holds one;
+        checked against ``source`` when it is known (adapter export reads no base)."""
         if packs_experts(rule, index):
-            delta = _stacked_delta(reader, rule, index, dims, lora)
-        else:
-            delta = find_delta(finder(reader, index, dims), source.pattern, lora, dims, source)
-        if isinstance(rule, GatedDeltaPieces):
-            source, rule = _gated_delta_layout(reader, rule, source, delta)
+            return self._stacked_delta(rule, index, lora)
+        patterns = (source.pattern,) if source is not None else rule.sources
+        find = self.find(index)
+        return next((d for p in patterns if (d := find_delta(find, p, lora, self.dims, source)) is not None), None)
+
+    def _stacked_delta(self, rule: Rule, index: dict[str, int], lora: Lora | None) -> Delta | None:
+        """The expert adapters on a packed parameter: expert e's `B_e @ A_e` lands on its rows of the stack."""
+        deltas = []
+        for e in range(self.dims.num_experts):
+            expert = {**index, "e": e}
+            base = resolve(self.reader, rule, expert, self.dims)
+            deltas.append(find_delta(self.find(expert), rule.sources[0], lora, self.dims, base))
+        found = [d for d in deltas if d is not None]
+        if not found:
+            return None
+        if len(found) != len(deltas) or any(d.layout != "plain" or d.magnitude is not None for d in found):
+            raise CheckpointError(
+                f"{found[0].sources()[0].key}: packed experts take plain LoRA adapters on every expert; "
+                "use a per-expert family (e.g. --model-type qwen3_next) for this adapter"
+            )
+        return replace(found[0], pieces=tuple(d.pieces[0] for d in found), layout="stacked")
+
+    def add(self, rule: Rule, source: Source, names: Iterable[str], dtype: DType, delta: Delta | None = None) -> Step:
+        """A step: ``source`` (plus ``delta``) through ``rule`` into HF tensors ``names`` of ``dtype``."""
+        shapes = rule.target_shapes(source.shape, self.dims, source.key)
+        targets = tuple(Target(name, tuple(shape), dtype) for name, shape in zip(names, shapes, strict=True))
+        step = Step(rule_ref(rule), source, targets, delta)
+        self.steps.append(step)
+        return step
+
+    def checked(self, owned: Callable[[str], bool], what: str, hint: str = "") -> list[Step]:
+        """The steps, once every checkpoint tensor ``owned`` selects is used by one, every rule found its
+        tensor and no HF name repeats; else one `CheckpointError` naming every problem."""
+        sources = [s for step in self.steps for s in (step.source, *(step.delta.sources() if step.delta else ()))]
+        used = {key for source in sources for key, _ in source.parts}
+        unused = sorted(key for key in self.reader.tensors if owned(key) and key not in used)
+        counts = Counter(t.name for step in self.steps for t in step.targets)
+        duplicates = sorted(name for name, n in counts.items() if n > 1)
+        problems = [
+            *([_listed(self._missing)] if self._missing else []),
+            *([f"{what} the {self.family.name} mapping does not use: {_listed(unused)}"] if unused else []),
+            *([f"the {self.family.name} mapping gives duplicate HF names {_listed(duplicates)}"] if duplicates else []),
+        ]
+        if problems:
+            raise CheckpointError(f"{self.reader.path}: {'; '.join(problems)}{'; ' + hint if hint else ''}")
+        return self.steps
+
+
+def _converted(tensor: str) -> bool:
+    return is_model_key(tensor) and not is_quantizer_key(tensor)
+
+
+def build_plan(
+    family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, max_shard_size: int, lora: Lora | None = None
+) -> Plan:
+    """The conversion plan: every table rule's tensor (trimmed, with its adapter) into its HF tensors."""
+    planner = Planner(family, reader, dims)
+    for rule, index in planner.rules():
+        source = planner.resolve(rule, index)
+        if source is None:
+            continue
+        delta = planner.attach(rule, index, source, lora)
+        source, delta = rule.row_orders(source, delta, dims, getattr(reader.args, "tensor_model_parallel_size", None))
         rule.check(source.shape, dims, source.key)
-        shapes = rule.target_shapes(source.shape, dims, source.key)
         rows = rule.rows(source.shape, dims)
-        if rows != source.shape[0]:  # read only what is kept (vocab trim)
+        if rows < source.shape[0]:  # read only what is kept (vocab trim); too few rows: `add` raises
             (key, box), *more = source.parts
             axis = len(box) - len(source.shape)
             if more:
                 raise CheckpointError(f"{key}: cannot trim rows of a tensor saved in parts")
             box = (*box[:axis], (0, rows), *box[axis + 1 :])
             source = replace(source, parts=((key, box),), shape=(rows, *source.shape[1:]))
-        names = [t.format(**index) for t in rule.targets]
-        steps.append(Step(rule, source, tuple(Target(n, tuple(s), dtype) for n, s in zip(names, shapes)), delta))
-    return steps
-
-
-def _stacked_delta(
-    reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims, lora: Lora | None
-) -> Delta | None:
-    """The expert adapters on a packed parameter: expert e's `B_e @ A_e` lands on its rows of the stack."""
-    deltas = []
-    for e in range(dims.num_experts):
-        expert = {**index, "e": e}
-        deltas.append(
-            find_delta(finder(reader, expert, dims), rule.sources[0], lora, dims, resolve(reader, rule, expert, dims))
-        )
-    found = [d for d in deltas if d is not None]
-    if not found:
-        return None
-    if len(found) != len(deltas) or any(d.layout != "plain" or d.magnitude is not None for d in found):
-        raise CheckpointError(
-            f"{found[0].sources()[0].key}: packed experts take plain LoRA adapters on every expert; "
-            "use a per-expert family (e.g. --model-type qwen3_next) for this adapter"
-        )
-    return replace(found[0], pieces=tuple(d.pieces[0] for d in found), layout="stacked")
-
-
-def _gated_delta_layout(
-    reader: CheckpointReader, rule: GatedDeltaPieces, source: Source, delta: Delta | None
-) -> tuple[Source, GatedDeltaPieces]:
-    """How a GDN in_proj / conv1d is read: a fused tensor (one part) holds rows in TP-local blocks at the
-    training TP. A LoRA B has no split factory, so its rows are TP-local blocks at the adapter's TP: the base
-    pieces are then read in that order too, base and delta add up, and the rule regroups the sum."""
-    if len(source.parts) == 1:
-        tp = _training_tp(reader, source.key)
-        if delta is not None and delta.tp != tp:
-            raise CheckpointError(
-                f"{source.key} is fused at training TP {tp} but its LoRA adapter was saved at TP {delta.tp}"
-            )
-        return source, replace(rule, tp=tp)
-    if delta is None:
-        return source, rule
-    return _rank_major(source, delta.tp), replace(rule, tp=delta.tp)
-
-
-def _rank_major(source: Source, tp: int) -> Source:
-    """The pieces' rows read as TP rank t's slice of every piece in turn, for t = 0 … tp-1."""
-    parts = []
-    for rank in range(tp):
-        for key, box in source.parts:
-            axis = len(box) - len(source.shape)  # the row axis, after any stacked axes
-            start, stop = box[axis]
-            if (stop - start) % tp:
-                raise CheckpointError(f"{key}: {stop - start} rows cannot be split over the adapter's TP {tp}")
-            rows = (stop - start) // tp
-            parts.append((key, (*box[:axis], (start + rank * rows, start + (rank + 1) * rows), *box[axis + 1 :])))
-    return replace(source, parts=tuple(parts))
-
-
-def _training_tp(reader: CheckpointReader, key: str) -> int:
-    """The TP a TP-local layout was saved at, from the checkpoint's args."""
-    tp = getattr(reader.args, "tensor_model_parallel_size", None)
-    if not isinstance(tp, int) or tp < 1:
-        raise CheckpointError(f"{key} is fused in its TP-local layout, but the checkpoint's args give no training TP")
-    return tp
-
-
-def _check_all_used(reader: CheckpointReader, steps: list[Step], family: Family) -> None:
-    """Every model tensor in the checkpoint must land somewhere: nothing is dropped silently."""
-    sources = [s for step in steps for s in (step.source, *(step.delta.sources() if step.delta else ()))]
-    used = {key for source in sources for key, _ in source.parts}
-    unused = sorted(k for k in reader.tensors if is_model_key(k) and not is_quantizer_key(k) and k not in used)
-    if unused:
-        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-        raise CheckpointError(
-            f"{reader.path}: checkpoint tensors the {family.name} mapping does not use: {shown}; "
-            "pass the right --model-type or --hf-config"
-        )
-
-
-def build_plan(
-    family: Family, reader: CheckpointReader, dims: Dims, dtype: DType, max_shard_size: int, lora: Lora | None = None
-) -> Plan:
-    steps = _steps(family, reader, dims, dtype, lora)
+        planner.add(rule, source, (t.format(**index) for t in rule.targets), dtype, delta)
+    steps = planner.checked(_converted, "checkpoint tensors", "pass the right --model-type or --hf-config")
     if lora is not None and not any(step.delta for step in steps):
         raise CheckpointError(f"{reader.path}: LoRA settings were given but the checkpoint holds no adapter tensors")
-    names = [t.name for s in steps for t in s.targets]
-    if len(names) != len(set(names)):
-        raise CheckpointError(f"mapping {family.name} produces duplicate HF names")
-    _check_all_used(reader, steps, family)
     steps, files = layout(steps, max_shard_size)
     return Plan(tuple(steps), tuple(files), dtype, dims)

@@ -1,15 +1,50 @@
-"""The plan's vocabulary, logic-free: where a tensor comes from, where it goes, and the LoRA pieces on it."""
+"""The plan's vocabulary, pure data: where a tensor comes from, where it goes, the LoRA pieces on it and the
+rule that turns one into the other, named by data (`RuleRef`). A plan can be printed, compared (``==``) and
+serialised (`offline_bridge.plan.serial`); nothing in it is a function or an array."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType
-from ..readers.base import Box
-from .rules import Dims, Rule
 
-__all__ = ["Delta", "FilePlan", "Lora", "Plan", "Source", "Step", "Target"]
+if TYPE_CHECKING:
+    from ..readers.base import Box
+    from .rules.dims import Dims
+
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RowOrder", "RuleRef", "Source", "Step", "Target"]
+
+
+@dataclass(frozen=True)
+class RuleRef:
+    """A rule by data: its registered class name and its fields (sources, targets, TP ...), values plain
+    data or nested `RuleRef`s. `offline_bridge.plan.rules.registry.rule_of` turns it back into the rule."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def param(self, key: str) -> Any:
+        return dict(self.params)[key]
+
+
+@dataclass(frozen=True)
+class RowOrder:
+    """How a tensor's rows lie on disk when Megatron saved them in tensor-parallel order, not in their true
+    one; `offline_bridge.plan.row_order` turns it into the row permutation every reader of the source applies.
+
+    - ``swiglu``: the swiglu sharded-state-dict factory's order at TP ``tp`` (rank t's gate and up halves at
+      blocks t and tp + t of 2·tp), e.g. CanonicalLoRA gate/up B;
+    - ``rank_major_gated``: per TP rank its `[gate_t; up_t]` rows in turn (DoRA fc1 magnitudes, ModelOpt fc1
+      per-channel amax);
+    - ``tp_blocks``: per TP rank its slice of every piece in turn, the pieces' global rows in ``parts``
+      (fused Gated DeltaNet in_proj / conv1d, and their LoRA B).
+    """
+
+    kind: str
+    tp: int
+    parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -22,6 +57,7 @@ class Source:
     shape: tuple[int, ...]
     dtype: DType
     pattern: str = ""  # the table pattern it was found by
+    row_order: RowOrder | None = None  # rows saved in a TP order (None: true order)
 
     @property
     def key(self) -> str:
@@ -72,7 +108,6 @@ class Delta:
     scale: float
     magnitude: Source | None = None  # DoRA's weight_magnitude [out]
     tp: int = 1  # training TP (see Lora.tp)
-    gated_rows: bool = False  # a gated fc1: DoRA magnitudes come as rank-major [gate_r; up_r] blocks
 
     def sources(self) -> tuple[Source, ...]:
         pairs = [s for pair in self.pieces if pair is not None for s in pair]
@@ -83,7 +118,7 @@ class Delta:
 class Step:
     """One read (plus an optional LoRA delta) and one rule: ``source`` → ``targets``."""
 
-    rule: Rule
+    rule: RuleRef
     source: Source
     targets: tuple[Target, ...]
     delta: Delta | None = None

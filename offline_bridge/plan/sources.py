@@ -13,7 +13,7 @@ from ..readers.base import CheckpointReader
 from .rules import Dims, Rule
 from .schema import Source
 
-__all__ = ["expand", "finder", "packs_experts", "resolve"]
+__all__ = ["expand", "finder", "missing", "packs_experts", "resolve"]
 
 
 # A placeholder is spelled out in the key (in one of several spellings) or is a leading axis of a stacked
@@ -91,23 +91,29 @@ def packs_experts(rule: Rule, index: dict[str, int]) -> bool:
     return "e" not in index and "{e}" in rule.sources[0]
 
 
-def resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source:
+def resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> Source | None:
+    """The rule's tensor at ``index``, or None when the checkpoint has none (`missing` says what was tried)."""
     if packs_experts(rule, index):  # every expert's parts, rows joined expert-major: one layer at a time
         experts = [resolve(reader, rule, {**index, "e": e}, dims) for e in range(dims.num_experts)]
+        if None in experts:
+            return None
         first = experts[0]
         rows = sum(s.shape[0] for s in experts)
         return Source(tuple(p for s in experts for p in s.parts), (rows, *first.shape[1:]), first.dtype, first.pattern)
-    source = _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
+    return _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
         reader, rule.sources, index, dims, diagnose=True, saved_apart=rule.saved_apart
     )
-    if source is not None:
-        return source
+
+
+def missing(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims) -> str:
+    """What `resolve` looked for and did not find (for packed experts: the first expert missing)."""
+    if packs_experts(rule, index):
+        e = next(e for e in range(dims.num_experts) if resolve(reader, rule, {**index, "e": e}, dims) is None)
+        return missing(reader, rule, {**index, "e": e}, dims)
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
     where = "".join(f" for {names[k]} {v}" for k, v in index.items())
     tried = [key for pattern in rule.sources for key, _ in _candidates(pattern, index)]
-    raise CheckpointError(
-        f"{reader.path}: no tensor{where} matching {' or '.join(tried)}; wrong --model-type or config?"
-    )
+    return f"no tensor{where} matching {' or '.join(tried)}"
 
 
 def expand(family: Family, dims: Dims) -> list[tuple[Rule, dict[str, int]]]:

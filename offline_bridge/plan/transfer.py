@@ -18,7 +18,9 @@ import numpy as np
 
 from ..errors import InternalError
 from ..readers.base import CheckpointReader, Extent
+from .row_order import stored_rows
 from .rules import Dims
+from .rules.registry import rule_of
 from .schema import Source, Step
 
 __all__ = ["Run", "plan_runs", "selected_rows"]
@@ -59,7 +61,7 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
     source = step.source
     if step.delta is not None or any(target.dtype != source.dtype for target in step.targets):
         return None
-    selected = selected_rows(step, dims)
+    selected = selected_rows(step, dims, stored=True)
     if selected is None:
         return None
     parts = []
@@ -86,13 +88,16 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
     return plans
 
 
-def selected_rows(step: Step, dims: Dims) -> list[list[tuple[int, int]]] | None:
-    """Per target, the source row ranges it takes, in order: the rule applied to the row numbers; None unless
-    the rule only picks rows."""
-    if not step.rule.rows_only or not step.source.shape:
+def selected_rows(step: Step, dims: Dims, *, stored: bool = False) -> list[list[tuple[int, int]]] | None:
+    """Per target, the source row ranges it takes, in order: the rule applied to the row numbers (with
+    ``stored``, the rows as stored, TP order included; else as read); None unless the rule only picks rows."""
+    rule = rule_of(step.rule)
+    if not rule.rows_only or not step.source.shape:
         return None
     rows = step.source.shape[0]
-    picked = step.rule.apply(np.arange(rows, dtype=np.int64).reshape(rows, 1), dims)
+    numbers = stored_rows(step.source) if stored else None
+    numbers = np.arange(rows, dtype=np.int64) if numbers is None else numbers
+    picked = rule.apply(numbers.reshape(rows, 1), dims)
     result = []
     for target, out in zip(step.targets, picked, strict=True):
         if not target.shape or out.shape != (target.shape[0], 1) or target.shape[1:] != step.source.shape[1:]:

@@ -7,11 +7,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import families  # noqa: F401  (registers the families' own rules: a plan read back names them)
 from ..errors import InternalError
+from ..plan.row_order import stored_rows
 from ..plan.rules import Dims
+from ..plan.rules.registry import rule_of
 from ..plan.schema import Plan, Source, Step, Target
 from ..plan.transfer import selected_rows
 from ..readers.base import CheckpointReader
+from . import quant_rules  # noqa: F401  (registers the quantizer rules, likewise)
 from .casting import as_numpy, cast
 from .lora_merge import merge_tensor
 
@@ -39,8 +43,9 @@ def computed(
     array = read_source(reader, step.source)
     (dtype,) = {t.dtype for t in step.targets}
     delta = step.delta
-    if step.rule.computes is not None:  # new values (FP8 export): apply the rule, then cast its outputs
-        return [[_bytes(cast(out, step.rule.computes, dtype))] for out in _applied(step, array, dims)]
+    computes = rule_of(step.rule).computes
+    if computes is not None:  # new values (FP8 export): apply the rule, then cast its outputs
+        return [[_bytes(cast(out, computes, dtype))] for out in _applied(step, array, dims)]
     if delta is None:
         whole = cast(array, step.source.dtype, dtype)
     else:
@@ -55,9 +60,7 @@ def computed(
             layout=delta.layout,
             scale=delta.scale,
             dims=dims,
-            tp=delta.tp,
             magnitude=None if delta.magnitude is None else read_source(reader, delta.magnitude),
-            gated_rows=delta.gated_rows,
             device=device,
             out_dtype=dtype,
         )
@@ -76,7 +79,7 @@ def computed(
 
 def _applied(step: Step, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
     """The step's rule applied to ``array``, each output checked against its planned shape."""
-    outs = step.rule.apply(array, dims)
+    outs = rule_of(step.rule).apply(array, dims)
     for target, out in zip(step.targets, outs, strict=True):
         if out.shape != target.shape:
             raise InternalError(f"internal error: {target.name} came out {out.shape}, planned {target.shape}")
@@ -88,9 +91,11 @@ def _bytes(array: np.ndarray) -> memoryview:
 
 
 def read_source(reader: CheckpointReader, source: Source) -> np.ndarray:
-    """A source's tensor, its parts joined along the first kept axis."""
+    """A source's tensor, its parts joined along the first kept axis, its rows in true order."""
     tail = source.shape[1:]
     arrays = [
         reader.read(key, box).reshape(-1, *tail) if source.shape else reader.read(key, box) for key, box in source.parts
     ]
-    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+    array = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(source.shape)
+    rows = stored_rows(source)
+    return array if rows is None else array[rows]

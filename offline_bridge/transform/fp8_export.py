@@ -12,10 +12,11 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import OptionError
 from ..plan.layout import layout
+from ..plan.rules.registry import rule_of, rule_ref
 from ..plan.schema import Plan, Step, Target
 from ..readers.base import CheckpointReader
 from .quant import Quant
-from .quant_rules import FP8, FP8_MAX, Computed
+from .quant_rules import FP8, FP8_MAX, Computed, divisor
 from .quant_rules import module_of as _module
 
 __all__ = ["compressed_tensors_config", "fp8_plan"]
@@ -40,12 +41,14 @@ def fp8_plan(plan: Plan, quant: Quant | None, reader: CheckpointReader, max_shar
     for step in plan.steps:
         modules = [_module(t.name) for t in step.targets]
         amax = [values.get(m + ".weight_quantizer._amax") for m in modules]
-        if "{e}" in step.rule.targets[0] or any(a is None for a in amax):
+        if "{e}" in step.rule.param("targets")[0] or any(a is None for a in amax):
             steps.append(step)
             continue
-        scales = tuple(np.maximum(a, np.finfo(np.float32).tiny) / FP8_MAX for a in amax)  # amax 0: all-zero rows
-        rule = Computed(step.rule.sources, step.rule.targets, inner=step.rule, stored=step.source.dtype, scales=scales)
-        steps.append(replace(step, rule=rule, targets=tuple(replace(t, dtype=FP8) for t in step.targets)))
+        tiny = np.finfo(np.float32).tiny  # amax 0: all-zero rows
+        scales = tuple(divisor(np.maximum(a, tiny) / FP8_MAX) for a in amax)
+        weight = rule_of(step.rule)
+        rule = Computed(weight.sources, weight.targets, inner=weight, stored=step.source.dtype, scales=scales)
+        steps.append(replace(step, rule=rule_ref(rule), targets=tuple(replace(t, dtype=FP8) for t in step.targets)))
         for amax_step in by_module.get(modules[0], []):
             steps.append(_scale_step(amax_step))
         has_input = all(m + ".input_quantizer._amax" in values for m in modules)
@@ -65,14 +68,14 @@ def _scale_step(amax: Step) -> Step:
     )
     shapes = tuple((1,) if t.shape == () else t.shape for t in amax.targets)
     rule = Computed(
-        amax.rule.sources,
+        amax.rule.param("sources"),
         names,
-        inner=amax.rule,
+        inner=rule_of(amax.rule),
         stored=amax.source.dtype,
         scales=(FP8_MAX,) * len(names),
         shapes=shapes,
     )
-    return Step(rule, amax.source, tuple(Target(n, s, FLOAT32) for n, s in zip(names, shapes)))
+    return Step(rule_ref(rule), amax.source, tuple(Target(n, s, FLOAT32) for n, s in zip(names, shapes)))
 
 
 def compressed_tensors_config(schemes: Mapping[str, tuple[str, bool]]) -> dict[str, Any]:

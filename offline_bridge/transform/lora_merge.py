@@ -14,7 +14,7 @@ import numpy as np
 
 from ..dtypes import FLOAT32, DType
 from ..errors import OptionError
-from ..plan.rules import Dims, fused_part_rows, rank_major_gated, swiglu_rows
+from ..plan.rules import Dims, fused_part_rows
 
 __all__ = ["ROW_BLOCK", "merge_tensor", "resolve_device"]
 
@@ -81,9 +81,7 @@ def merge_tensor(
     layout: str,
     scale: float,
     dims: Dims,
-    tp: int = 1,
     magnitude: np.ndarray | None = None,
-    gated_rows: bool = False,
     device: str = "auto",
     out_dtype: DType | None = None,
 ) -> Any:
@@ -97,7 +95,7 @@ def merge_tensor(
         None
         if piece is None
         else (
-            _tensor(swiglu_rows(piece[1], tp) if layout == "gated" else piece[1], adapter_dtype, target),
+            _tensor(piece[1], adapter_dtype, target),
             _tensor(piece[0], adapter_dtype, target),
         )
         for piece in pieces
@@ -108,7 +106,7 @@ def merge_tensor(
         def add_delta(block: slice, merged: Any) -> None:
             merged.addmm_(b[block], a, alpha=scale)
 
-    else:  # an untargeted CanonicalLoRA part adds nothing; canonical gate/up B rows went through the swiglu factory
+    else:  # an untargeted CanonicalLoRA part adds nothing
         parts = fused_part_rows(layout, dims, rows, len(pieces))
         fused = _fuse(
             [torch.zeros(n, columns, device=target) if f is None else f[0] @ f[1] for f, n in zip(factors, parts)],
@@ -119,9 +117,7 @@ def merge_tensor(
         def add_delta(block: slice, merged: Any) -> None:
             merged.add_(fused[block], alpha=scale)
 
-    m = None
-    if magnitude is not None:
-        m = _tensor(rank_major_gated(magnitude, tp) if gated_rows else magnitude, adapter_dtype, target)
+    m = None if magnitude is None else _tensor(magnitude, adapter_dtype, target)
     out = _empty((rows, columns), out_dtype or FLOAT32, target)
     step = max(1, ROW_BLOCK // max(1, columns)) if target.type == "cpu" else max(1, rows)
     scratch = torch.empty(min(step, rows), columns, device=target)

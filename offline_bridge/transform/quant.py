@@ -28,9 +28,10 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError
 from ..families import Family
-from ..plan.rules import Dims, GatedMLP, RankMajorGatedMLP, Rule
-from ..plan.schema import Source, Step, Target
-from ..plan.sources import expand, finder
+from ..plan.planner import Planner
+from ..plan.rules import Dims, GatedMLP, Rule
+from ..plan.rules.registry import rule_of
+from ..plan.schema import RowOrder, Source, Step
 from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
 from .casting import cast
 from .compute import read_source
@@ -56,7 +57,7 @@ class Quant:
         """Every HF amax in fp32 (tiny: one scalar or one row vector per linear)."""
         out = {}
         for step in self.steps:
-            parts = step.rule.apply(read_source(reader, step.source), dims)
+            parts = rule_of(step.rule).apply(read_source(reader, step.source), dims)
             for target, part in zip(step.targets, parts, strict=True):
                 out[target.name] = cast(np.ascontiguousarray(part), step.source.dtype, FLOAT32).astype(np.float32)
         return out
@@ -82,10 +83,11 @@ def _narrow(source: Source, start: int, stop: int, *, drop: bool) -> Source:
     return replace(source, parts=((key, box),), shape=shape)
 
 
-def _grouped(reader: CheckpointReader, sources: tuple[str, ...], index: dict[str, int], dims: Dims, ep: int):
+def _grouped(planner: Planner, sources: tuple[str, ...], index: dict[str, int], ep: int) -> Source | None:
     """Expert ``index["e"]``'s block of a grouped-MoE amax, or None if the checkpoint has none."""
     grouped = tuple(s.replace(".experts.{e}.", ".experts.") for s in sources)
-    source = finder(reader, {k: v for k, v in index.items() if k != "e"}, dims)(grouped)
+    source = planner.find({k: v for k, v in index.items() if k != "e"})(grouped)
+    dims = planner.dims
     if source is None or len(source.shape) % 2 == 0:  # [] or [rows, 1]: one quantizer for every expert
         return source
     groups, experts = source.shape[0], dims.num_experts
@@ -98,7 +100,7 @@ def _grouped(reader: CheckpointReader, sources: tuple[str, ...], index: dict[str
     return _narrow(source, block, block + 1, drop=True)
 
 
-def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, ...], tp: int) -> Rule:
+def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, ...]) -> Rule:
     """How one amax becomes its HF amax tensors: copied, or split like the weight (per-channel)."""
     sources = (source.key,)
     if math.prod(source.shape) == 1 or quantizer == "input_quantizer":
@@ -108,46 +110,39 @@ def _amax_rule(rule: Rule, source: Source, quantizer: str, targets: tuple[str, .
             f"{source.key} has shape {list(source.shape)}: only per-tensor and per-output-channel [rows, 1] "
             "amax are exported (block quantization is not supported)"
         )
-    if isinstance(rule, GatedMLP) and len(source.parts) == 1:  # rank-major rows, not swiglu halves _w / _v
-        return RankMajorGatedMLP(sources, targets, tp=tp)
     return replace(rule, sources=sources, targets=targets, when=None, expect=None)
 
 
-def _amax_step(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: Dims, quantizer: str) -> Step | None:
+def _add_amax_step(planner: Planner, rule: Rule, index: dict[str, int], quantizer: str) -> None:
     suffix = f".{quantizer}._amax"
     sources = tuple(s.removesuffix(".weight") + suffix for s in rule.sources)
-    source = finder(reader, index, dims)(sources)
-    tp, etp, ep = _parallel(reader.args)
+    source = planner.find(index)(sources)
+    tp, etp, ep = _parallel(planner.reader.args)
     expert = "e" in index
     if source is None and expert:
-        source = _grouped(reader, sources, index, dims, ep)
+        source = _grouped(planner, sources, index, ep)
     if source is None:
-        return None
+        return
+    dims = planner.dims
     names = tuple(t.format(**index).removesuffix(".weight") + suffix for t in rule.targets)
-    amax_rule = _amax_rule(rule, source, quantizer, names, etp if expert else tp)
+    amax_rule = _amax_rule(rule, source, quantizer, names)
+    saved_tp = etp if expert else tp
+    if saved_tp > 1 and isinstance(amax_rule, GatedMLP) and len(source.parts) == 1:  # not swiglu halves _w / _v
+        source = replace(source, row_order=RowOrder("rank_major_gated", saved_tp))
     if source.shape and (rows := amax_rule.rows(source.shape, dims)) != source.shape[0]:  # vocab padding
         source = _narrow(source, 0, rows, drop=False)
-    shapes = amax_rule.target_shapes(source.shape, dims, source.key)
-    return Step(amax_rule, source, tuple(Target(n, tuple(s), FLOAT32) for n, s in zip(names, shapes)))
+    planner.add(amax_rule, source, names, FLOAT32)
 
 
 def find_quant(family: Family, reader: CheckpointReader, dims: Dims) -> Quant | None:
     """The checkpoint's amax tensors mapped to HF names, or None when it holds no quantizer state."""
     if not any(is_quantizer_key(key) for key in reader.tensors):
         return None
-    steps = [
-        step
-        for rule, index in expand(family, dims)
-        if all(name.endswith(".weight") for name in (*rule.sources, *rule.targets))
-        for quantizer in QUANTIZERS
-        if (step := _amax_step(reader, rule, index, dims, quantizer)) is not None
-    ]
-    used = {key for step in steps for key, _ in step.source.parts}
-    unused = sorted(key for key in reader.tensors if is_quantizer_key(key) and key not in used)
-    if unused:
-        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-        raise CheckpointError(
-            f"{reader.path}: quantizer state the {family.name} mapping cannot place: {shown}; only weight and "
-            "input amax of the mapped linear layers are exported"
-        )
+    planner = Planner(family, reader, dims)
+    for rule, index in planner.rules():
+        if all(name.endswith(".weight") for name in (*rule.sources, *rule.targets)):
+            for quantizer in QUANTIZERS:
+                _add_amax_step(planner, rule, index, quantizer)
+    hint = "only weight and input amax of the mapped linear layers are exported"
+    steps = planner.checked(is_quantizer_key, "quantizer state", hint)
     return Quant(tuple(steps), load_common_pt(reader.path / STATE_DIR), reader.args)

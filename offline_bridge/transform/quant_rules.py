@@ -13,10 +13,29 @@ from ..dtypes import FLOAT32, DType, by_torch_name
 from ..plan.rules import Dims, Repeat, Rule, Shape
 from .casting import cast
 
-__all__ = ["FP8", "FP8_MAX", "Computed", "Fanout", "module_of"]
+__all__ = ["FP8", "FP8_MAX", "Computed", "Divisor", "Fanout", "divisor", "module_of"]
 
 FP8_MAX = 448.0  # largest finite FP8-E4M3 value
 FP8 = by_torch_name("float8_e4m3fn")
+
+
+# One divisor of `Computed`, as plan data: a number, or an fp32 array as its shape and values.
+Divisor = float | tuple[Shape, tuple[float, ...]]
+
+
+def divisor(value: np.ndarray | float) -> Divisor:
+    """``value`` as plan data (fp32 values are exact as Python floats)."""
+    if isinstance(value, float):
+        return value
+    array = np.asarray(value, dtype=np.float32)
+    return (array.shape, tuple(float(x) for x in array.reshape(-1)))
+
+
+def _divide_by(value: Divisor) -> np.ndarray | float:
+    if isinstance(value, float):
+        return value
+    shape, values = value
+    return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
 def module_of(name: str) -> str:
@@ -44,7 +63,7 @@ class Computed(Rule):
 
     inner: Rule | None = None
     stored: DType = FLOAT32  # the source's dtype (rules see raw bytes)
-    scales: tuple[np.ndarray | float, ...] = ()  # one divisor per target
+    scales: tuple[Divisor, ...] = ()  # one divisor per target
     clip: bool = False
     shapes: tuple[Shape, ...] | None = None  # output shapes, when not the inner rule's
 
@@ -53,6 +72,7 @@ class Computed(Rule):
 
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         values = cast(array, self.stored, FLOAT32).astype(np.float32)
-        outs = [part / scale for part, scale in zip(self.inner.apply(values, dims), self.scales, strict=True)]
+        parts = self.inner.apply(values, dims)
+        outs = [part / _divide_by(scale) for part, scale in zip(parts, self.scales, strict=True)]
         outs = [np.clip(out, -FP8_MAX, FP8_MAX) if self.clip else out for out in outs]
         return [out.reshape(shape) for out, shape in zip(outs, self.shapes)] if self.shapes else outs

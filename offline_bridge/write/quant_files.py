@@ -10,6 +10,7 @@ from typing import Any
 from ..dtypes import FLOAT32
 from ..families import Family
 from ..plan.layout import layout
+from ..plan.rules.registry import rule_ref
 from ..plan.schema import Plan
 from ..readers.base import CheckpointReader
 from ..transform.quant import AMAX_FILE, CONFIG_FILE, Quant
@@ -23,10 +24,11 @@ __all__ = ["write_quant"]
 
 def _linears(plan: Plan, family: Family) -> list[str]:
     """HF modules holding a 2-D weight, embeddings aside: the linear layers a quantizer could sit on."""
+    embeddings = {rule_ref(rule) for rule in family.head}
     return [
         _module(t.name)
         for step in plan.steps
-        if step.rule not in family.head
+        if step.rule not in embeddings
         for t in step.targets
         if t.name.endswith(".weight") and len(t.shape) == 2
     ]

@@ -53,9 +53,12 @@ def write_weights(
     Returns the sha256 of every tensor as written, by (file name, tensor name).
     """
     merges = TorchThreads() if any(step.delta is not None for step in plan.steps) else None
-    runs = {id(step): plan_runs(step, reader, plan.dims) for step in plan.steps}
+    runs = [plan_runs(step, reader, plan.dims) for step in plan.steps]  # by step index
     # in checkpoint order, merges last: torch loads meanwhile
-    steps = sorted(plan.steps, key=lambda step: (step.delta is not None, _position(step, runs[id(step)], reader)))
+    order = sorted(
+        range(len(plan.steps)),
+        key=lambda i: (plan.steps[i].delta is not None, _position(plan.steps[i], runs[i], reader)),
+    )
     sources: HandleCache[str, int] = HandleCache(open_readonly, os.close, MAX_OPEN_FILES)
     outputs = OutputFiles(out_dir, plan, MAX_OPEN_FILES)
     scratch = threading.local()
@@ -63,8 +66,8 @@ def write_weights(
     try:
         with progress_of(plan, progress) as bar:
 
-            def write_step(step: Step) -> None:
-                step_runs = runs[id(step)]
+            def write_step(index: int) -> None:
+                step, step_runs = plan.steps[index], runs[index]
                 if step_runs is None:
                     _compute(step, reader, outputs, plan.dims, device, merges)
                 else:
@@ -77,10 +80,10 @@ def write_weights(
                 with lock:
                     bar.update(step.targets)
 
-            def cost(step: Step) -> int:
-                return _footprint(step, runs[id(step)])
+            def cost(index: int) -> int:
+                return _footprint(plan.steps[index], runs[index])
 
-            run_bounded(write_step, steps, workers or default_workers(), cost)
+            run_bounded(write_step, order, workers or default_workers(), cost)
     finally:
         outputs.close()
         sources.close()

@@ -6,44 +6,27 @@ work on numpy arrays of any dtype (bf16 moves as uint16): they slice and reshape
 the +1 of a zero-centred norm. Patterns may hold ``{i}``, the global layer index, and ``{e}``, the global
 expert index; a rule whose source holds ``{e}`` and whose targets do not stacks all experts (packed).
 
-One module per job: `dims` (model dimensions, layer conditions), `core`, `lora` (adapter row orders) and
+One module per job: `dims` (model dimensions, layer conditions), `core`, `lora` (adapter layouts) and
 `gdn` (Gated DeltaNet hybrids); every rule is importable from here.
 """
 
 from .core import QKV, Copy, GatedMLP, Packed, PlusOne, Repeat, Rule, VocabRows, only
 from .dims import Condition, Dims, Shape, dense_layer, full_attention_layer, linear_attention_layer, moe_layer, untied
-from .gdn import GDN_CONV_PARTS, GDN_IN_PROJ_PARTS, GatedDeltaConv, GatedDeltaInProj, GatedDeltaPieces, GatedQKV
-from .lora import (
-    ExpertMajorA,
-    RankMajorB,
-    RankMajorGatedMLP,
-    SwigluRows,
-    fused_part_rows,
-    rank_major_gated,
-    swiglu_rows,
-)
+from .lora import ExpertMajorA, RankMajorB, fused_part_rows
 
 __all__ = [
-    "GDN_CONV_PARTS",
-    "GDN_IN_PROJ_PARTS",
     "QKV",
     "Condition",
     "Copy",
     "Dims",
     "ExpertMajorA",
-    "GatedDeltaConv",
-    "GatedDeltaInProj",
-    "GatedDeltaPieces",
     "GatedMLP",
-    "GatedQKV",
     "Packed",
     "PlusOne",
     "RankMajorB",
-    "RankMajorGatedMLP",
     "Repeat",
     "Rule",
     "Shape",
-    "SwigluRows",
     "VocabRows",
     "dense_layer",
     "full_attention_layer",
@@ -51,7 +34,5 @@ __all__ = [
     "linear_attention_layer",
     "moe_layer",
     "only",
-    "rank_major_gated",
-    "swiglu_rows",
     "untied",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -13,7 +13,12 @@ from ...dtypes import BFLOAT16, DType
 from ...errors import CheckpointError
 from .dims import Condition, Dims, Shape
 
-__all__ = ["QKV", "Copy", "GatedMLP", "Packed", "PlusOne", "Repeat", "Rule", "VocabRows", "only"]
+if TYPE_CHECKING:
+    from ..schema import Delta, Source
+
+__all__ = ["QKV", "RULES", "Copy", "GatedMLP", "Packed", "PlusOne", "Repeat", "Rule", "VocabRows", "only"]
+
+RULES: dict[str, type[Rule]] = {}  # every rule class by name, for plans that name their rules by data
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,10 @@ class Rule:
     # Suffixes of the tensors Megatron saves the source apart as (rows joined in this order) when the
     # source key itself is absent; swiglu halves `_w` / `_v` are always tried.
     saved_apart: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        RULES[cls.__name__] = cls
 
     @classmethod
     def of(
@@ -60,6 +69,13 @@ class Rule:
                 f"{key} has shape {tuple(shape)} in the checkpoint but the HF config implies {expected}"
             )
 
+    def row_orders(
+        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
+    ) -> tuple[Source | None, Delta | None]:
+        """``source`` and ``delta`` with the TP row orders their layout implies (`RowOrder`), for a rule whose
+        tensors Megatron saves in TP order (``saved_tp``: the args' training TP); most save none."""
+        return source, delta
+
     def rows(self, shape: Shape, dims: Dims) -> int:
         """How many leading rows of the source to read (all, unless the rule trims)."""
         return shape[0]
@@ -84,6 +100,13 @@ class VocabRows(Rule):
     """Embedding / output layer: drop the rows Megatron padded the vocab with."""
 
     rows_only: ClassVar[bool] = True
+
+    def row_orders(
+        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
+    ) -> tuple[Source | None, Delta | None]:
+        """``source`` and ``delta`` with the TP row orders their layout implies (`RowOrder`), for a rule whose
+        tensors Megatron saves in TP order (``saved_tp``: the args' training TP); most save none."""
+        return source, delta
 
     def rows(self, shape: Shape, dims: Dims) -> int:
         return dims.vocab_size

@@ -1,50 +1,16 @@
-"""Row orders of adapter and DoRA tensors as Megatron saves them (swiglu factory order, rank-major gated rows,
-expert-major LoRA A/B) and the rules that put them in HF order."""
+"""Adapter tensors in PEFT's layouts: expert LoRA A / B as ParamWrapper's, and how the parts of a fused
+weight share its rows. (TP row orders are undone when a source is read: `offline_bridge.plan.row_order`.)"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
-from .core import GatedMLP, Rule
+from .core import Rule
 from .dims import Dims, Shape
 
-__all__ = [
-    "ExpertMajorA",
-    "RankMajorB",
-    "RankMajorGatedMLP",
-    "SwigluRows",
-    "fused_part_rows",
-    "rank_major_gated",
-    "swiglu_rows",
-]
-
-
-def swiglu_rows(array: np.ndarray, tp: int) -> np.ndarray:
-    """Rows saved by Megatron's swiglu sharded-state-dict factory at training TP ``tp`` back in true order:
-    rank t's local rows were split in halves stored at blocks t and tp + t of 2·tp."""
-    blocks = np.split(array, 2 * tp)
-    return np.concatenate([blocks[i] for r in range(tp) for i in (r, tp + r)])
-
-
-def rank_major_gated(array: np.ndarray, tp: int) -> np.ndarray:
-    """Rank-major local fc1 rows `[gate_0, up_0, gate_1, up_1, ...]` (DoRA magnitudes) → `[gate; up]`."""
-    blocks = np.split(array, 2 * tp)
-    return np.concatenate(blocks[0::2] + blocks[1::2])
-
-
-@dataclass(frozen=True)
-class SwigluRows(Rule):
-    """One tensor whose rows are in the swiglu factory's order (CanonicalLoRA gate/up B), put in true order."""
-
-    rows_only: ClassVar[bool] = True
-
-    tp: int = 1
-
-    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
-        return [swiglu_rows(array, self.tp)]
+__all__ = ["ExpertMajorA", "RankMajorB", "fused_part_rows"]
 
 
 @dataclass(frozen=True)
@@ -81,13 +47,3 @@ def fused_part_rows(layout: str, dims: Dims, rows: int, parts: int) -> list[int]
     if layout == "qkv":
         return [dims.num_heads * dims.head_dim] + [dims.num_query_groups * dims.head_dim] * 2
     return [rows // parts] * parts
-
-
-@dataclass(frozen=True)
-class RankMajorGatedMLP(GatedMLP):
-    """Gated fc1 rows stored rank-major, `[gate_t; up_t]` per TP rank (DoRA magnitudes) → gate, up."""
-
-    tp: int = 1
-
-    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
-        return super().apply(rank_major_gated(array, self.tp), dims)

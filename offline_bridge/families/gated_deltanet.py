@@ -1,15 +1,17 @@
-"""Rules of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5): gated QKV, and the GDN input projection and
-convolution Megatron may save in pieces."""
+"""Rules of the Gated DeltaNet hybrids (Qwen3-Next, Qwen3.5; `qwen3_next.py` holds their tables and is at its
+size cap): gated QKV, and the GDN input projection and convolution Megatron may save in pieces, with the TP
+row order of their fused and LoRA forms (`GatedDeltaPieces.row_orders`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...errors import CheckpointError
-from .core import QKV, Rule
-from .dims import Dims, Shape
+from ..config.hf_fields import hf_value
+from ..errors import CheckpointError
+from ..plan.rules import QKV, Dims, Rule, Shape
+from ..plan.schema import Delta, RowOrder, Source
 
 __all__ = ["GDN_CONV_PARTS", "GDN_IN_PROJ_PARTS", "GatedDeltaConv", "GatedDeltaInProj", "GatedDeltaPieces", "GatedQKV"]
 
@@ -60,36 +62,51 @@ def _whole(key: str) -> str:
 
 def _linear_heads(dims: Dims) -> tuple[int, int, int, int]:
     """(key heads, key head dim, value heads, value head dim) of the Gated DeltaNet layers."""
-    c = dims.config
+    names = ("linear_num_key_heads", "linear_key_head_dim", "linear_num_value_heads", "linear_value_head_dim")
     try:
-        return (
-            int(c["linear_num_key_heads"]),
-            int(c["linear_key_head_dim"]),
-            int(c["linear_num_value_heads"]),
-            int(c["linear_value_head_dim"]),
-        )
+        nk, dk, nv, dv = (int(hf_value(dims.config, name)) for name in names)
     except KeyError as exc:
         raise CheckpointError(f"the HF config lacks {exc}, needed for the Gated DeltaNet layers") from exc
+    return nk, dk, nv, dv
+
+
+def _tp_blocks(source: Source, parts: list[int], tp: int) -> Source:
+    return replace(source, row_order=RowOrder("tp_blocks", tp, tuple(parts))) if tp > 1 else source
 
 
 @dataclass(frozen=True)
 class GatedDeltaPieces(Rule):
     """A GDN tensor Megatron saves apart, its pieces joined piece-major (each over all heads); or, fused
-    (legacy `--ckpt-format torch`), rank-major: per TP rank its own slice of every piece in turn."""
-
-    tp: int = 1  # > 1: the source is the fused tensor saved at this training TP
+    (legacy `--ckpt-format torch`), in TP-local blocks: per TP rank its own slice of every piece in turn."""
 
     def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
         raise NotImplementedError
 
+    def row_orders(
+        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
+    ) -> tuple[Source | None, Delta | None]:
+        """A fused tensor (one part) is in TP-local blocks at the training TP. A LoRA B (and DoRA magnitude)
+        has no split factory: its rows are TP-local blocks at the adapter's TP."""
+        if source is not None and len(source.parts) == 1:
+            if not isinstance(saved_tp, int) or saved_tp < 1:
+                raise CheckpointError(
+                    f"{source.key} is fused in its TP-local layout, but the checkpoint's args give no training TP"
+                )
+            source = _tp_blocks(source, self.piece_rows(source.shape, dims, source.key), saved_tp)
+        if delta is not None and delta.tp > 1:
+            pieces = tuple(
+                None if p is None else (p[0], _tp_blocks(p[1], self.piece_rows(p[1].shape, dims, p[1].key), delta.tp))
+                for p in delta.pieces
+            )
+            m = delta.magnitude
+            m = None if m is None else _tp_blocks(m, self.piece_rows(m.shape, dims, m.key), delta.tp)
+            delta = replace(delta, pieces=pieces, magnitude=m)
+        return source, delta
+
     def joined(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
-        """The pieces in true order, whichever way they were saved."""
+        """The pieces, in true order once read."""
         rows = self.piece_rows(array.shape, dims, self.sources[0])
-        if any(n % self.tp for n in rows):
-            raise CheckpointError(f"{self.sources[0]}: pieces of {rows} rows cannot be split over TP {self.tp}")
-        local = [n // self.tp for n in rows]
-        ranks = [np.split(block, np.cumsum(local)[:-1]) for block in np.split(array, self.tp)]
-        return [np.concatenate([pieces[j] for pieces in ranks]) for j in range(len(rows))]
+        return np.split(array, np.cumsum(rows)[:-1])
 
 
 @dataclass(frozen=True)
