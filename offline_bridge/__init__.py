@@ -9,13 +9,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__all__ = ["BridgeError", "CheckpointError", "OptionError", "UnsafePickleError", "convert", "export_adapter"]
+__all__ = [
+    "BridgeError",
+    "CheckpointError",
+    "InputError",
+    "InternalError",
+    "OptionError",
+    "OutputError",
+    "UnsafePickleError",
+    "convert",
+    "export_adapter",
+]
 __version__ = "0.1.0"
 
 _HOMES = {
     "BridgeError": "errors",
     "CheckpointError": "errors",
+    "InputError": "errors",
+    "InternalError": "errors",
     "OptionError": "errors",
+    "OutputError": "errors",
     "UnsafePickleError": "errors",
     "convert": "commands.convert",
     "export_adapter": "commands.export_adapter",

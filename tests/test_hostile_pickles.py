@@ -157,7 +157,8 @@ def test_a_large_metadata_is_refused_by_its_size(tmp_path: Path) -> None:
 
 def test_unguarded_unpickling_crashes_or_runs_code(pickles: dict[str, bytes], tmp_path: Path) -> None:
     """What the guards prevent: plain pickle.loads of these (and a look at the result) kills the interpreter
-    or runs the payload."""
+    or runs the payload. (A forged field offset reads whatever memory lies there: it crashes only where that
+    memory is unmapped, so it is shown refused below rather than crashing here.)"""
 
     def plain_load(data: bytes) -> int:
         (tmp_path / "p").write_bytes(data)
@@ -165,7 +166,6 @@ def test_unguarded_unpickling_crashes_or_runs_code(pickles: dict[str, bytes], tm
         return subprocess.run([sys.executable, "-c", code], capture_output=True, check=False).returncode
 
     assert plain_load(pickles["tuple key 10^6 deep"]) == -signal.SIGSEGV
-    assert plain_load(pickles["forged field offset"]) == -signal.SIGSEGV
     ran = tmp_path / "ran"
     assert plain_load(pickle.dumps(np.array([Payload(ran)], dtype=object))) == 0 and ran.exists()
 
