@@ -81,7 +81,8 @@ MOE_SPECS = [
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tier is every test that needs a checkpoint written by megatron-core (all such fixtures
-    hang off ``megatron_cache``); the rest is the fast tier, ``pytest -m "not slow"``."""
+    hang off ``megatron_cache``), plus the byte fuzzers marked by hand; the rest is the fast tier,
+    ``pytest -m "not slow"``."""
     for item in items:
         if "megatron_cache" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)

@@ -139,6 +139,7 @@ def damaged_copy(source: Path, name: str, data: bytes) -> Iterator[tuple[Path, P
         yield copy, Path(tmp) / "pwned"
 
 
+@pytest.mark.slow  # 80 mutated checkpoints: the fuzzers run with the slow tier
 @FUZZ
 @given(name=st.sampled_from([".metadata", "common.pt", "__0_0.distcp", "__1_1.distcp"]), edits=EDITS)
 def test_torch_dist_files(name: str, edits: list) -> None:
@@ -182,6 +183,7 @@ FIELDS = [
 ARRAYS = sorted(p.parent.name for p in ZARR.glob("*/.zarray"))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     array=st.sampled_from(ARRAYS),
