@@ -92,7 +92,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--megatron-cache",
         default=None,
-        help="directory to keep megatron-core fixtures between runs (default: a fresh session tmp dir)",
+        help="directory to keep megatron-core fixtures between runs, given as --megatron-cache=DIR "
+        "(default: a fresh session tmp dir)",
     )
 
 
