@@ -101,13 +101,6 @@ class VocabRows(Rule):
 
     rows_only: ClassVar[bool] = True
 
-    def row_orders(
-        self, source: Source | None, delta: Delta | None, dims: Dims, saved_tp: object
-    ) -> tuple[Source | None, Delta | None]:
-        """``source`` and ``delta`` with the TP row orders their layout implies (`RowOrder`), for a rule whose
-        tensors Megatron saves in TP order (``saved_tp``: the args' training TP); most save none."""
-        return source, delta
-
     def rows(self, shape: Shape, dims: Dims) -> int:
         return dims.vocab_size
 
