@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from offline_bridge import convert
 from offline_bridge.commands.cli import main
+from offline_bridge.families import family_by_name
 from offline_bridge.files import posix_io
 from offline_bridge.transform import lora_merge
 from offline_bridge.write import scheduler, writer
@@ -62,6 +63,10 @@ def test_dry_run_prints_the_plan_without_reading_tensor_data(checkpoints: dict, 
             listed.append((name, file, int(offset), int(nbytes)))
     assert sorted(listed) == sorted(expected)
     assert printed[-1] == f"total: {len(expected)} tensors, {len(files)} files, {total} bytes"
+    family = family_by_name(SPEC.family)
+    rules = [line for line in printed if line.startswith("rule ")]
+    assert printed[0] == f"family {family.name}: {family.architecture}"
+    assert len(rules) == len(family.describe()) and any("<- embedding.word_embeddings.weight" in r for r in rules)
     failed = CliRunner().invoke(main, ["convert", str(hollow), str(out), *options])
     assert failed.exit_code == 2  # the data really is missing: only the dry run gets through
 

@@ -201,7 +201,7 @@ def convert(
             )
             plan = conversion.plan
             if output is None:
-                sys.stdout.write(describe(plan))
+                sys.stdout.write(describe(plan, conversion.family))
                 return Path(out_dir)
             with output.staged(_read_from(reader)) as staging:
                 digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
@@ -222,9 +222,13 @@ def _read_from(reader: CheckpointReader) -> list[Path]:
     return [part.path for part in parts]
 
 
-def describe(plan: Plan) -> str:
-    """The plan as text: every tensor (file, offset, bytes, where it comes from), then every file and the total."""
-    lines = []
+def describe(plan: Plan, family: Family) -> str:
+    """The plan as text: the family's mapping table (`Family.describe`), every tensor (file, offset, bytes,
+    where it comes from), then every file and the total."""
+    lines = [f"family {family.name}: {family.architecture}"]
+    for row in family.describe():
+        when = f" [{row.condition}]" if row.condition else ""
+        lines.append(f"rule {row.table}: {', '.join(row.hf)} <- {' or '.join(row.megatron)} ({row.kind}){when}")
     for step in plan.steps:
         source = " + ".join(key for key, _ in step.source.parts)
         merged = " (+ adapter)" if step.delta is not None else ""
