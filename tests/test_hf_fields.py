@@ -126,11 +126,14 @@ def test_configs_of_transformers_4_and_5_give_the_same_plan(name: str, tmp_path:
     if name == "qwen3_moe":  # the renames this test is about
         assert "num_local_experts" in new and "num_experts" not in new
     assert "rope_parameters" in new and "rope_theta" not in new and "torch_dtype" not in new
-    plans = []
+    plans, families = [], []
     for style, config in (("4", V4[name]), ("5", new)):
         (tmp_path / f"{style}.json").write_text(json.dumps(config))
-        plans.append(plan_conversion(reader, None, hf_config=tmp_path / f"{style}.json").plan)
-    assert describe(plans[0]) == describe(plans[1])
+        conversion = plan_conversion(reader, None, hf_config=tmp_path / f"{style}.json")
+        plans.append(conversion.plan)
+        families.append(conversion.family)
+    assert families[0] == families[1]
+    assert describe(plans[0], families[0]) == describe(plans[1], families[1])
     assert plans[0].dims == plans[1].dims and plans[0].dims.num_experts == SIZES["experts"]
     assert plans[0].dims.moe_layers == frozenset(range(SIZES["layers"]))
 
