@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..files.digest import sha256_file
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
-from .sources import canonical, sha256_file
+from .sources import canonical
 
 __all__ = [
     "MANIFEST",

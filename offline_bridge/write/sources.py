@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT, open_regular
+from ..files.digest import sha256_file
+from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT
 from ..readers.base import CheckpointReader
 from ..readers.combined import CombinedReader
 
-__all__ = ["ConfigFrom", "args_digest", "canonical", "describe_sources", "fingerprint", "sha256_file"]
+__all__ = ["ConfigFrom", "args_digest", "canonical", "describe_sources", "fingerprint"]
 
 ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kind ("common.pt args", ...), its file
 
@@ -30,26 +30,8 @@ ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kin
 # any depth, is recorded by size only: a fingerprint never re-reads tensor data (`.distcp`, zarr chunks,
 # legacy `model_optim_rng.pt`, whose args are in `args_sha256`) nor files no reader opens.
 _HASHED_AT_TOP = {".metadata": METADATA_LIMIT, "common.pt": METADATA_LIMIT, "metadata.json": TEXT_LIMIT}
-_HASHED_AT_TOP["run_config.yaml"] = JSON_LIMIT
+_HASHED_AT_TOP |= {"run_config.yaml": JSON_LIMIT, "integrity.json": JSON_LIMIT}
 _ZARRAY = ".zarray"
-_CHUNK = 1 << 24
-
-
-def sha256_file(path: Path, limit: int | None = None, what: str = "file") -> str:
-    """sha256 of a regular file read block by block (a FIFO or device is an error, never opened blocking);
-    with ``limit``, a larger file is an error before a byte is read."""
-    fd = open_regular(path, what)
-    try:
-        if limit is not None and os.fstat(fd).st_size > limit:
-            raise CheckpointError(f"{path}: the {what} is larger than the {limit} bytes such a file may take")
-        digest = hashlib.sha256()
-        while block := os.read(fd, _CHUNK):
-            digest.update(block)
-        return digest.hexdigest()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
 
 
 def _hash_limit(relative: Path) -> int | None:
