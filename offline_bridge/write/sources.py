@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ from ..files.digest import sha256_file
 from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT
 from ..readers.base import CheckpointReader
 from ..readers.combined import CombinedReader
+from .jsonable import jsonable
 
-__all__ = ["ConfigFrom", "args_digest", "canonical", "describe_sources", "fingerprint"]
+__all__ = ["ConfigFrom", "args_digest", "describe_sources", "fingerprint"]
 
 ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kind ("common.pt args", ...), its file
 
@@ -41,27 +41,12 @@ def _hash_limit(relative: Path) -> int | None:
     return TEXT_LIMIT if len(relative.parts) == 2 and relative.name == _ZARRAY else None
 
 
-def canonical(value: Any) -> Any:
-    """A JSON-able form whose text does not depend on set order or object identity."""
-    if isinstance(value, Mapping):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((canonical(v) for v in value), key=repr)
-    if isinstance(value, argparse.Namespace) or hasattr(value, "__dict__"):
-        return {"type": type(value).__name__, **canonical(vars(value))}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 def args_digest(args: argparse.Namespace | None) -> str | None:
     """sha256 of the Megatron args as canonical JSON (None when the checkpoint saved none)."""
     if args is None:
         return None
     try:
-        text = json.dumps(canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
+        text = json.dumps(jsonable(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
     except RecursionError:
         raise CheckpointError("the checkpoint's args nest too deeply (a self-referencing pickle?)") from None
     return hashlib.sha256(text.encode()).hexdigest()
