@@ -23,7 +23,7 @@ from ..plan.schema import FilePlan, Plan
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
 
-__all__ = ["META", "completed_files", "record_done", "recorded_digests"]
+__all__ = ["META", "completed_files", "record_done", "record_path", "recorded_digests"]
 
 META = ".meta"  # bookkeeping inside a staging area; never part of an output
 _DONE = "done"
@@ -32,13 +32,13 @@ _THREADS = 4
 log = logging.getLogger(__name__)
 
 
-def _record(directory: Path, name: str) -> Path:
+def record_path(directory: Path, name: str) -> Path:
     return directory / META / _DONE / f"{name}.json"
 
 
 def record_done(directory: Path, file: FilePlan, digests: dict[str, str]) -> None:
     """Record ``file`` (flushed to disk already) as complete, with its tensors' sha256 by name."""
-    record = _record(directory, file.name)
+    record = record_path(directory, file.name)
     record.parent.mkdir(parents=True, exist_ok=True)
     header = hashlib.sha256(file.header).hexdigest()
     write_json(record, {"file": file.name, "size": file.size, "header_sha256": header, "tensors": digests})
@@ -69,7 +69,7 @@ def completed_files(directory: Path, plan: Plan, names: Iterable[str]) -> dict[s
     """The files among ``names`` that are complete in ``directory`` for this plan (same size and header as
     planned, bytes as recorded), with their tensors' sha256."""
     files = {file.name: file for file in plan.files}
-    wanted = [name for name in names if _record(directory, name).exists()]
+    wanted = [name for name in names if record_path(directory, name).exists()]
     with ThreadPoolExecutor(_THREADS) as pool:
         found = dict(zip(wanted, pool.map(lambda name: _as_planned(directory, files[name]), wanted)))
     kept = {name: digests for name, digests in found.items() if digests is not None}
@@ -90,7 +90,7 @@ def _as_planned(directory: Path, file: FilePlan) -> dict[str, str] | None:
 def _load(directory: Path, name: str) -> dict[str, Any] | None:
     """A record of the right shape, or None (absent, torn, or not ours)."""
     try:
-        record = load_json(_record(directory, name), JSON_LIMIT, "completion record")
+        record = load_json(record_path(directory, name), JSON_LIMIT, "completion record")
     except CheckpointError:
         return None
     shaped = (
