@@ -19,6 +19,7 @@ from offline_bridge import convert
 from offline_bridge.commands.parts import finalize
 
 EXAMPLE = ROOT / "examples" / "tiny-llama"
+pytestmark = pytest.mark.slow  # real processes killed mid-write: seconds each
 SHARD = "40KB"  # 9 files
 
 
