@@ -19,11 +19,14 @@ from megatron_keys import DEEPSEEK, DENSE_MLP, MLA, MOE_LAYER, MetadataReader, e
 from offline_bridge.commands.planning import describe
 from offline_bridge.config.hf_config import dims_of
 from offline_bridge.dtypes import by_option
+from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_by_name
 from offline_bridge.plan.extent_index import ExtentIndex
 from offline_bridge.plan.planner import build_plan
 from offline_bridge.plan.transfer import plan_runs
 from offline_bridge.readers.base import Extent
+from offline_bridge.readers.pickles.pickle_bounds import check_opcodes
+from offline_bridge.readers.pickles.safe_pickle import safe_loads
 from offline_bridge.write.manifest import write_manifest
 from offline_bridge.write.output_files import OutputFiles
 from offline_bridge.write.writer import write_index
@@ -105,3 +108,13 @@ def test_calls_grow_linearly_with_tensors(tmp_path: Path, experts: int) -> None:
     assert large_tensors > 3.5 * small_tensors
     per_small, per_large = small / small_tensors, large / large_tensors
     assert per_large < 1.25 * per_small, f"{per_small:.0f} calls per tensor at {small_tensors}, {per_large:.0f} at 4x"
+
+
+@pytest.mark.parametrize("pickled", [b"\x80\x02K\x01K\x02a.", b")K\x02a.", b"\x80\x02N}b."])
+def test_adding_to_a_constant_is_refused(pickled: bytes) -> None:
+    """Constants share one cell per size in the bounds walk (memory at 8M opcodes); adding to one is refused
+    there, as the unpickler would fail on it."""
+    with pytest.raises(ValueError, match="adds to a constant"):
+        check_opcodes(pickled)
+    with pytest.raises(CheckpointError):
+        safe_loads(pickled, "forged")
