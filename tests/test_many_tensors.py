@@ -118,3 +118,28 @@ def test_adding_to_a_constant_is_refused(pickled: bytes) -> None:
         check_opcodes(pickled)
     with pytest.raises(CheckpointError):
         safe_loads(pickled, "forged")
+
+
+class _Chunks(MetadataReader):
+    def __init__(self, found: list[Extent]) -> None:
+        super().__init__({"w": (4, 6, 2, 3)})
+        self.found = found
+
+    def extents(self, key: str) -> list[Extent]:
+        return self.found
+
+
+def test_extent_index_finds_the_chunks_of_one_stacked_position() -> None:
+    """Chunks spanning several layers, or one expert each, are found at every position they cover, in the
+    reader's order; a box spanning several positions gets every chunk (the caller checks the overlap)."""
+    span = Extent("f", 0, (2, 6, 2, 3), ((0, 2), (0, 6), (0, 2), (0, 3)))  # layers 0-1, every expert
+    each = [
+        Extent("f", 100 + e, (1, 1, 2, 3), ((i, i + 1), (e, e + 1), (0, 2), (0, 3))) for i in (2, 3) for e in range(6)
+    ]
+    index = ExtentIndex(_Chunks([span, *each]))
+    rest = ((0, 2), (0, 3))
+    assert index.overlapping("w", ((1, 2), (4, 5), *rest), 2) == [span]
+    assert index.overlapping("w", ((3, 4), (5, 6), *rest), 2) == [each[11]]
+    assert index.overlapping("w", ((2, 3), (0, 6), *rest), 1) == each[:6]
+    assert index.overlapping("w", ((0, 4), (0, 6), *rest), 0) == [span, *each]
+    assert index.overlapping("w", ((2, 4), (0, 1), *rest), 2) == [span, *each]
