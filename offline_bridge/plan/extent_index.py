@@ -1,8 +1,8 @@
 """Where a stacked tensor's chunks lie, found by layer and expert instead of by scanning them all.
 
-A DeepSeek-V3-sized checkpoint stacks each expert weight as one [layers, experts, ...] tensor of 15k chunks;
-every HF tensor takes one (layer, expert) of it. Scanning every chunk per HF tensor is quadratic (minutes at
-100k tensors), so each stacked key's chunks are bucketed once by the stacked indices they cover.
+Megatron stacks each expert weight as one [experts, ...] tensor per layer (512 chunks at DeepSeek-V3's 256
+experts), or one [layers, experts, ...] tensor (15k chunks); every HF tensor takes one expert of it. Scanning
+every chunk per HF tensor is quadratic, so each key's chunks are bucketed once by the stacked indices they cover.
 """
 
 from __future__ import annotations

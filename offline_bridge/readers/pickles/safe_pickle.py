@@ -203,8 +203,8 @@ _passed: dict[bytes, None] = {}
 
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
     """Unpickle ``data`` through the allow-list; ``source`` names the file in errors. The bounds checks depend
-    on the bytes only, so a small pickle seen before (the 46k chunk records of the DeepSeek-V3-shaped bench are 17
-    distinct ones) skips them."""
+    on the bytes only, so a small pickle seen before skips them (the 46k chunk records of the DeepSeek-V3-shaped
+    bench are 17 distinct pickles)."""
     key = bytes(data) if len(data) <= _SMALL else None
     try:
         known = key is not None and key in _passed
