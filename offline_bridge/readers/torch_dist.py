@@ -53,12 +53,13 @@ class TorchDistReader(CheckpointReader):
         self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
         self._prefix = _model_prefix(catalog.tensors)
-        self._tensors = {
-            key[len(self._prefix) :]: replace(info, key=key[len(self._prefix) :])
-            for key, info in catalog.tensors.items()
-            if key.startswith(self._prefix)
-        }
+        self._stored = self._stored_keys(catalog.tensors)
+        self._tensors = {key: replace(catalog.tensors[stored], key=key) for key, stored in self._stored.items()}
         self.format = "torch_dcp" if self._prefix else "torch_dist"
+
+    def _stored_keys(self, tensors: Mapping[str, TensorInfo]) -> dict[str, str]:
+        """Each tensor's key as presented, with its key in `.metadata` (torch_dcp: `model.` dropped)."""
+        return {key[len(self._prefix) :]: key for key in tensors if key.startswith(self._prefix)}
 
     def _check_records(self, key: str, info: TensorInfo) -> None:
         """Before anything is allocated for ``key``: each chunk's record exists, lies inside its file and is
@@ -96,11 +97,11 @@ class TorchDistReader(CheckpointReader):
         return state
 
     def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return self._chunks[self._prefix + key]
+        return self._chunks[self._stored[key]]
 
     def chunk_file(self, key: str, offsets: tuple[int, ...]) -> str | None:
         """The `.distcp` file holding a chunk (named `__<writer rank>_<n>.distcp`)."""
-        storage = self._storage.get((self._prefix + key, offsets))
+        storage = self._storage.get((self._stored.get(key, key), offsets))
         return None if storage is None else str(storage.relative_path)
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
@@ -141,7 +142,7 @@ class TorchDistReader(CheckpointReader):
         info = self._tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self._metadata_file}: no tensor {key!r} in the checkpoint")
-        key = self._prefix + key
+        key = self._stored[key]
         if key not in self._checked:
             check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
             self._check_records(key, info)

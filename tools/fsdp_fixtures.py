@@ -1,0 +1,167 @@
+"""Megatron-FSDP `--ckpt-format fsdp_dtensor` saves of a cached torch_dist fixture's weights, for tests.
+
+Which path writes them, and why: megatron-core 0.16.1's own Megatron-FSDP cannot run here. `MegatronFSDP`
+puts its buffers on `torch.cuda.current_device()` and creates `torch.cuda.Stream()`s when it is built
+(`distributed/fsdp/src/megatron_fsdp/megatron_fsdp.py`), which CPU torch refuses. So the save is rebuilt
+from the pieces that do run on CPU, under the conventions of core's `transformer/fsdp_dtensor_checkpoint.py`
+and Megatron-LM's `tools/checkpoint/checkpoint_inspector.py` (formats/fsdp_dtensor.md):
+
+- each of ``world`` gloo ranks builds the fixture's megatron-core GPTModel at TP1 PP1 EP1 (data parallel
+  ``world``) and loads the torch_dist fixture into it with megatron-core's own loader;
+- the model's own `state_dict()` is the model state, under `model.module.` (layers numbered globally, never
+  stacked); experts get their global ids through core's `handle_experts_in_state_dict`; `_extra_state` is
+  dropped as core's `handle_fp8_extra_state_case` drops it; the SwiGLU fc1 is split into `<key>_w` (gate) and
+  `<key>_v` (up) as core's `handle_swiglu_in_state_dict` splits it (which needs a live Megatron-FSDP
+  parameter, hence done here at TP1: the halves are the two halves of the rows);
+- every tensor becomes a real DTensor on a CPU device mesh, sharded along dim 0 the way Megatron-FSDP shards
+  its flat buffer: all parameters laid end to end, the buffer cut into ``world`` equal element ranges and each
+  row given to the rank whose range holds the row's first element, so chunks are UNEVEN (most tensors sit on
+  one rank, some are cut unevenly, ranks with no rows write nothing); core's own
+  `update_uneven_dtensor_chunk_metadata` gives each its chunk offsets, as `make_fsdp_dtensor` does;
+- Adam state under `optimizer.state.module.module.module.<key>.exp_avg`, same chunks; args with
+  `use_megatron_fsdp=True` and `ckpt_format="fsdp_dtensor"`, `iteration`, `checkpoint_version` as DCP objects,
+  and one explicit `io.BytesIO` record (as the inspector writes non-tensor values); then `dcp.save`.
+
+With ``mtp_model_layer`` the MTP block's layer is saved as `mtp_model_layer`, as Megatron-LM main named it
+before core mapped it back to `transformer_layer` on disk (`handle_mtp_in_state_dict`); core 0.16.1 itself
+calls it `transformer_layer`. The same weights' Megatron forward is the torch_dist fixture's reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+from tools.megatron_fixtures import (
+    FixtureSpec,
+    _build_chunks,
+    _init_parallel,
+    _load_into,
+    _make_args,
+    _spawn,
+    cpu_rank,
+    pending_builds,
+)
+
+__all__ = ["FsdpSpec", "build_fsdp_fixtures", "flat_row_owners"]
+
+_SWIGLU = re.compile(r"\.mlp\.(?:shared_experts\.|experts\.(?:local_experts\.\d+\.)?)?linear_fc1\.(?:weight|bias)\d*$")
+OPTIMIZER_PREFIX = "optimizer.state.module.module.module."
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpSpec:
+    """An fsdp_dtensor save of ``base``'s weights on ``world`` data-parallel ranks."""
+
+    base: FixtureSpec
+    world: int = 3
+    mtp_model_layer: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"fsdp-w{self.world}{'-mtpml' if self.mtp_model_layer else ''}--{self.base.name}"
+
+
+def build_fsdp_fixtures(specs: list[FsdpSpec], cache_dir: Path, checkpoints: dict) -> dict[FsdpSpec, Path]:
+    """Each spec's save root (``cache_dir/<name>/ckpt``), written once (cached like the other fixtures)."""
+    cache_dir = Path(cache_dir).resolve()
+    result = {s: cache_dir / s.name / "ckpt" for s in specs}
+    record = lambda s: {"base": s.base.name, "world": s.world, "mtp_model_layer": s.mtp_model_layer}  # noqa: E731
+    with pending_builds(cache_dir, specs, ".fsdp.lock", record) as todo:
+        for spec in todo:
+            job = {"spec": spec, "load": str(checkpoints[spec.base]), "save": str(result[spec])}
+            _spawn(spec.world, "fsdp", [job], worker=_worker)
+    return result
+
+
+def flat_row_owners(shapes: list[tuple[int, ...]], world: int) -> list[list[int]]:
+    """For each tensor (in buffer order), the rank owning each of its rows: the buffer of all tensors end to
+    end is cut into ``world`` equal element ranges, and a row belongs to the range of its first element."""
+    total = sum(_numel(s) for s in shapes)
+    per_rank = -(-total // world)
+    owners, start = [], 0
+    for shape in shapes:
+        rows = shape[0] if shape else 1
+        row_size = _numel(shape) // rows if rows else 0
+        owners.append([min((start + r * row_size) // per_rank, world - 1) for r in range(rows)])
+        start += _numel(shape)
+    return owners
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
+    with cpu_rank(rank, world, port):
+        for job in jobs:
+            _save_fsdp(**job)
+
+
+def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, Any], Any]:
+    """The loaded model's own state dict with core's fsdp_dtensor renames, and the save's args."""
+    from megatron.core.transformer.fsdp_dtensor_checkpoint import handle_experts_in_state_dict
+
+    base = spec.base
+    _init_parallel(1, 1, 1, 1, 1)
+    (model,) = _build_chunks(base, 1, 1, 1, 1, 1, randomize=False)
+    iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
+    _load_into([model], str(Path(load) / f"iter_{iteration:07d}"), base)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state = handle_experts_in_state_dict(state, base.num_experts)
+    split = {}
+    for key, value in state.items():
+        if _SWIGLU.search(key):
+            gate, up = value.chunk(2, dim=0)
+            split[f"{key}_w"], split[f"{key}_v"] = gate, up
+        else:
+            split[key] = value
+    if spec.mtp_model_layer:
+        split = {
+            re.sub(r"^(mtp\.layers\.\d+\.)transformer_layer\.", r"\1mtp_model_layer.", k): v for k, v in split.items()
+        }
+    args = _make_args(base, 1, 1, 1, str(Path(load)), 1, 1)
+    args.use_megatron_fsdp, args.ckpt_format = True, "fsdp_dtensor"
+    args.data_parallel_size, args.world_size = spec.world, spec.world
+    return split, args
+
+
+def _save_fsdp(spec: FsdpSpec, load: str, save: str) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    model, args = _model_state(spec, load)
+    rank = torch.distributed.get_rank()
+    mesh = init_device_mesh("cpu", (spec.world,), mesh_dim_names=("dp",))
+    owners = flat_row_owners([tuple(v.shape) for v in model.values()], spec.world)
+
+    def shard(value: torch.Tensor, rows: list[int]) -> DTensor:
+        mine = [r for r, owner in enumerate(rows) if owner == rank]
+        local = value.reshape(-1, *value.shape[1:])[mine[0] : mine[-1] + 1] if mine else value[:0]
+        tensor = DTensor.from_local(
+            local.contiguous(), mesh, [Shard(0)], run_check=False, shape=value.shape, stride=value.stride()
+        )
+        update_uneven_dtensor_chunk_metadata(tensor)
+        return tensor
+
+    state: dict[str, Any] = {}
+    for (key, value), rows in zip(model.items(), owners):
+        state[f"model.module.{key}"] = shard(value.detach(), rows)
+        state[f"{OPTIMIZER_PREFIX}{key}.exp_avg"] = shard(torch.zeros_like(value, dtype=torch.float32), rows)
+    buffer = io.BytesIO()
+    torch.save({"num_floating_point_operations_so_far": 0}, buffer)
+    state.update(args=args, checkpoint_version=3.0, iteration=args.iteration, opt_param_scheduler=buffer)
+    iter_dir = Path(save) / f"iter_{args.iteration:07d}"
+    dcp.save(state, checkpoint_id=iter_dir)
+    torch.distributed.barrier()
+    if rank == 0:
+        (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{args.iteration}\n")
