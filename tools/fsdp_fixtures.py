@@ -22,6 +22,8 @@ and Megatron-LM's `tools/checkpoint/checkpoint_inspector.py` (formats/fsdp_dtens
   `use_megatron_fsdp=True` and `ckpt_format="fsdp_dtensor"`, `iteration`, `checkpoint_version` as DCP objects,
   and one explicit `io.BytesIO` record (as the inspector writes non-tensor values); then `dcp.save`.
 
+With ``grouped_experts`` the experts (megatron-core's SequentialMLP on CPU, `local_experts.{e}.`) are
+renamed as Transformer Engine's TEGroupedMLP, which real runs use, names them: `linear_fc1.weight{e}_w`.
 With ``mtp_model_layer`` the MTP block's layer is saved as `mtp_model_layer`, as Megatron-LM main named it
 before core mapped it back to `transformer_layer` on disk (`handle_mtp_in_state_dict`); core 0.16.1 itself
 calls it `transformer_layer`. The same weights' Megatron forward is the torch_dist fixture's reference.
@@ -49,6 +51,7 @@ from tools.megatron_fixtures import (
 __all__ = ["FsdpSpec", "build_fsdp_fixtures", "flat_row_owners"]
 
 _SWIGLU = re.compile(r"\.mlp\.(?:shared_experts\.|experts\.(?:local_experts\.\d+\.)?)?linear_fc1\.(?:weight|bias)\d*$")
+_GROUPED_NAME = re.compile(r"local_experts\.(\d+)\.linear_fc([12])\.(weight|bias)(_w|_v)?$")
 OPTIMIZER_PREFIX = "optimizer.state.module.module.module."
 
 
@@ -59,17 +62,19 @@ class FsdpSpec:
     base: FixtureSpec
     world: int = 3
     mtp_model_layer: bool = False
+    grouped_experts: bool = False  # experts named as TEGroupedMLP names them (`linear_fc1.weight{e}`)
 
     @property
     def name(self) -> str:
-        return f"fsdp-w{self.world}{'-mtpml' if self.mtp_model_layer else ''}--{self.base.name}"
+        tags = "-mtpml" * self.mtp_model_layer + "-grouped" * self.grouped_experts
+        return f"fsdp-w{self.world}{tags}--{self.base.name}"
 
 
 def build_fsdp_fixtures(specs: list[FsdpSpec], cache_dir: Path, checkpoints: dict) -> dict[FsdpSpec, Path]:
     """Each spec's save root (``cache_dir/<name>/ckpt``), written once (cached like the other fixtures)."""
     cache_dir = Path(cache_dir).resolve()
     result = {s: cache_dir / s.name / "ckpt" for s in specs}
-    record = lambda s: {"base": s.base.name, "world": s.world, "mtp_model_layer": s.mtp_model_layer}  # noqa: E731
+    record = lambda s: {**dataclasses.asdict(s), "base": s.base.name}  # noqa: E731
     with pending_builds(cache_dir, specs, ".fsdp.lock", record) as todo:
         for spec in todo:
             job = {"spec": spec, "load": str(checkpoints[spec.base]), "save": str(result[spec])}
@@ -122,6 +127,8 @@ def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, Any], Any]:
             split[f"{key}_w"], split[f"{key}_v"] = gate, up
         else:
             split[key] = value
+    if spec.grouped_experts:  # TEGroupedMLP's own names: the expert id after `weight` / `bias`, before `_w` / `_v`
+        split = {_GROUPED_NAME.sub(r"linear_fc\2.\3\1\4", k): v for k, v in split.items()}
     if spec.mtp_model_layer:
         split = {
             re.sub(r"^(mtp\.layers\.\d+\.)transformer_layer\.", r"\1mtp_model_layer.", k): v for k, v in split.items()

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .base import CheckpointReader, is_model_key
+from .fsdp_dtensor import FsdpDtensorReader
 from .legacy import LegacyReader
 from .torch_dist import TorchDistReader
 
@@ -129,13 +130,17 @@ def parallel_layout(reader: CheckpointReader) -> tuple[dict[str, int | None], di
         args = reader.args
         layout["etp"] = (getattr(args, "expert_tensor_parallel_size", None) or layout["tp"]) if has_experts else None
         source["etp"] = "args"
-    elif isinstance(reader, TorchDistReader):
+    elif isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):
         layout.update(_writer_layout(reader, keys))
         source.update(dict.fromkeys(("pp", "vpp", "ep"), "writer ranks"))
-    else:
-        for name in ("pp", "vpp", "ep"):
+    else:  # zarr keeps no writer; fsdp_dtensor's chunks are data-parallel shards of global tensors
+        from_args = ("tp", "pp", "vpp", "ep") if isinstance(reader, FsdpDtensorReader) else ("pp", "vpp", "ep")
+        for name in from_args:
             layout[name] = int(getattr(reader.args, ARGS_LAYOUT[name], None) or 1)
             source[name] = "args"
+        if "tp" in from_args and has_experts:
+            layout["etp"] = int(getattr(reader.args, ARGS_LAYOUT["etp"], None) or layout["tp"] or 1)
+            source["etp"] = "args"
     if not has_experts:
         layout["ep"] = 1
     return {k: layout[k] for k in ARGS_LAYOUT}, source
