@@ -29,10 +29,13 @@ from offline_bridge.readers.fsdp_keys import present_keys
 from tools.fsdp_fixtures import FsdpSpec, build_fsdp_fixtures, flat_row_owners
 from tools.megatron_fixtures import FixtureSpec
 
+DENSE = FsdpSpec(FixtureSpec("qwen3"))  # gated MLP split into _w / _v, on 3 data-parallel ranks
+MTP = FsdpSpec(FixtureSpec("deepseek_v3", tp=2, ep=2), mtp_model_layer=True)  # local_experts, shared experts, MTP
 FSDP_SPECS = [
-    FsdpSpec(FixtureSpec("qwen3")),  # dense, gated MLP split into _w / _v
+    DENSE,
+    FsdpSpec(FixtureSpec("qwen3"), world=6, tp=2),  # TP2 x DP3: the _w / _v halves cut over TP, rows over DP
     FsdpSpec(FixtureSpec("qwen3_moe", tp=2, ep=2), grouped_experts=True),  # linear_fc1.weight{e}_w
-    FsdpSpec(FixtureSpec("deepseek_v3", tp=2, ep=2), mtp_model_layer=True),  # local_experts, shared experts, MTP
+    MTP,
 ]
 ITERATION = "iter_0000010"
 QKV = "model.module.decoder.layers.1.self_attention.linear_qkv.weight"  # cut unevenly across ranks 0 and 1
@@ -68,8 +71,7 @@ def test_matches_megatron_and_the_torch_dist_conversion(spec: FsdpSpec, fsdp: di
 
 
 def test_inspect_shows_the_format_and_the_args_layout(fsdp: dict) -> None:
-    spec = FSDP_SPECS[2]
-    result = CliRunner().invoke(main, ["inspect", str(fsdp[spec]), "--json"])
+    result = CliRunner().invoke(main, ["inspect", str(fsdp[MTP]), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["format"] == "fsdp_dtensor" and report["family"] == "deepseek_v3"
@@ -80,7 +82,7 @@ def test_inspect_shows_the_format_and_the_args_layout(fsdp: dict) -> None:
 
 
 def _copy(fsdp: dict, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(fsdp[FSDP_SPECS[0]], tmp_path / "ckpt")) / ITERATION
+    return Path(shutil.copytree(fsdp[DENSE], tmp_path / "ckpt")) / ITERATION
 
 
 @pytest.mark.parametrize(

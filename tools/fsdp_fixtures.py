@@ -6,18 +6,19 @@ puts its buffers on `torch.cuda.current_device()` and creates `torch.cuda.Stream
 from the pieces that do run on CPU, under the conventions of core's `transformer/fsdp_dtensor_checkpoint.py`
 and Megatron-LM's `tools/checkpoint/checkpoint_inspector.py` (formats/fsdp_dtensor.md):
 
-- each of ``world`` gloo ranks builds the fixture's megatron-core GPTModel at TP1 PP1 EP1 (data parallel
-  ``world``) and loads the torch_dist fixture into it with megatron-core's own loader;
+- each of ``world`` gloo ranks builds the fixture's megatron-core GPTModel at TP ``tp`` PP1 EP1 (data parallel
+  ``world // tp``) and loads the torch_dist fixture into it with megatron-core's own loader (which reshards);
 - the model's own `state_dict()` is the model state, under `model.module.` (layers numbered globally, never
   stacked); experts get their global ids through core's `handle_experts_in_state_dict`; `_extra_state` is
   dropped as core's `handle_fp8_extra_state_case` drops it; the SwiGLU fc1 is split into `<key>_w` (gate) and
   `<key>_v` (up) as core's `handle_swiglu_in_state_dict` splits it (which needs a live Megatron-FSDP
-  parameter, hence done here at TP1: the halves are the two halves of the rows);
-- every tensor becomes a real DTensor on a CPU device mesh, sharded along dim 0 the way Megatron-FSDP shards
-  its flat buffer: all parameters laid end to end, the buffer cut into ``world`` equal element ranges and each
-  row given to the rank whose range holds the row's first element, so chunks are UNEVEN (most tensors sit on
-  one rank, some are cut unevenly, ranks with no rows write nothing); core's own
-  `update_uneven_dtensor_chunk_metadata` gives each its chunk offsets, as `make_fsdp_dtensor` does;
+  parameter, hence done here): each TP rank's `[gate_t; up_t]` rows in halves, each half cut over TP;
+- every tensor becomes a real DTensor on a (dp, tp) CPU device mesh, its TP-local rows sharded over DP the way
+  Megatron-FSDP shards its flat buffer: all TP-local parameters laid end to end, the buffer cut into DP-size
+  equal element ranges and each row given to the rank whose range holds the row's first element, so chunks
+  are UNEVEN (most tensors sit on one rank, some are cut unevenly, ranks with no rows write nothing); core's
+  own `update_uneven_dtensor_chunk_metadata` gives each its chunk offsets (TP's added in), as
+  `make_fsdp_dtensor` does;
 - Adam state under `optimizer.state.module.module.module.<key>.exp_avg`, same chunks; args with
   `use_megatron_fsdp=True` and `ckpt_format="fsdp_dtensor"`, `iteration`, `checkpoint_version` as DCP objects,
   and one explicit `io.BytesIO` record (as the inspector writes non-tensor values); then `dcp.save`.
@@ -60,13 +61,14 @@ class FsdpSpec:
     """An fsdp_dtensor save of ``base``'s weights on ``world`` data-parallel ranks."""
 
     base: FixtureSpec
-    world: int = 3
+    world: int = 3  # ranks: data parallel world // tp
+    tp: int = 1
     mtp_model_layer: bool = False
     grouped_experts: bool = False  # experts named as TEGroupedMLP names them (`linear_fc1.weight{e}`)
 
     @property
     def name(self) -> str:
-        tags = "-mtpml" * self.mtp_model_layer + "-grouped" * self.grouped_experts
+        tags = f"-tp{self.tp}" * (self.tp > 1) + "-mtpml" * self.mtp_model_layer + "-grouped" * self.grouped_experts
         return f"fsdp-w{self.world}{tags}--{self.base.name}"
 
 
@@ -109,33 +111,38 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
             _save_fsdp(**job)
 
 
-def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, Any], Any]:
-    """The loaded model's own state dict with core's fsdp_dtensor renames, and the save's args."""
+def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, tuple[Any, int | None]], Any]:
+    """This TP rank's model state with core's fsdp_dtensor renames, each tensor with the axis TP cuts it along
+    (None: replicated), and the save's args."""
     from megatron.core.transformer.fsdp_dtensor_checkpoint import handle_experts_in_state_dict
 
-    base = spec.base
-    _init_parallel(1, 1, 1, 1, 1)
-    (model,) = _build_chunks(base, 1, 1, 1, 1, 1, randomize=False)
+    base, tp = spec.base, spec.tp
+    _init_parallel(tp, 1, 1, 1, tp)
+    (model,) = _build_chunks(base, tp, 1, 1, 1, tp, randomize=False)
     iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
     _load_into([model], str(Path(load) / f"iter_{iteration:07d}"), base)
+    params = dict(model.named_parameters())
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    state = handle_experts_in_state_dict(state, base.num_experts)
+    axes = {
+        k: params[k].partition_dim if getattr(params.get(k), "tensor_model_parallel", False) else None for k in state
+    }
+    state = handle_experts_in_state_dict(state, base.num_experts)  # a no-op at EP1: ids are global already
     split = {}
     for key, value in state.items():
-        if _SWIGLU.search(key):
+        if _SWIGLU.search(key):  # this TP rank's [gate_t; up_t]: gate_t to `_w`, up_t to `_v`, both cut along rows
             gate, up = value.chunk(2, dim=0)
-            split[f"{key}_w"], split[f"{key}_v"] = gate, up
+            split[f"{key}_w"], split[f"{key}_v"] = (gate, axes[key]), (up, axes[key])
         else:
-            split[key] = value
+            split[key] = (value, axes[key])
     if spec.grouped_experts:  # TEGroupedMLP's own names: the expert id after `weight` / `bias`, before `_w` / `_v`
         split = {_GROUPED_NAME.sub(r"linear_fc\2.\3\1\4", k): v for k, v in split.items()}
     if spec.mtp_model_layer:
         split = {
             re.sub(r"^(mtp\.layers\.\d+\.)transformer_layer\.", r"\1mtp_model_layer.", k): v for k, v in split.items()
         }
-    args = _make_args(base, 1, 1, 1, str(Path(load)), 1, 1)
+    args = _make_args(base, tp, 1, 1, str(Path(load)), 1, tp)
     args.use_megatron_fsdp, args.ckpt_format = True, "fsdp_dtensor"
-    args.data_parallel_size, args.world_size = spec.world, spec.world
+    args.data_parallel_size, args.world_size = spec.world // tp, spec.world
     return split, args
 
 
@@ -144,31 +151,39 @@ def _save_fsdp(spec: FsdpSpec, load: str, save: str) -> None:
     import torch.distributed.checkpoint as dcp
     from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     model, args = _model_state(spec, load)
-    rank = torch.distributed.get_rank()
-    mesh = init_device_mesh("cpu", (spec.world,), mesh_dim_names=("dp",))
-    owners = flat_row_owners([tuple(v.shape) for v in model.values()], spec.world)
+    dp = spec.world // spec.tp
+    # TP ranks adjacent, as megatron-core's parallel_state numbers them: mesh rows are TP groups
+    mesh = init_device_mesh("cpu", (dp, spec.tp), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh.get_local_rank("dp")
+    owners = flat_row_owners([tuple(v.shape) for v, _ in model.values()], dp)
 
-    def shard(value: torch.Tensor, rows: list[int]) -> DTensor:
-        mine = [r for r, owner in enumerate(rows) if owner == rank]
+    def shard(value: torch.Tensor, axis: int | None, rows: list[int]) -> DTensor:
+        """The DTensor Megatron-FSDP saves: this DP rank's rows of the TP-local tensor, on the (dp, tp) mesh."""
+        mine = [r for r, owner in enumerate(rows) if owner == dp_rank]
         local = value.reshape(-1, *value.shape[1:])[mine[0] : mine[-1] + 1] if mine else value[:0]
+        shape = list(value.shape)
+        if axis is not None:
+            shape[axis] *= spec.tp
+        placements = [Shard(0), Replicate() if axis is None else Shard(axis)]
+        stride = torch.empty(shape, device="meta").stride()
         tensor = DTensor.from_local(
-            local.contiguous(), mesh, [Shard(0)], run_check=False, shape=value.shape, stride=value.stride()
+            local.contiguous(), mesh, placements, run_check=False, shape=tuple(shape), stride=stride
         )
         update_uneven_dtensor_chunk_metadata(tensor)
         return tensor
 
     state: dict[str, Any] = {}
-    for (key, value), rows in zip(model.items(), owners):
-        state[f"model.module.{key}"] = shard(value.detach(), rows)
-        state[f"{OPTIMIZER_PREFIX}{key}.exp_avg"] = shard(torch.zeros_like(value, dtype=torch.float32), rows)
+    for (key, (value, axis)), rows in zip(model.items(), owners):
+        state[f"model.module.{key}"] = shard(value.detach(), axis, rows)
+        state[f"{OPTIMIZER_PREFIX}{key}.exp_avg"] = shard(torch.zeros_like(value, dtype=torch.float32), axis, rows)
     buffer = io.BytesIO()
     torch.save({"num_floating_point_operations_so_far": 0}, buffer)
     state.update(args=args, checkpoint_version=3.0, iteration=args.iteration, opt_param_scheduler=buffer)
     iter_dir = Path(save) / f"iter_{args.iteration:07d}"
     dcp.save(state, checkpoint_id=iter_dir)
     torch.distributed.barrier()
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{args.iteration}\n")
