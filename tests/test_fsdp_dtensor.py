@@ -78,7 +78,10 @@ def test_inspect_shows_the_format_and_the_args_layout(fsdp: dict) -> None:
     assert report["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "ep": 1, "etp": 1}  # chunks are DP shards
     keys = {t["key"] for t in report["tensors"]}
     assert "mtp.layers.0.transformer_layer.mlp.experts.0.linear_fc1.weight_w" in keys
-    assert not [k for k in keys if k.startswith("optimizer.") or "mtp_model_layer" in k]
+    model = [k for k in keys if not k.startswith("optimizer.")]
+    assert not [k for k in model if "mtp_model_layer" in k or k.startswith("model.")]
+    exp_avg = [t["bytes"] for t in report["tensors"] if t["key"].startswith("optimizer.state.module.module.module.")]
+    assert report["bytes"]["optimizer"] == sum(exp_avg) == report["bytes"]["model"]  # an fp32 exp_avg per tensor
 
 
 def _copy(fsdp: dict, tmp_path: Path) -> Path:
@@ -143,6 +146,7 @@ def test_keys_as_torch_dist_names_them() -> None:
         "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight_w": stored[3],
         "mtp.layers.0.enorm.weight": stored[4],
         "decoder.layers.0.mlp.linear_fc1.weight_w": stored[5],
+        stored[6]: stored[6],  # optimizer state: not a model key, shown by inspect
     }
     twice = ["model.module.decoder.layers.3.mlp.experts.linear_fc2.weight1", *stored[1:2]]
     twice.append("model.module.decoder.layers.3.mlp.experts.local_experts.1.linear_fc2.weight")

@@ -24,7 +24,10 @@ _MTP_INNER = re.compile(r"^(mtp\.layers\.\d+\.)mtp_model_layer\.")
 
 
 def _present(stored: str) -> str | None:
-    """The torch_dist per-layer key of a stored model key; None for what is not a model tensor."""
+    """The torch_dist per-layer key of a stored model key; optimizer state as it is (never read, but
+    `inspect` counts it); None for anything else."""
+    if stored.startswith("optimizer."):
+        return stored
     wrapped = _WRAPPED.match(stored)
     if wrapped is None or wrapped.end() == len(stored):
         return None
