@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,10 @@ OPTIMIZER_PREFIX = "optimizer.state.module.module.module."
 
 @dataclasses.dataclass(frozen=True)
 class FsdpSpec:
-    """An fsdp_dtensor save of ``base``'s weights on ``world`` data-parallel ranks."""
+    """An fsdp_dtensor save of ``base``'s weights by ``world`` ranks: TP ``tp`` times DP ``world // tp``."""
 
     base: FixtureSpec
-    world: int = 3  # ranks: data parallel world // tp
+    world: int = 3
     tp: int = 1
     mtp_model_layer: bool = False
     grouped_experts: bool = False  # experts named as TEGroupedMLP names them (`linear_fc1.weight{e}`)
@@ -76,33 +77,29 @@ def build_fsdp_fixtures(specs: list[FsdpSpec], cache_dir: Path, checkpoints: dic
     """Each spec's save root (``cache_dir/<name>/ckpt``), written once (cached like the other fixtures)."""
     cache_dir = Path(cache_dir).resolve()
     result = {s: cache_dir / s.name / "ckpt" for s in specs}
-    record = lambda s: {**dataclasses.asdict(s), "base": s.base.name}  # noqa: E731
-    with pending_builds(cache_dir, specs, ".fsdp.lock", record) as todo:
+    with pending_builds(cache_dir, specs, ".fsdp.lock", _record) as todo:
         for spec in todo:
             job = {"spec": spec, "load": str(checkpoints[spec.base]), "save": str(result[spec])}
             _spawn(spec.world, "fsdp", [job], worker=_worker)
     return result
 
 
+def _record(spec: FsdpSpec) -> dict[str, Any]:
+    return {**dataclasses.asdict(spec), "base": spec.base.name}
+
+
 def flat_row_owners(shapes: list[tuple[int, ...]], world: int) -> list[list[int]]:
     """For each tensor (in buffer order), the rank owning each of its rows: the buffer of all tensors end to
     end is cut into ``world`` equal element ranges, and a row belongs to the range of its first element."""
-    total = sum(_numel(s) for s in shapes)
+    total = sum(math.prod(s) for s in shapes)
     per_rank = -(-total // world)
     owners, start = [], 0
     for shape in shapes:
         rows = shape[0] if shape else 1
-        row_size = _numel(shape) // rows if rows else 0
+        row_size = math.prod(shape) // rows if rows else 0
         owners.append([min((start + r * row_size) // per_rank, world - 1) for r in range(rows)])
-        start += _numel(shape)
+        start += math.prod(shape)
     return owners
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
