@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from offline_bridge import convert
-from offline_bridge.families import family_by_name, family_for_config
+from offline_bridge.config.hf_config import derive_config
+from offline_bridge.config.provider_args import provider_args
+from offline_bridge.families import family_by_name, family_for_args, family_for_config
 from tools.megatron_fixtures import FixtureSpec, build_fixtures, reference_logits
 
 GLM = FixtureSpec("glm4_moe", tp=2, ep=2)  # q/k/v biases, q/k norms, half-rotary heads, sigmoid router + bias
@@ -145,3 +147,42 @@ def test_hf_configs_select_families_unambiguously() -> None:
         assert family_for_config({"model_type": model_type}).name == family
     assert family_by_name("moonlight").model_type == "deepseek_v3"
     assert family_by_name("moonlight").layer == family_by_name("deepseek_v3").layer
+
+
+# A tiny GLM-4.5 as Megatron-Bridge's GLM45Bridge.provider_bridge sets it up (TransformerConfig names), as the
+# `model:` section of run_config.yaml carries it
+GLM45_PROVIDER = {
+    "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
+    **{"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 8, "kv_channels": 8},
+    **{"num_query_groups": 2, "vocab_size": 256, "seq_length": 64, "rotary_base": 1000000, "rotary_percent": 0.5},
+    **{"normalization": "RMSNorm", "layernorm_epsilon": 1e-5, "gated_linear_unit": True, "add_bias_linear": False},
+    "activation_func": {"_call_": False, "_target_": "torch.nn.functional.silu"},
+    **{"add_qkv_bias": True, "qk_layernorm": True, "share_embeddings_and_output_weights": False},
+    **{"num_moe_experts": 8, "moe_ffn_hidden_size": 32, "moe_router_topk": 2, "moe_layer_freq": [0, 1, 1, 1]},
+    **{"moe_shared_expert_intermediate_size": 32, "moe_router_score_function": "sigmoid", "mtp_num_layers": 1},
+    **{"moe_router_enable_expert_bias": True, "moe_router_pre_softmax": False, "moe_router_topk_scaling_factor": 2.5},
+}
+
+
+def test_bridge_glm45_provider_derives_the_glm_config() -> None:
+    args = provider_args(GLM45_PROVIDER, "run_config.yaml")
+    family = family_for_args(args)
+    assert family.name == "glm4_moe"
+    config = derive_config(args, family, vocab_size=None)
+    assert (config["num_key_value_heads"], config["head_dim"], config["partial_rotary_factor"]) == (2, 8, 0.5)
+    assert (config["attention_bias"], config["use_qk_norm"], config["first_k_dense_replace"]) == (True, True, 1)
+    assert (config["n_routed_experts"], config["n_shared_experts"], config["num_nextn_predict_layers"]) == (8, 1, 1)
+    # the same provider with MLA is DeepSeek-V3 to detection: GLM-4.7-Flash, Kimi-K2 and Moonlight need --model-type
+    mla = {
+        "multi_latent_attention": True,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "rotary_percent": 1.0,
+        "rope_type": "rope",
+    }
+    mla_args = provider_args(
+        {**GLM45_PROVIDER, **mla, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8, "v_head_dim": 16}, "run_config.yaml"
+    )
+    assert family_for_args(mla_args).name == "deepseek_v3"
+    lite = derive_config(mla_args, family_by_name("glm4_moe_lite"), vocab_size=None)
+    assert lite["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"] and lite["q_lora_rank"] is None
