@@ -19,7 +19,7 @@ from offline_bridge import convert
 from offline_bridge.config.hf_config import derive_config
 from offline_bridge.config.provider_args import provider_args
 from offline_bridge.families import family_by_name, family_for_args, family_for_config
-from tools.megatron_fixtures import FixtureSpec, build_fixtures, reference_logits
+from tools.megatron_fixtures import FixtureSpec, Yarn, build_fixtures, reference_logits
 
 GLM = FixtureSpec("glm4_moe", tp=2, ep=2)  # q/k/v biases, q/k norms, half-rotary heads, sigmoid router + bias
 GLM_SPECS = [
@@ -31,7 +31,7 @@ GLM_SPECS = [
 
 @pytest.fixture(scope="module")
 def glm_checkpoints(megatron_cache: Path) -> dict[FixtureSpec, Path]:
-    return build_fixtures([*GLM_SPECS, DEEPSEEK_BASE], megatron_cache)
+    return build_fixtures(GLM_SPECS, megatron_cache)
 
 
 def _mtp_layer(spec: FixtureSpec) -> str:
@@ -108,17 +108,30 @@ def test_glm_mtp_layer(spec: FixtureSpec, glm_checkpoints: dict, tmp_path: Path)
         assert q.shape[0] == groups * per_group * spec.kv_channels
 
 
-@pytest.mark.parametrize("model_type", ["kimi_k2", "moonlight"])
-def test_kimi_and_moonlight_are_deepseek_v3(model_type: str, glm_checkpoints: dict, tmp_path: Path) -> None:
-    """The DeepSeek-V3 checkpoint under Kimi-K2's / Moonlight's config: the Hub fields, and the same logits
-    as Megatron from transformers' stock DeepseekV3ForCausalLM (Kimi-K2's model_type is not transformers')."""
-    spec = DEEPSEEK_BASE
-    out = convert(glm_checkpoints[spec], tmp_path / "hf", model_type=model_type, progress=False)
+# Kimi-K2's Hub model has q LoRA and YaRN; Moonlight's has neither
+KIMI_CASES = [
+    ("kimi_k2", DEEPSEEK_BASE),
+    ("kimi_k2", FixtureSpec("deepseek_v3", tp=2, ep=2, yarn=Yarn())),  # also in test_yarn.py
+    ("moonlight", FixtureSpec("deepseek_v3", tp=2, ep=2, q_lora_rank=None)),  # also in conftest.MOE_SPECS
+]
+
+
+@pytest.mark.parametrize(("model_type", "spec"), KIMI_CASES, ids=lambda x: x if isinstance(x, str) else x.name)
+def test_kimi_and_moonlight_are_deepseek_v3(model_type: str, spec: FixtureSpec, megatron_cache: Path, tmp_path: Path):
+    """A DeepSeek-V3 checkpoint under Kimi-K2's / Moonlight's config: the Hub fields, and the same logits as
+    Megatron from transformers' stock DeepseekV3ForCausalLM (Kimi-K2's model_type is not transformers')."""
+    checkpoint = build_fixtures([spec], megatron_cache)[spec]
+    out = convert(checkpoint, tmp_path / "hf", model_type=model_type, progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == {"kimi_k2": "kimi_k2", "moonlight": "deepseek_v3"}[model_type]
-    assert config["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["q_lora_rank"] == spec.q_lora_rank
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_deepseek.DeepseekV3ForCausalLM"
-    assert (config["scoring_func"], config["topk_method"], config["rope_scaling"]) == ("sigmoid", "noaux_tc", None)
+    assert (config["scoring_func"], config["topk_method"]) == ("sigmoid", "noaux_tc")
+    if spec.yarn:  # transformers 5 reads rope_scaling over rope_parameters: it must say the same
+        rope = config["rope_parameters"]
+        assert config["rope_scaling"] == {"type": "yarn", **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    else:
+        assert config["rope_scaling"] is None
     # stock transformers packs the per-expert tensors by the config's model_type: Kimi-K2 loads as DeepSeek-V3
     # (the Hub model card's advice for frameworks without Kimi-K2), or with its remote code
     as_deepseek = DeepseekV3Config.from_dict({**config, "model_type": "deepseek_v3"})
@@ -127,12 +140,12 @@ def test_kimi_and_moonlight_are_deepseek_v3(model_type: str, glm_checkpoints: di
     )
     unexpected = {k for k in info["unexpected_keys"] if not re.fullmatch(_mtp_layer(spec), k)}
     assert not (info["missing_keys"] or unexpected or info["mismatched_keys"]), info
-    input_ids, expected = reference_logits(glm_checkpoints[spec])
+    input_ids, expected = reference_logits(checkpoint)
     with torch.no_grad():
         logits = model.eval()(input_ids).logits
     assert (logits - expected[..., : spec.vocab_size]).abs().max().item() <= 1e-5
     if model_type == "moonlight":  # stock transformers loads it by its model_type too
-        assert_matches_megatron(out, spec, glm_checkpoints[spec], extra=_mtp_layer(spec))
+        assert_matches_megatron(out, spec, checkpoint, extra=_mtp_layer(spec))
 
 
 def test_hf_configs_select_families_unambiguously() -> None:
