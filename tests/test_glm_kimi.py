@@ -25,7 +25,9 @@ GLM = FixtureSpec("glm4_moe", tp=2, ep=2)  # q/k/v biases, q/k norms, half-rotar
 GLM_SPECS = [
     GLM,
     FixtureSpec("glm4_moe", pp=2, ep=2),  # the MTP layer on the last stage
+    FixtureSpec("glm4_moe", tp=2, ep=2, moe_router_num_groups=2, moe_router_group_topk=1),  # group routing
     FixtureSpec("glm4_moe_lite", tp=2, ep=2),  # MLA on the same MoE body
+    FixtureSpec("glm4_moe_lite", tp=2, ep=2, yarn=Yarn()),  # MLA's YaRN through GLM's rotary embedding
 ]
 
 
@@ -56,7 +58,7 @@ def test_glm_config_fields(glm_checkpoints: dict, tmp_path: Path) -> None:
     assert (glm["attention_bias"], glm["use_qk_norm"]) == (True, True)
     assert (glm["first_k_dense_replace"], glm["num_nextn_predict_layers"], glm["n_shared_experts"]) == (1, 1, 1)
     assert (glm["n_group"], glm["routed_scaling_factor"]) == (1, GLM.moe_router_topk_scaling_factor)
-    lite_spec = GLM_SPECS[2]
+    lite_spec = GLM_SPECS[3]
     out = convert(glm_checkpoints[lite_spec], tmp_path / "b", model_type="glm4_moe_lite", progress=False)
     lite = json.loads((out / "config.json").read_text())
     assert lite["mlp_layer_types"] == ["dense"] + ["sparse"] * (lite_spec.num_layers - 1)
