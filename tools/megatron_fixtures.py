@@ -602,9 +602,10 @@ def _spawn(world: int, task: str, jobs: list[dict[str, Any]], timeout: float | N
 
 
 @contextlib.contextmanager
-def cpu_rank(rank: int, world: int, port: int) -> Iterator[None]:
-    """One spawned rank's life: a gloo process group, megatron-core patched for CPU torch, then torn down.
-    Every fixture writer's worker (here, lora_fixtures, quant_fixtures, gdn_lora_fixtures) runs inside it."""
+def cpu_rank(rank: int, world: int, port: int, patch: Callable[[], None] | None = None) -> Iterator[None]:
+    """One spawned rank's life: a gloo process group, megatron-core patched for CPU torch (``patch``, default
+    `_patch_megatron_for_cpu`), then torn down. Every fixture writer's worker (here, lora_fixtures,
+    quant_fixtures, gdn_lora_fixtures, bridge_cpu) runs inside it."""
     import warnings
     from datetime import timedelta
 
@@ -615,7 +616,7 @@ def cpu_rank(rank: int, world: int, port: int) -> Iterator[None]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
-        _patch_megatron_for_cpu()
+        (patch or _patch_megatron_for_cpu)()
         yield
     finally:
         from megatron.core import parallel_state

@@ -203,6 +203,8 @@ def convert(
             if output is None:
                 sys.stdout.write(describe(plan, conversion.family))
                 return Path(out_dir)
+            # every input file the manifest describes is read (and refused if it must be) before any output byte
+            sources = describe_sources(reader, hf_config, conversion.config_source)
             with output.staged(_read_from(reader)) as staging:
                 digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
                 if conversion.quant is not None:
@@ -210,9 +212,7 @@ def convert(
                 write_json(staging / "config.json", conversion.config)
                 if conversion.model_dir is not None:
                     copy_side_files(conversion.model_dir, staging)
-                write_manifest(
-                    staging, "convert", options, describe_sources(reader, hf_config, conversion.config_source), digests
-                )
+                write_manifest(staging, "convert", options, sources, digests)
     return Path(out_dir)
 
 

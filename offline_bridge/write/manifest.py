@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..files.digest import sha256_file
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
-from .sources import canonical, sha256_file
+from .jsonable import jsonable
 
 __all__ = [
     "MANIFEST",
@@ -71,7 +72,7 @@ def write_manifest(
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "offline-bridge", "version": _tool_version()},
         "command": command,
-        "options": canonical(dict(options)),
+        "options": jsonable(dict(options)),
         "sources": sources,
         "files": files,
         "tensors": tensors,
