@@ -115,7 +115,7 @@ __all__ = [
 KINDS = ("lora", "canonical_lora", "dora")
 EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d", "shared_outer")
 MOE_BASE_FAMILIES = ("qwen3_moe", "mixtral")  # homogeneous MoE blocks (every layer MoE, no shared expert)
-MLA_BASE_FAMILIES = ("deepseek_v3",)  # MLA projections, router and shared experts (no routed-expert adapters)
+MLA_BASE_FAMILIES = ("deepseek_v3", "glm4_moe_lite")  # MLA projections, router, shared and routed experts
 # DeepSeek-V3's MoE body (dense first layer, shared experts, MTP): linear_fc1 / linear_fc2 wrap all three MLPs;
 # GLM-4.5 has it under grouped-query attention (linear_qkv, linear_proj)
 SIGMOID_BASE_FAMILIES = (*MLA_BASE_FAMILIES, "glm4_moe")
@@ -173,6 +173,7 @@ _PROVIDERS = {
     "mixtral": "megatron.bridge.models.mixtral.mixtral_provider.MixtralModelProvider",
     "deepseek_v3": "megatron.bridge.models.deepseek.deepseek_provider.DeepSeekV3ModelProvider",
     "glm4_moe": "megatron.bridge.models.glm.glm45_provider.GLMMoEModelProvider",
+    "glm4_moe_lite": "megatron.bridge.models.mla_provider.MLAModelProvider",  # GLM47FlashBridge's
 }
 _PEFT_CLASSES = {
     "lora": "megatron.bridge.peft.lora.LoRA",
@@ -208,7 +209,7 @@ class AdapterSpec:
     ``kind``: ``"lora"`` (dense or MoE bases), ``"canonical_lora"`` or ``"dora"`` (dense bases). ``targets``
     are Bridge's target names; CanonicalLoRA's are those of :data:`CANONICAL_TARGETS` (the LoRA default
     becomes all seven). On MoE bases (:data:`MOE_BASE_FAMILIES`) ``linear_fc1`` / ``linear_fc2`` target the
-    experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 bases
+    experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 and GLM-4.7-Flash bases
     (:data:`MLA_BASE_FAMILIES`) the targets are those of :data:`MLA_TARGETS` plus ``linear_fc1`` /
     ``linear_fc2``, which (as Bridge's name match does) wrap the dense layers' MLP, the shared experts and the
     routed experts; the default is every one the base has but the ``*.shared_experts.*`` patterns. GLM-4.5 bases
