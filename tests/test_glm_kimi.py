@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from offline_bridge import convert
 from offline_bridge.config.hf_config import derive_config
 from offline_bridge.config.provider_args import provider_args
 from offline_bridge.families import family_by_name, family_for_args, family_for_config
+from offline_bridge.families.registry import Registry
+from offline_bridge.families.tables import TableError
 from tools.megatron_fixtures import FixtureSpec, Yarn, build_fixtures, reference_logits
 
 GLM = FixtureSpec("glm4_moe", tp=2, ep=2)  # q/k/v biases, q/k norms, half-rotary heads, sigmoid router + bias
@@ -201,3 +204,14 @@ def test_bridge_glm45_provider_derives_the_glm_config() -> None:
     assert family_for_args(mla_args).name == "deepseek_v3"
     lite = derive_config(mla_args, family_by_name("glm4_moe_lite"), vocab_size=None)
     assert lite["mlp_layer_types"] == ["dense", "sparse", "sparse", "sparse"] and lite["q_lora_rank"] is None
+
+
+def test_a_variant_shares_a_model_type_only_when_it_says_so() -> None:
+    deepseek = family_by_name("deepseek_v3")
+    registry = Registry()
+    registry.register(deepseek)
+    with pytest.raises(TableError, match="already registered by deepseek_v3"):
+        registry.register(replace(family_by_name("moonlight"), variant_of=None))
+    registry.register(family_by_name("moonlight"))
+    assert registry.for_config({"model_type": "deepseek_v3"}) is deepseek
+    assert registry.by_name("moonlight").config["auto_map"]["AutoConfig"] == "configuration_deepseek.DeepseekV3Config"

@@ -1,6 +1,6 @@
 """GLM-4.7-Flash (`Glm4MoeLiteForCausalLM`): DeepSeek-V3's multi-latent attention (`families.mla`) on the GLM
-MoE body, which is DeepSeek-V3's (the same tables). Its HF config lists the dense and MoE layers in `mlp_layer_types` (transformers
-5 ignores `first_k_dense_replace`, which is also written, as the Hub config has it).
+MoE body, which is DeepSeek-V3's: the same tables. Its HF config lists the dense and MoE layers in
+`mlp_layer_types` (transformers 5 ignores `first_k_dense_replace`, also written, as the Hub config has it).
 
 Megatron args cannot tell it from DeepSeek-V3 (the same modules): only --model-type or --hf-config choose it.
 """
