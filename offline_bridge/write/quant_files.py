@@ -63,7 +63,7 @@ def _stored_algo(plan: Plan) -> str | None:
 
 def write_quant(
     quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path
-) -> dict[tuple[str, str], str]:
+) -> dict[str, dict[str, str]]:
     """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
     stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`).
     Returns the amax tensors' sha256 (as `write_weights`)."""
