@@ -173,8 +173,15 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
         "sliding_window": window,
         "output_router_logits": False,
         "router_aux_loss_coef": float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0),
-        **({"rope_parameters": rope} if rope else {}),
+        **({"rope_parameters": rope, "max_position_embeddings": _extended_length(args, rope)} if rope else {}),
     }
+
+
+def _extended_length(args: argparse.Namespace, rope: dict[str, Any]) -> int:
+    """transformers reads `max_position_embeddings` as YaRN's extended length, factor × original."""
+    trained = getattr(args, "max_position_embeddings", None) or int(args.seq_length)
+    extended = rope["factor"] * rope["original_max_position_embeddings"]
+    return max(trained, int(extended)) if extended.is_integer() else trained
 
 
 def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
