@@ -148,6 +148,7 @@ def test_layer_types(skip: object, windowed: list[int]) -> None:
         ({"activation_func_clamp_value": None}, "activation_func_clamp_value"),
         ({"add_bias_linear": False}, "add_bias_linear"),
         ({"window_size": (4, 4)}, "window_size"),
+        ({"window_size": (-1, 0)}, "window_size"),
         ({"window_attn_skip_freq": [1, 0]}, "window_attn_skip_freq"),
         ({"moe_layer_freq": [0, 1, 1, 1]}, "moe_layer_freq"),
         ({"moe_router_score_function": "sigmoid"}, "moe_router_score_function"),
