@@ -28,7 +28,7 @@ from typing import Any
 from tools import megatron_fixtures as mf
 from tools.megatron_fixtures import FixtureSpec, cpu_rank, pending_builds
 
-__all__ = ["GptOssSpec", "build_gpt_oss", "reshard_gpt_oss"]
+__all__ = ["GptOssSpec", "build_gpt_oss", "gpt_oss_model", "reshard_gpt_oss"]
 
 _base_make_args = mf._make_args  # bound before the worker swaps the module's own for ours
 ROTARY_BASE = 10000
@@ -99,13 +99,18 @@ def _run(task: str, spec: GptOssSpec, job: dict[str, Any]) -> None:
 
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
     with cpu_rank(rank, world, port):
-        _patch_window_mask()
         for job in jobs:
             job = dict(job)
-            spec = job.pop("gpt_oss")
-            mf._build_chunks = partial(_build_chunks, spec)
-            mf._make_args = partial(_make_args, spec)
+            gpt_oss_model(job.pop("gpt_oss"))
             {"save": mf._save_job, "reference": mf._reference_job}[task](**job)
+
+
+def gpt_oss_model(spec: GptOssSpec) -> None:
+    """In a spawned rank: megatron_fixtures' jobs (and those built on them) build ``spec``'s GPT-OSS model and
+    args in place of the generic ones."""
+    _patch_window_mask()
+    mf._build_chunks = partial(_build_chunks, spec)
+    mf._make_args = partial(_make_args, spec)
 
 
 def _patch_window_mask() -> None:

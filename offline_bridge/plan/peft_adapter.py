@@ -31,6 +31,8 @@ from .rules import (
     Dims,
     ExpertMajorA,
     GatedMLP,
+    InterleavedPacked,
+    InterleavedRankMajorB,
     Packed,
     RankMajorB,
     Repeat,
@@ -113,7 +115,8 @@ def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) ->
         name = f"{PREFIX}{owner}{inner}"
         target = (f"mlp.experts.{parameter}",)
         out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
-        out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
+        b_rule = InterleavedRankMajorB if isinstance(rule, InterleavedPacked) else RankMajorB  # GPT-OSS gate / up
+        out.append((b_rule((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
     return out
 
 
@@ -176,7 +179,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
     modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
-        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__):
+        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__, InterleavedRankMajorB.__name__):
             parameters.add(step.rule.param("targets")[0])
             if step.rule.name == ExpertMajorA.__name__:  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
                 rank = step.targets[0].shape[0] // plan.dims.num_experts

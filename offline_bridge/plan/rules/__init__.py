@@ -13,7 +13,7 @@ One module per job: `dims` (model dimensions, layer conditions), `core`, `lora` 
 from .core import QKV, Copy, GatedMLP, Packed, PlusOne, Repeat, Rule, VocabRows, only
 from .dims import Condition, Dims, Shape, dense_layer, full_attention_layer, linear_attention_layer, moe_layer, untied
 from .lora import ExpertMajorA, RankMajorB, fused_part_rows
-from .transposed import InterleavedPacked, TransposedPacked
+from .transposed import InterleavedPacked, InterleavedRankMajorB, TransposedPacked
 
 __all__ = [
     "QKV",
@@ -23,6 +23,7 @@ __all__ = [
     "ExpertMajorA",
     "GatedMLP",
     "InterleavedPacked",
+    "InterleavedRankMajorB",
     "Packed",
     "PlusOne",
     "RankMajorB",

@@ -12,8 +12,15 @@ import numpy as np
 from ...errors import CheckpointError
 from .core import Packed
 from .dims import Dims, Shape
+from .lora import RankMajorB
 
-__all__ = ["InterleavedPacked", "TransposedPacked"]
+__all__ = ["InterleavedPacked", "InterleavedRankMajorB", "TransposedPacked"]
+
+
+def _interleaved(experts: np.ndarray) -> np.ndarray:
+    """Each expert's rows (axis 1) `[gate; up]` as `g0, u0, g1, u1, ...`."""
+    halves = experts.reshape(experts.shape[0], 2, -1, *experts.shape[2:])
+    return np.swapaxes(halves, 1, 2).reshape(experts.shape)
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,7 @@ class TransposedPacked(Packed):
     def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
         experts = array.reshape(dims.num_experts, -1, *array.shape[1:])
         if self.interleave:
-            halves = experts.reshape(dims.num_experts, 2, -1, *array.shape[1:])
-            experts = np.swapaxes(halves, 1, 2).reshape(experts.shape)
+            experts = _interleaved(experts)
         return [np.ascontiguousarray(np.swapaxes(experts, 1, 2) if experts.ndim == 3 else experts)]
 
 
@@ -44,3 +50,13 @@ class InterleavedPacked(TransposedPacked):
     """fc1 of the experts (weight or bias): `[gate; up]` rows per expert, interleaved and transposed."""
 
     interleave: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class InterleavedRankMajorB(RankMajorB):
+    """PEFT ParamWrapper's B of GPT-OSS's `gate_up_proj` (`is_transposed`: out = its last axis): rank-major
+    columns, rows in HF's interleaved gate / up order."""
+
+    def apply(self, array: np.ndarray, dims: Dims) -> list[np.ndarray]:
+        stacked = array if array.ndim == 3 else np.broadcast_to(array, (self.experts, *array.shape))
+        return super().apply(_interleaved(np.ascontiguousarray(stacked)), dims)
