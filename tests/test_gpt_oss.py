@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from offline_bridge import convert
 from offline_bridge.config.hf_config import derive_config
+from offline_bridge.config.provider_args import provider_args
 from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_for_args
 from offline_bridge.families.gpt_oss import FAMILY, layer_types
@@ -160,3 +161,55 @@ def test_layer_types(skip: object, windowed: list[int]) -> None:
 def test_refuses_what_hf_cannot_express(changes: dict, named: str) -> None:
     with pytest.raises(CheckpointError, match=named):
         derive_config(_args(**changes), FAMILY, vocab_size=None)
+
+
+def test_bridge_provider_gives_the_same_config() -> None:
+    """A Megatron-Bridge save's `run_config.yaml` `model:` section (GPTOSSProvider's fields, functions as
+    `_target_` names) derives the config Megatron-LM's args do."""
+    provider = {
+        **{k: v for k, v in GPT_OSS_ARGS.items() if k not in ("swiglu", "quick_geglu", "group_query_attention")},
+        "window_size": list(GPT_OSS_ARGS["window_size"]),  # YAML has no tuples
+        "num_moe_experts": GPT_OSS_ARGS["num_experts"],
+        "gated_linear_unit": True,
+        "activation_func": {"_target_": "megatron.core.fusions.fused_bias_geglu.quick_gelu", "_call_": False},
+        "share_embeddings_and_output_weights": False,
+    }
+    del provider["num_experts"], provider["untie_embeddings_and_output_weights"]
+    args = provider_args(provider, "run_config.yaml")
+    assert family_for_args(args) is FAMILY
+    assert derive_config(args, FAMILY, vocab_size=None) == derive_config(_args(), FAMILY, vocab_size=None)
+
+
+# Megatron-Bridge's GPTOSSBridge.mapping_registry (src/megatron/bridge/models/gpt_oss/gpt_oss_bridge.py at
+# 0e4d6ed), HF name -> Megatron name as Bridge spells them ('*' for the layer, then the expert; SequentialMLP's
+# in-memory `local_experts.` where the checkpoint says `experts.`), transcribed by hand.
+BRIDGE = {
+    "model.embed_tokens.weight": "embedding.word_embeddings.weight",
+    "model.norm.weight": "decoder.final_layernorm.weight",
+    "lm_head.weight": "output_layer.weight",
+    "model.layers.*.input_layernorm.weight": "decoder.layers.*.self_attention.linear_qkv.layer_norm_weight",
+    "model.layers.*.self_attn.o_proj.bias": "decoder.layers.*.self_attention.linear_proj.bias",
+    "model.layers.*.self_attn.o_proj.weight": "decoder.layers.*.self_attention.linear_proj.weight",
+    "model.layers.*.self_attn.sinks": "decoder.layers.*.self_attention.core_attention.softmax_offset",
+    "model.layers.*.post_attention_layernorm.weight": "decoder.layers.*.pre_mlp_layernorm.weight",
+    "model.layers.*.mlp.router.bias": "decoder.layers.*.mlp.router.bias",
+    "model.layers.*.mlp.router.weight": "decoder.layers.*.mlp.router.weight",
+    **{f"model.layers.*.self_attn.{p}_proj.weight": "decoder.layers.*.self_attention.linear_qkv.weight" for p in "qkv"},
+    **{f"model.layers.*.self_attn.{p}_proj.bias": "decoder.layers.*.self_attention.linear_qkv.bias" for p in "qkv"},
+    "model.layers.*.mlp.experts.down_proj": "decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight",
+    "model.layers.*.mlp.experts.down_proj_bias": "decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.bias",
+    "model.layers.*.mlp.experts.gate_up_proj": "decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
+    "model.layers.*.mlp.experts.gate_up_proj_bias": "decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.bias",
+}
+
+
+def test_bridge_mapping_names_agree() -> None:
+    """Every HF name Bridge writes we write, from the tensor Bridge reads it from, and nothing else."""
+    ours: dict[str, tuple[str, ...]] = {}
+    for row in FAMILY.describe():
+        for target in row.hf:
+            ours[target.replace("{i}", "*")] = tuple(
+                s.replace("{i}", "*").replace(".experts.{e}.", ".experts.local_experts.*.") for s in row.megatron
+            )
+    assert set(ours) == set(BRIDGE)
+    assert {name: megatron for name, megatron in BRIDGE.items() if megatron not in ours[name]} == {}
