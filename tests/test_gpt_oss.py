@@ -23,16 +23,21 @@ from offline_bridge.families.gpt_oss import FAMILY, layer_types
 from tools.gpt_oss_fixtures import GptOssSpec, build_gpt_oss, reshard_gpt_oss
 
 SPEC = GptOssSpec(tp=2, ep=2)
+BF16 = GptOssSpec(tp=2, ep=2, dtype="bf16")  # as GPT-OSS trains; written in bf16 without MXFP4
 
 
 @pytest.fixture(scope="module")
 def saves(megatron_cache: Path) -> dict[str, tuple[GptOssSpec, Path]]:
-    """The TP2 EP2 save and the same weights re-saved by Megatron at TP1 EP1."""
-    root = build_gpt_oss([SPEC], megatron_cache)[SPEC]
-    return {"tp2ep2": (SPEC, root), "tp1": reshard_gpt_oss(SPEC, root, megatron_cache, tp=1, ep=1)}
+    """The TP2 EP2 save, the same weights re-saved by Megatron at TP1 EP1, and a bf16 save."""
+    roots = build_gpt_oss([SPEC, BF16], megatron_cache)
+    return {
+        "tp2ep2": (SPEC, roots[SPEC]),
+        "tp1": reshard_gpt_oss(SPEC, roots[SPEC], megatron_cache, tp=1, ep=1),
+        "bf16": (BF16, roots[BF16]),
+    }
 
 
-@pytest.mark.parametrize("layout", ["tp2ep2", "tp1"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "tp1", "bf16"])
 def test_matches_megatron(layout: str, saves: dict, tmp_path: Path) -> None:
     spec, root = saves[layout]
     out = convert(root, tmp_path / "hf", progress=False)
@@ -43,6 +48,7 @@ def test_matches_megatron(layout: str, saves: dict, tmp_path: Path) -> None:
     assert (config["swiglu_limit"], config["swiglu_alpha"]) == (spec.clamp, 1.702)
     assert config["rope_parameters"]["rope_type"] == "yarn"
     assert config["rope_parameters"]["truncate"] is spec.yarn_round_to_int
+    assert config["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[spec.dtype]
     assert_matches_megatron(out, spec.base, root)
 
 
