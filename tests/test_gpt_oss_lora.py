@@ -23,8 +23,10 @@ from tools.lora_fixtures import AdapterSpec
 from tools.megatron_fixtures import reference_logits
 
 BASE = GptOssSpec(tp=2, ep=2)
-# per-expert adapters (distinct per expert), at the base's layout; experts are never tensor-parallel here
-ADAPTER = AdapterSpec(BASE.base, tp=2, ep=2, etp=1, expert_layout="per_expert")
+# per-expert adapters (distinct per expert) and one on the router, at the base's layout; experts are never
+# tensor-parallel here
+TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router")
+ADAPTER = AdapterSpec(BASE.base, tp=2, ep=2, etp=1, expert_layout="per_expert", targets=TARGETS)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def test_exported_adapter_in_peft(saves: tuple[Path, Path], merged: Path, tmp_pa
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    # the router's weight is a bare parameter (no nn.Linear): a ParamWrapper target as well
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.router.weight"]
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     keys = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     experts, rank, hidden = BASE.base.num_experts, ADAPTER.dim, BASE.base.hidden_size
