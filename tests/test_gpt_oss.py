@@ -28,16 +28,17 @@ BF16 = GptOssSpec(tp=2, ep=2, dtype="bf16")  # as GPT-OSS trains; written in bf1
 
 @pytest.fixture(scope="module")
 def saves(megatron_cache: Path) -> dict[str, tuple[GptOssSpec, Path]]:
-    """The TP2 EP2 save, the same weights re-saved by Megatron at TP1 EP1, and a bf16 save."""
+    """The TP2 EP2 save, the same weights re-saved by Megatron at TP1 EP1 and at PP2, and a bf16 save."""
     roots = build_gpt_oss([SPEC, BF16], megatron_cache)
     return {
         "tp2ep2": (SPEC, roots[SPEC]),
         "tp1": reshard_gpt_oss(SPEC, roots[SPEC], megatron_cache, tp=1, ep=1),
+        "pp2": reshard_gpt_oss(SPEC, roots[SPEC], megatron_cache, tp=1, ep=1, pp=2),
         "bf16": (BF16, roots[BF16]),
     }
 
 
-@pytest.mark.parametrize("layout", ["tp2ep2", "tp1", "bf16"])
+@pytest.mark.parametrize("layout", ["tp2ep2", "tp1", "pp2", "bf16"])
 def test_matches_megatron(layout: str, saves: dict, tmp_path: Path) -> None:
     spec, root = saves[layout]
     out = convert(root, tmp_path / "hf", progress=False)
@@ -52,8 +53,9 @@ def test_matches_megatron(layout: str, saves: dict, tmp_path: Path) -> None:
     assert_matches_megatron(out, spec.base, root)
 
 
-def test_layouts_give_the_same_bytes(saves: dict, tmp_path: Path) -> None:
-    outs = [convert(saves[k][1], tmp_path / k, progress=False) for k in ("tp2ep2", "tp1")]
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_layouts_give_the_same_bytes(layout: str, saves: dict, tmp_path: Path) -> None:
+    outs = [convert(saves[k][1], tmp_path / k, progress=False) for k in ("tp2ep2", layout)]
     assert_same_output(*outs)
 
 

@@ -42,6 +42,7 @@ class GptOssSpec:
 
     tp: int = 2
     ep: int = 2
+    pp: int = 1
     dtype: str = "fp32"
     seed: int = 4321
     sliding_window: int = 4  # HF's sliding_window; Megatron's window_size is (sliding_window - 1, 0)
@@ -55,11 +56,11 @@ class GptOssSpec:
     def base(self) -> FixtureSpec:
         """The generic MoE spec underneath: sizes, seed and save layout (Mixtral's: every layer MoE). Experts
         are not tensor-parallel: megatron-core supports MoE biases only with expert_tensor_parallel_size 1."""
-        return FixtureSpec("mixtral", tp=self.tp, ep=self.ep, etp=1, dtype=self.dtype, seed=self.seed)
+        return FixtureSpec("mixtral", tp=self.tp, pp=self.pp, ep=self.ep, etp=1, dtype=self.dtype, seed=self.seed)
 
     @property
     def name(self) -> str:
-        tag = f"gpt_oss-tp{self.tp}ep{self.ep}-{self.dtype}-s{self.seed}-w{self.sliding_window}-c{self.clamp:g}"
+        tag = f"gpt_oss-tp{self.tp}ep{self.ep}pp{self.pp}-{self.dtype}-s{self.seed}-w{self.sliding_window}-c{self.clamp:g}"
         tag += f"-yarn{self.yarn_factor:g}o{self.yarn_original}{'r' if self.yarn_round_to_int else ''}"
         return tag + (f"-from-{self.resharded_from}" if self.resharded_from else "")
 
@@ -76,9 +77,11 @@ def build_gpt_oss(specs: list[GptOssSpec], cache_dir: Path) -> dict[GptOssSpec, 
     return roots
 
 
-def reshard_gpt_oss(source: GptOssSpec, root: Path, cache_dir: Path, *, tp: int, ep: int) -> tuple[GptOssSpec, Path]:
-    """``source``'s save re-saved by Megatron's own loader at tp / ep (cached), with its reference logits."""
-    spec = dataclasses.replace(source, tp=tp, ep=ep, resharded_from=source.name)
+def reshard_gpt_oss(
+    source: GptOssSpec, root: Path, cache_dir: Path, *, tp: int, ep: int, pp: int = 1
+) -> tuple[GptOssSpec, Path]:
+    """``source``'s save re-saved by Megatron's own loader at tp / ep / pp (cached), with its reference logits."""
+    spec = dataclasses.replace(source, tp=tp, ep=ep, pp=pp, resharded_from=source.name)
     target = Path(cache_dir).resolve() / spec.name / "ckpt"
     with pending_builds(Path(cache_dir).resolve(), [spec], LOCK) as todo:
         for pending in todo:
@@ -89,7 +92,7 @@ def reshard_gpt_oss(source: GptOssSpec, root: Path, cache_dir: Path, *, tp: int,
 
 def _save(spec: GptOssSpec, load: Path | None, save: Path) -> dict[str, Any]:
     base = spec.base
-    return mf._job(base, load, save, base.tp, 1, 1, base.ep, base.etp)
+    return mf._job(base, load, save, base.tp, base.pp, 1, base.ep, base.etp)
 
 
 def _run(task: str, spec: GptOssSpec, job: dict[str, Any]) -> None:
@@ -126,12 +129,12 @@ def _patch_window_mask() -> None:
     fused_softmax.get_sliding_window_causal_mask = mask
 
 
-def _config(spec: GptOssSpec, base: FixtureSpec, tp: int, ep: int):
+def _config(spec: GptOssSpec, base: FixtureSpec, tp: int, pp: int, ep: int):
     """The TransformerConfig of Bridge's GPTOSSProvider at the tiny sizes (local spec, CPU-friendly)."""
     from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.transformer import TransformerConfig
 
-    config = mf._transformer_config(base, tp, 1, 1, ep, 1)
+    config = mf._transformer_config(base, tp, pp, 1, ep, 1)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     fields.update(
         activation_func=quick_gelu,
@@ -165,21 +168,25 @@ def _yarn(spec: GptOssSpec) -> dict[str, Any]:
 def _build_chunks(
     spec: GptOssSpec, base: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, etp: int | None = None, *, randomize
 ) -> list:
-    """This rank's GPTModel (PP1), randomized like megatron_fixtures' models, sinks distinct per TP rank."""
+    """This rank's GPTModel (its pipeline stage), randomized like megatron_fixtures' models: values distinct per
+    stage, sinks distinct per TP rank."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    config = _config(spec, base, tp, ep)
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    config = _config(spec, base, tp, pp, ep)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=pp_rank)
     block.layer_specs = [mf._moe_layer_spec(s, base) for s in block.layer_specs]
-    torch.manual_seed(mf._crc_seed(base.seed, "gpt_oss", "init"))
+    torch.manual_seed(mf._crc_seed(base.seed, "gpt_oss", "init", pp_rank))
     model = GPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=base.padded_vocab_size,
         max_sequence_length=mf.SEQ_LENGTH,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=False,
         position_embedding_type="yarn",
         rotary_base=ROTARY_BASE,
@@ -192,10 +199,10 @@ def _build_chunks(
                 if not (sink or name.endswith(".bias") or ("norm" in name and name.endswith("weight"))):
                     continue
                 sharded = sink or getattr(p, "tensor_model_parallel", False)
-                gen = torch.Generator().manual_seed(mf._crc_seed(base.seed, name, tp_rank if sharded else -1))
+                gen = torch.Generator().manual_seed(mf._crc_seed(base.seed, name, pp_rank, tp_rank if sharded else -1))
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
                 p.copy_(SINK_STD * noise if sink else 0.2 * noise if name.endswith(".bias") else 1 + 0.3 * noise)
-            mf._randomize_moe(model, base, 0, 0)
+            mf._randomize_moe(model, base, pp_rank, 0)
     return [model.to(mf._torch_dtype(base.dtype))]
 
 
