@@ -9,8 +9,8 @@ from typing import Any
 from . import (
     deepseek_v3,
     glm4_moe,
-    gpt_oss,
     glm4_moe_lite,
+    gpt_oss,
     kimi,
     llama,
     mistral,
