@@ -27,26 +27,33 @@ BASE = GptOssSpec(tp=2, ep=2)
 # tensor-parallel here
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "router")
 ADAPTER = AdapterSpec(BASE.base, tp=2, ep=2, etp=1, expert_layout="per_expert", targets=TARGETS)
+# Bridge >= 0.6's default: one expert adapter per EP rank, copied into its local slots; saved at TP1 EP1
+SHARED = AdapterSpec(BASE.base, tp=1, ep=1, etp=1, seed=11)
 
 
 @pytest.fixture(scope="module")
-def saves(megatron_cache: Path) -> tuple[Path, Path]:
+def saves(megatron_cache: Path) -> dict[AdapterSpec, tuple[Path, Path]]:
     base_root = build_gpt_oss([BASE], megatron_cache)[BASE]
-    return base_root, build_gpt_oss_adapters([ADAPTER], BASE, base_root, megatron_cache)[ADAPTER]
+    roots = build_gpt_oss_adapters([ADAPTER, SHARED], BASE, base_root, megatron_cache)
+    return {spec: (base_root, root) for spec, root in roots.items()}
 
 
 @pytest.fixture(scope="module")
-def merged(saves: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base_root, adapter_root = saves
+def merged(saves: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base_root, adapter_root = saves[ADAPTER]
     return convert(base_root, tmp_path_factory.mktemp("merged") / "hf", adapter=adapter_root, progress=False)
 
 
-def test_merge_matches_megatron(saves: tuple[Path, Path], merged: Path) -> None:
-    assert_matches_megatron(merged, BASE.base, saves[1])
+def test_merge_matches_megatron(saves: dict, merged: Path, tmp_path: Path) -> None:
+    assert_matches_megatron(merged, BASE.base, saves[ADAPTER][1])
+    base_root, shared_root = saves[SHARED]
+    assert_matches_megatron(
+        convert(base_root, tmp_path / "shared", adapter=shared_root, progress=False), BASE.base, shared_root
+    )
 
 
-def test_exported_adapter_in_peft(saves: tuple[Path, Path], merged: Path, tmp_path: Path) -> None:
-    base_root, adapter_root = saves
+def test_exported_adapter_in_peft(saves: dict, merged: Path, tmp_path: Path) -> None:
+    base_root, adapter_root = saves[ADAPTER]
     base = convert(base_root, tmp_path / "base", progress=False)
     args = ["export-adapter", str(adapter_root), str(tmp_path / "peft"), "-q", "--hf-config", str(base)]
     result = CliRunner().invoke(main, args)
