@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .base import TensorInfo
+from .dcp_metadata import Catalog, read_catalog
 from .fsdp_keys import present_keys
 from .torch_dist import TorchDistReader
 
@@ -25,8 +26,8 @@ def is_megatron_fsdp(args: argparse.Namespace | None) -> bool:
 class FsdpDtensorReader(TorchDistReader):
     """Reader of an `fsdp_dtensor` iteration directory (`.metadata`, `__*_*.distcp`; no `common.pt`)."""
 
-    def __init__(self, path: Path, *, check_crc: bool = False) -> None:
-        super().__init__(path, check_crc=check_crc)
+    def __init__(self, path: Path, *, check_crc: bool = False, catalog: Catalog | None = None) -> None:
+        super().__init__(path, check_crc=check_crc, catalog=catalog)
         self.format = "fsdp_dtensor"
 
     def _stored_keys(self, tensors: Mapping[str, TensorInfo]) -> dict[str, str]:
@@ -36,8 +37,10 @@ class FsdpDtensorReader(TorchDistReader):
 def open_dcp(path: Path, *, check_crc: bool = False) -> TorchDistReader:
     """The reader of a DCP iteration directory: torch_dist with `common.pt`, else fsdp_dtensor when its
     args say so, else torch_dist / torch_dcp as the keys say."""
-    reader = TorchDistReader(path, check_crc=check_crc)
+    metadata = Path(path) / ".metadata"
+    catalog = read_catalog(metadata) if metadata.exists() else None
+    reader = TorchDistReader(path, check_crc=check_crc, catalog=catalog)
     if (Path(path) / "common.pt").exists() or not is_megatron_fsdp(reader.args):
         return reader
     reader.close()
-    return FsdpDtensorReader(path, check_crc=check_crc)
+    return FsdpDtensorReader(path, check_crc=check_crc, catalog=catalog)  # `.metadata` read once

@@ -26,7 +26,7 @@ from ..files.handles import HandleCache
 from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key, load_common_pt
 from .coverage import check_tiling
-from .dcp_metadata import read_catalog
+from .dcp_metadata import Catalog, read_catalog
 from .pickles.safe_pickle import TensorRef
 from .pickles.tensor_records import check_chunk_record
 from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
@@ -40,13 +40,14 @@ class TorchDistReader(CheckpointReader):
     """Reader of a torch_dist iteration directory (`.metadata`, `__*_*.distcp`, `common.pt`); with
     ``check_crc``, each record's tensor bytes are compared with their zip CRC-32 when first located."""
 
-    def __init__(self, path: Path, *, check_crc: bool = False) -> None:
+    def __init__(self, path: Path, *, check_crc: bool = False, catalog: Catalog | None = None) -> None:
+        """``catalog``: `.metadata` as already read (by another reader of the same directory)."""
         self.path = Path(path)
         self._check_crc = check_crc
         self._metadata_file = self.path / ".metadata"
         if not self._metadata_file.exists():
             raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
-        catalog = read_catalog(self._metadata_file)
+        catalog = catalog if catalog is not None else read_catalog(self._metadata_file)
         self._chunks, self._objects, self._storage = catalog.chunks, catalog.objects, catalog.storage
         self._maps: HandleCache[str, mmap.mmap | bytes] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
         self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
