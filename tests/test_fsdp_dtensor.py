@@ -34,7 +34,8 @@ MTP = FsdpSpec(FixtureSpec("deepseek_v3", tp=2, ep=2), mtp_model_layer=True)  # 
 FSDP_SPECS = [
     DENSE,
     FsdpSpec(FixtureSpec("qwen3"), world=6, tp=2),  # TP2 x DP3: the _w / _v halves cut over TP, rows over DP
-    FsdpSpec(FixtureSpec("qwen3_moe", tp=2, ep=2), grouped_experts=True),  # linear_fc1.weight{e}_w
+    # EP2 x expert-DP2 (core's handle_experts_in_state_dict makes local ids global), named linear_fc1.weight{e}_w
+    FsdpSpec(FixtureSpec("qwen3_moe", tp=2, ep=2), world=4, ep=2, grouped_experts=True),
     MTP,
 ]
 ITERATION = "iter_0000010"

@@ -6,8 +6,8 @@ puts its buffers on `torch.cuda.current_device()` and creates `torch.cuda.Stream
 from the pieces that do run on CPU, under the conventions of core's `transformer/fsdp_dtensor_checkpoint.py`
 and Megatron-LM's `tools/checkpoint/checkpoint_inspector.py` (formats/fsdp_dtensor.md):
 
-- each of ``world`` gloo ranks builds the fixture's megatron-core GPTModel at TP ``tp`` PP1 EP1 (data parallel
-  ``world // tp``) and loads the torch_dist fixture into it with megatron-core's own loader (which reshards);
+- each of ``world`` gloo ranks builds the fixture's megatron-core GPTModel at TP ``tp`` PP1 EP ``ep`` (data
+  parallel ``world // tp``; experts over ``world // ep`` expert-data-parallel ranks, in a buffer of their own) and loads the torch_dist fixture into it with megatron-core's own loader (which reshards);
 - the model's own `state_dict()` is the model state, under `model.module.` (layers numbered globally, never
   stacked); experts get their global ids through core's `handle_experts_in_state_dict`; `_extra_state` is
   dropped as core's `handle_fp8_extra_state_case` drops it; the SwiGLU fc1 is split into `<key>_w` (gate) and
@@ -64,12 +64,22 @@ class FsdpSpec:
     base: FixtureSpec
     world: int = 3
     tp: int = 1
+    ep: int = 1  # with TP1 only
     mtp_model_layer: bool = False
     grouped_experts: bool = False  # experts named as TEGroupedMLP names them (`linear_fc1.weight{e}`)
 
+    def __post_init__(self) -> None:
+        if self.ep > 1 and self.tp > 1:
+            raise ValueError("expert parallelism is written at TP1 only")
+
     @property
     def name(self) -> str:
-        tags = f"-tp{self.tp}" * (self.tp > 1) + "-mtpml" * self.mtp_model_layer + "-grouped" * self.grouped_experts
+        tags = (
+            f"-tp{self.tp}" * (self.tp > 1)
+            + f"-ep{self.ep}" * (self.ep > 1)
+            + "-mtpml" * self.mtp_model_layer
+            + "-grouped" * self.grouped_experts
+        )
         return f"fsdp-w{self.world}{tags}--{self.base.name}"
 
 
@@ -113,9 +123,9 @@ def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, tuple[Any, int | 
     (None: replicated), and the save's args."""
     from megatron.core.transformer.fsdp_dtensor_checkpoint import handle_experts_in_state_dict
 
-    base, tp = spec.base, spec.tp
-    _init_parallel(tp, 1, 1, 1, tp)
-    (model,) = _build_chunks(base, tp, 1, 1, 1, tp, randomize=False)
+    base, tp, ep = spec.base, spec.tp, spec.ep
+    _init_parallel(tp, 1, 1, ep, tp)
+    (model,) = _build_chunks(base, tp, 1, 1, ep, tp, randomize=False)
     iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
     _load_into([model], str(Path(load) / f"iter_{iteration:07d}"), base)
     params = dict(model.named_parameters())
@@ -123,7 +133,6 @@ def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, tuple[Any, int | 
     axes = {
         k: params[k].partition_dim if getattr(params.get(k), "tensor_model_parallel", False) else None for k in state
     }
-    state = handle_experts_in_state_dict(state, base.num_experts)  # a no-op at EP1: ids are global already
     split = {}
     for key, value in state.items():
         if _SWIGLU.search(key):  # this TP rank's [gate_t; up_t]: gate_t to `_w`, up_t to `_v`, both cut along rows
@@ -131,13 +140,14 @@ def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, tuple[Any, int | 
             split[f"{key}_w"], split[f"{key}_v"] = (gate, axes[key]), (up, axes[key])
         else:
             split[key] = (value, axes[key])
+    split = handle_experts_in_state_dict(split, base.num_experts)  # local expert ids -> global ones
     if spec.grouped_experts:  # TEGroupedMLP's own names: the expert id after `weight` / `bias`, before `_w` / `_v`
         split = {_GROUPED_NAME.sub(r"linear_fc\2.\3\1\4", k): v for k, v in split.items()}
     if spec.mtp_model_layer:
         split = {
             re.sub(r"^(mtp\.layers\.\d+\.)transformer_layer\.", r"\1mtp_model_layer.", k): v for k, v in split.items()
         }
-    args = _make_args(base, tp, 1, 1, str(Path(load)), 1, tp)
+    args = _make_args(base, tp, 1, 1, str(Path(load)), ep, tp)
     args.use_megatron_fsdp, args.ckpt_format = True, "fsdp_dtensor"
     args.data_parallel_size, args.world_size = spec.world // tp, spec.world
     return split, args
@@ -146,25 +156,31 @@ def _model_state(spec: FsdpSpec, load: str) -> tuple[dict[str, tuple[Any, int | 
 def _save_fsdp(spec: FsdpSpec, load: str, save: str) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
+    from megatron.core import parallel_state
     from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import update_uneven_dtensor_chunk_metadata
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     model, args = _model_state(spec, load)
-    dp = spec.world // spec.tp
     # TP ranks adjacent, as megatron-core's parallel_state numbers them: mesh rows are TP groups
-    mesh = init_device_mesh("cpu", (dp, spec.tp), mesh_dim_names=("dp", "tp"))
-    dp_rank = mesh.get_local_rank("dp")
-    owners = flat_row_owners([tuple(v.shape) for v, _ in model.values()], dp)
+    meshes = {False: init_device_mesh("cpu", (spec.world // spec.tp, spec.tp), mesh_dim_names=("dp", "tp"))}
+    if spec.ep > 1:  # experts: a buffer of their own, sharded over the expert-data-parallel group
+        group = parallel_state.get_expert_data_parallel_group()
+        meshes[True] = DeviceMesh.from_group(group, "cpu", mesh_dim_names=("edp",))
+    is_expert = {key: spec.ep > 1 and ".mlp.experts." in key for key in model}
+    owners: dict[str, list[int]] = {}
+    for expert, mesh in meshes.items():
+        keys = [key for key in model if is_expert[key] == expert]
+        owners.update(zip(keys, flat_row_owners([tuple(model[k][0].shape) for k in keys], mesh.size(0))))
 
-    def shard(value: torch.Tensor, axis: int | None, rows: list[int]) -> DTensor:
+    def shard(value: torch.Tensor, axis: int | None, rows: list[int], mesh: DeviceMesh) -> DTensor:
         """The DTensor Megatron-FSDP saves: this DP rank's rows of the TP-local tensor, on the (dp, tp) mesh."""
-        mine = [r for r, owner in enumerate(rows) if owner == dp_rank]
+        mine = [r for r, owner in enumerate(rows) if owner == mesh.get_local_rank(0)]
         local = value.reshape(-1, *value.shape[1:])[mine[0] : mine[-1] + 1] if mine else value[:0]
         shape = list(value.shape)
         if axis is not None:
             shape[axis] *= spec.tp
-        placements = [Shard(0), Replicate() if axis is None else Shard(axis)]
+        placements = [Shard(0), Replicate() if axis is None else Shard(axis)][: mesh.ndim]
         stride = torch.empty(shape, device="meta").stride()
         tensor = DTensor.from_local(
             local.contiguous(), mesh, placements, run_check=False, shape=tuple(shape), stride=stride
@@ -173,9 +189,12 @@ def _save_fsdp(spec: FsdpSpec, load: str, save: str) -> None:
         return tensor
 
     state: dict[str, Any] = {}
-    for (key, (value, axis)), rows in zip(model.items(), owners):
-        state[f"model.module.{key}"] = shard(value.detach(), axis, rows)
-        state[f"{OPTIMIZER_PREFIX}{key}.exp_avg"] = shard(torch.zeros_like(value, dtype=torch.float32), axis, rows)
+    for key, (value, axis) in model.items():
+        mesh, rows = meshes[is_expert[key]], owners[key]
+        state[f"model.module.{key}"] = shard(value.detach(), axis, rows, mesh)
+        state[f"{OPTIMIZER_PREFIX}{key}.exp_avg"] = shard(
+            torch.zeros_like(value, dtype=torch.float32), axis, rows, mesh
+        )
     buffer = io.BytesIO()
     torch.save({"num_floating_point_operations_so_far": 0}, buffer)
     state.update(args=args, checkpoint_version=3.0, iteration=args.iteration, opt_param_scheduler=buffer)
