@@ -118,6 +118,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     check_crc: bool = False,
+    strict: bool = False,
 ) -> Path:
     """Convert a Megatron-Core checkpoint into a Hugging Face model directory.
 
@@ -145,6 +146,8 @@ def convert(
         progress: show a progress bar on stderr.
         check_crc: compare the bytes of every record read with the CRC-32 its torch.save archive holds
             (damage a file system let through; 0.16 s of CPU per GB).
+        strict: refuse a legacy (`--ckpt-format torch`) tensor that should be replicated over TP ranks but
+            differs between them; without it TP rank 0's copy is taken, as Megatron does, with a warning.
 
     Returns:
         The output directory.
@@ -186,6 +189,7 @@ def convert(
             lora_alpha=lora_alpha,
             lora_dim=lora_dim,
             check_crc=check_crc,
+            strict=strict,
         )
         log.info("reading %s", reader.path)
         with reader:

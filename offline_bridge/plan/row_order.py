@@ -15,6 +15,9 @@ __all__ = ["stored_rows"]
 
 def _permutation(order: RowOrder, rows: np.ndarray) -> np.ndarray:
     tp = order.tp
+    if order.parts and order.kind != "tp_blocks":  # consecutive blocks, each in the order on its own
+        blocks = np.split(rows, np.cumsum(order.parts)[:-1])
+        return np.concatenate([_permutation(RowOrder(order.kind, tp), block) for block in blocks])
     if order.kind == "swiglu":  # rank t's halves at blocks t and tp + t
         blocks = np.split(rows, 2 * tp)
         return np.concatenate([blocks[i] for r in range(tp) for i in (r, tp + r)])

@@ -1,0 +1,104 @@
+"""Legacy `--ckpt-format torch` fixtures of issue 20, written by megatron-core 0.16 on CPU (gloo, one process per
+rank) through the helpers of `tools.megatron_fixtures`:
+
+- ``UNEVEN_SPECS``: three pipeline stages split unevenly, once by `decoder_first/last_pipeline_num_layers` and
+  once by a `pipeline_model_parallel_layout` with two virtual stages; each saved as torch_dist plus its legacy
+  twin (stage-local layer numbers) with Megatron's reference logits (`build_fixtures`). `even_twin` re-saves
+  the torch_dist checkpoint at PP1 through Megatron's own loader: the same weights, split evenly.
+- ``GROUPED_SPEC`` / `build_grouped`: the non-TE ``GroupedMLP`` (`moe_grouped_gemm` with the local spec; removed
+  in core 0.17), whose rank files hold every local expert in ``mlp.experts.weight1`` ``[H, E_local·2I/etp]`` and
+  ``weight2`` ``[E_local·I/etp, H]``. Its forward needs the `grouped_gemm` CUDA package, so the writer stubs the
+  package to build the module on CPU (a per-expert loop stands in for ``gmm``); no forward runs here. The
+  GroupedMLP chunks get their weights through core's own `dist_checkpointing.load` from the SequentialMLP
+  fixture of the same spec (GroupedMLP's sharded state dict is the SequentialMLP one, by design), and
+  `state_dict_for_save_checkpoint` writes the legacy files. The reference forward is therefore that fixture's
+  SequentialMLP logits: GroupedMLP computes the same function of the same weights (per expert
+  ``act(x @ w1[e]) @ w2[e]``, the grouped GEMM only batches the experts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from tools import megatron_fixtures as mf
+from tools.megatron_fixtures import FixtureSpec, pending_builds, reshard
+
+__all__ = ["GROUPED_SPEC", "UNEVEN_SPECS", "build_grouped", "even_twin", "grouped_root"]
+
+UNEVEN_SPECS = [
+    FixtureSpec("llama", pp=3, num_layers=6, first_stage_layers=1, last_stage_layers=3, legacy_twin=True),
+    # (vp, pp) chunks in layout order: 1, 2, 1 layers, then 1, 1, 1
+    FixtureSpec("llama", pp=3, vpp=2, num_layers=7, pipeline_layout="Et|tt|t|t|t|tL", legacy_twin=True),
+]
+GROUPED_SPEC = FixtureSpec("qwen3_moe", tp=2, ep=2)  # expert TP 2: weight1 / weight2 cut by expert TP too
+
+
+def even_twin(cache_dir: Path, spec: FixtureSpec, root: Path) -> Path:
+    """``spec``'s torch_dist save (at ``root``) re-saved at TP1 PP1 by Megatron's loader, cached."""
+    twin = SimpleNamespace(name=f"{spec.name}-reshard-pp1")
+    with pending_builds(cache_dir, [twin], ".reshard.lock", lambda _: {}) as todo:
+        if todo:
+            reshard(root, spec, cache_dir / twin.name / "ckpt", tp=1, pp=1)
+    return cache_dir / twin.name / "ckpt"
+
+
+def grouped_root(cache_dir: Path, spec: FixtureSpec) -> Path:
+    """Where the GroupedMLP legacy save of ``spec`` lies."""
+    return Path(cache_dir) / f"{spec.name}-grouped" / "legacy"
+
+
+def build_grouped(cache_dir: Path, spec: FixtureSpec, root: Path) -> Path:
+    """The GroupedMLP legacy save of ``spec``'s weights (its SequentialMLP torch_dist save at ``root``), cached."""
+    cache_dir = Path(cache_dir)
+    entry = SimpleNamespace(name=f"{spec.name}-grouped")
+    with pending_builds(cache_dir, [entry], ".grouped.lock", lambda _: {}) as todo:
+        if todo:
+            job = {"spec": spec, "load": str(root), "save": str(grouped_root(cache_dir, spec))}
+            mf._spawn(spec.world_size, "grouped", [job], worker=_worker)
+    return grouped_root(cache_dir, spec)
+
+
+def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:
+    with mf.cpu_rank(rank, world, port):
+        for job in jobs:
+            _grouped_job(**job)
+
+
+def _gmm(a: Any, b: Any, batch_sizes: Any, trans_b: bool = False) -> Any:
+    """`grouped_gemm.ops.gmm` in plain torch: rows of group ``e`` times ``b[e]``."""
+    import torch
+
+    pieces = torch.split(a, [int(n) for n in batch_sizes])
+    return torch.cat([p @ (w.t() if trans_b else w) for p, w in zip(pieces, b)])
+
+
+def _grouped_job(spec: FixtureSpec, load: str, save: str) -> None:
+    import torch
+    from megatron.core.transformer.moe import grouped_gemm_util
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=SimpleNamespace(gmm=_gmm))
+    grouped_gemm_util.ops = grouped_gemm_util.grouped_gemm.ops
+    make_config = mf._transformer_config
+
+    def grouped_config(*args: Any) -> Any:
+        config = make_config(*args)
+        config.moe_grouped_gemm = True  # the local spec then builds GroupedMLP experts
+        return config
+
+    mf._transformer_config = grouped_config
+    mf._init_parallel(spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp)
+    chunks = mf._build_chunks(spec, spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp, randomize=False)
+    if not any(isinstance(m, GroupedMLP) for chunk in chunks for m in chunk.modules()):
+        raise RuntimeError("the local spec built no GroupedMLP")
+    iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
+    mf._load_into(chunks, str(Path(load) / f"iter_{iteration:07d}"), spec)
+    args = mf._make_args(spec, spec.tp, spec.pp, spec.vpp, save, spec.ep, spec.etp)
+    args.moe_grouped_gemm = True
+    args.ckpt_format, args.use_dist_ckpt = "torch", False
+    mf._save_legacy(chunks, args, Path(save), iteration, spec.pp, spec.ep)
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
