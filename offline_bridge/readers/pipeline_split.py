@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 
 from ..errors import CheckpointError
 
@@ -26,22 +27,41 @@ _REPEAT_ONE = re.compile(r"(.)\*(\d+)")
 _MAX_LAYOUT = 1 << 16  # characters of an unrolled layout: far beyond any model's layer count
 
 
+def _unroller(where: str) -> Callable[[re.Match[str]], str]:
+    """`x*n` → n times x, refusing a layout that would unroll beyond ``_MAX_LAYOUT`` characters in all."""
+    budget = [_MAX_LAYOUT]
+
+    def unroll(match: re.Match[str]) -> str:
+        digits = match.group(2)
+        count = int(digits) if len(digits) <= 6 else _MAX_LAYOUT + 1
+        budget[0] -= len(match.group(1)) * count
+        if budget[0] < 0:
+            raise CheckpointError(f"{where}: args.pipeline_model_parallel_layout unrolls to too many layers")
+        return match.group(1) * count
+
+    return unroll
+
+
 def parse_layout(layout: object, where: str) -> list[list[str]]:
     """`pipeline_model_parallel_layout` as its stages' layer names: core 0.16's string form ("Et*3|(tt|)*29,m|L":
     `|` between stages, `*n` repeats, commas cosmetic) or its list form (names like "decoder")."""
     if isinstance(layout, str):
         text = layout.replace(",", "")
-        for pattern in (_REPEAT_GROUP, _REPEAT_ONE):
-            while pattern.search(text):
-                text = pattern.sub(lambda m: m.group(1) * min(int(m.group(2)), _MAX_LAYOUT), text, count=1)
-                if len(text) > _MAX_LAYOUT:
-                    raise CheckpointError(f"{where}: args.pipeline_model_parallel_layout unrolls to too many layers")
-        if set(text) - set(_LAYER_NAMES) - {"|"}:
-            raise CheckpointError(f"{where}: args.pipeline_model_parallel_layout={layout!r} has unknown layer letters")
+        for pattern in (_REPEAT_GROUP, _REPEAT_ONE):  # one pass each, as megatron-core parses it
+            text = pattern.sub(_unroller(where), text)
+        if unknown := sorted(set(text) - set(_LAYER_NAMES) - {"|"}):
+            raise CheckpointError(f"{where}: args.pipeline_model_parallel_layout has unknown layers {unknown[:4]}")
         return [[_LAYER_NAMES[c] for c in stage] for stage in text.split("|")]
     if isinstance(layout, list) and all(isinstance(s, list) and all(isinstance(x, str) for x in s) for s in layout):
         return [[x.strip().lower() for x in stage] for stage in layout]
     raise CheckpointError(f"{where}: args.pipeline_model_parallel_layout is a {type(layout).__name__}, not a layout")
+
+
+def _layers_arg(args: argparse.Namespace, name: str, where: str) -> int | None:
+    value = getattr(args, name, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise CheckpointError(f"{where}: args.{name}={value!r} is not a number of layers")
+    return value
 
 
 def _chunk_counts(args: argparse.Namespace, layers: int, pp: int, vpp: int, where: str) -> list[list[int]]:
@@ -54,8 +74,7 @@ def _chunk_counts(args: argparse.Namespace, layers: int, pp: int, vpp: int, wher
                 f"{where}: args.pipeline_model_parallel_layout has {len(stages)} stages, the files PP={pp} x VPP={vpp}"
             )
         return [[stages[vp * pp + p].count("decoder") for p in range(pp)] for vp in range(vpp)]
-    first = getattr(args, "decoder_first_pipeline_num_layers", None)
-    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    first, last = (_layers_arg(args, f"decoder_{end}_pipeline_num_layers", where) for end in ("first", "last"))
     embedding = bool(getattr(args, "account_for_embedding_in_pipeline_split", False))
     loss = bool(getattr(args, "account_for_loss_in_pipeline_split", False))
     if pp == 1:
