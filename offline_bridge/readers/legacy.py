@@ -206,7 +206,7 @@ class LegacyReader(CheckpointReader):
         rule = self._tp_rule(key, parts[0].ndim)
         if rule is None or len(parts) == 1:
             where = [f"{self._archives[s.file].source}: {s.name}" for s in shards]
-            whole = self._replicas.pick(key, parts, where)
+            whole = self._replicas.pick(key, parts, where, self._tensors[key].dtype)
         else:  # a gated fc1 stays rank-major (`TensorInfo.row_order`)
             whole = np.concatenate(parts, axis=0 if rule == "gated" else rule)
         box = box or full_box(whole.shape)

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from ..dtypes import DType
 from ..errors import CheckpointError
 
 __all__ = ["ReplicaCheck"]
@@ -25,10 +26,11 @@ class ReplicaCheck:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
-    def pick(self, key: str, copies: list[np.ndarray], sources: list[str]) -> np.ndarray:
-        """TP rank 0's copy (``copies`` in TP rank order, ``sources`` naming where each lies)."""
+    def pick(self, key: str, copies: list[np.ndarray], sources: list[str], dtype: DType) -> np.ndarray:
+        """TP rank 0's copy (``copies`` in TP rank order, their bytes as ``dtype`` stores them; ``sources``
+        naming where each lies). Copies are compared byte for byte."""
         first = copies[0]
-        differing = [(i, c) for i, c in enumerate(copies[1:], 1) if not np.array_equal(first, c, equal_nan=True)]
+        differing = [(i, c) for i, c in enumerate(copies[1:], 1) if first.tobytes() != c.tobytes()]
         if not differing:
             return first
         if self.strict:
@@ -40,8 +42,9 @@ class ReplicaCheck:
             if key in self._warned:
                 return first
             self._warned.add(key)
-        wide = first.astype(np.float64)
-        largest = max(float(np.nanmax(np.abs(c.astype(np.float64) - wide), initial=0.0)) for _, c in differing)
+        wide = first.view(dtype.values).astype(np.float64)
+        gaps = (np.abs(c.view(dtype.values).astype(np.float64) - wide) for _, c in differing)
+        largest = max(float(np.nanmax(gap, initial=0.0)) for gap in gaps)
         log.warning(
             "%s differs from %s on %d of %d TP ranks (largest absolute difference %.6g); taking TP rank 0's copy "
             "as Megatron does (--strict refuses)",
