@@ -8,12 +8,15 @@ rank) through the helpers of `tools.megatron_fixtures`:
 - ``GROUPED_SPEC`` / `build_grouped`: the non-TE ``GroupedMLP`` (`moe_grouped_gemm` with the local spec; removed
   in core 0.17), whose rank files hold every local expert in ``mlp.experts.weight1`` ``[H, E_local·2I/etp]`` and
   ``weight2`` ``[E_local·I/etp, H]``. Its forward needs the `grouped_gemm` CUDA package, so the writer stubs the
-  package to build the module on CPU (a per-expert loop stands in for ``gmm``); no forward runs here. The
-  GroupedMLP chunks get their weights through core's own `dist_checkpointing.load` from the SequentialMLP
-  fixture of the same spec (GroupedMLP's sharded state dict is the SequentialMLP one, by design), and
-  `state_dict_for_save_checkpoint` writes the legacy files. The reference forward is therefore that fixture's
-  SequentialMLP logits: GroupedMLP computes the same function of the same weights (per expert
-  ``act(x @ w1[e]) @ w2[e]``, the grouped GEMM only batches the experts).
+  package to run the module on CPU (a per-expert loop stands in for ``gmm``). The GroupedMLP chunks get their
+  weights through core's own `dist_checkpointing.load` from the SequentialMLP fixture of the same spec
+  (GroupedMLP's sharded state dict is the SequentialMLP one, by design), and `state_dict_for_save_checkpoint`
+  writes the legacy files. The reference forward is that fixture's SequentialMLP logits: GroupedMLP computes
+  the same function of the same weights (per expert ``act(x @ w1[e]) @ w2[e]``; the grouped GEMM only batches
+  the experts). The writer checks this on every rank before the fixture is marked complete: each layer's
+  GroupedMLP and SequentialMLP, loaded from the same checkpoint and widened to fp32 (exact), give the same
+  output for the same routed tokens (both are rank-local: the token dispatcher does the expert-parallel and
+  expert-TP communication).
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ from typing import Any
 from tools import megatron_fixtures as mf
 from tools.megatron_fixtures import FixtureSpec, pending_builds, reshard
 
-__all__ = ["GROUPED_SPEC", "UNEVEN_SPECS", "build_grouped", "even_twin", "grouped_root"]
+__all__ = ["GROUPED_SPECS", "UNEVEN_SPECS", "build_grouped", "even_twin", "grouped_root"]
 
 UNEVEN_SPECS = [
     FixtureSpec("llama", pp=3, num_layers=6, first_stage_layers=1, last_stage_layers=3, legacy_twin=True),
     # (vp, pp) chunks in layout order: 1, 2, 1 layers, then 1, 1, 1
     FixtureSpec("llama", pp=3, vpp=2, num_layers=7, pipeline_layout="Et|tt|t|t|t|tL", legacy_twin=True),
 ]
-GROUPED_SPEC = FixtureSpec("qwen3_moe", tp=2, ep=2)  # expert TP 2: weight1 / weight2 cut by expert TP too
+GROUPED_SPECS = [  # SequentialMLP fixtures of tests/conftest.py MOE_SPECS, re-saved with GroupedMLP
+    FixtureSpec("qwen3_moe", tp=2, ep=2),  # expert TP 2: weight1 / weight2 cut by expert TP too
+    FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # the dtype GroupedMLP's forward requires
+]
 
 
 def even_twin(cache_dir: Path, spec: FixtureSpec, root: Path) -> Path:
@@ -74,31 +80,66 @@ def _gmm(a: Any, b: Any, batch_sizes: Any, trans_b: bool = False) -> Any:
     return torch.cat([p @ (w.t() if trans_b else w) for p, w in zip(pieces, b)])
 
 
-def _grouped_job(spec: FixtureSpec, load: str, save: str) -> None:
-    import torch
-    from megatron.core.transformer.moe import grouped_gemm_util
-    from megatron.core.transformer.moe.experts import GroupedMLP
-
-    grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=SimpleNamespace(gmm=_gmm))
-    grouped_gemm_util.ops = grouped_gemm_util.grouped_gemm.ops
+def _loaded_chunks(spec: FixtureSpec, iter_dir: str, grouped: bool) -> list:
+    """This rank's chunks, SequentialMLP or GroupedMLP experts, loaded by core from ``iter_dir``."""
     make_config = mf._transformer_config
 
     def grouped_config(*args: Any) -> Any:
         config = make_config(*args)
         config.moe_grouped_gemm = True  # the local spec then builds GroupedMLP experts
+        config.bf16 = True  # GroupedMLP.forward asserts it (the params keep the spec's dtype)
         return config
 
-    mf._transformer_config = grouped_config
-    mf._init_parallel(spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp)
-    chunks = mf._build_chunks(spec, spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp, randomize=False)
-    if not any(isinstance(m, GroupedMLP) for chunk in chunks for m in chunk.modules()):
+    mf._transformer_config = grouped_config if grouped else make_config
+    try:
+        chunks = mf._build_chunks(spec, spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp, randomize=False)
+    finally:
+        mf._transformer_config = make_config
+    mf._load_into(chunks, iter_dir, spec)
+    return chunks
+
+
+def _check_forward(grouped: list, sequential: list) -> None:
+    """Each layer's GroupedMLP gives its SequentialMLP's output for the same routed tokens."""
+    import torch
+    from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
+
+    pairs = [
+        (g, s)
+        for chunk_g, chunk_s in zip(grouped, sequential)
+        for g, s in zip(
+            (m for m in chunk_g.modules() if isinstance(m, GroupedMLP)),
+            (m for m in chunk_s.modules() if isinstance(m, SequentialMLP)),
+        )
+    ]
+    if not pairs:
         raise RuntimeError("the local spec built no GroupedMLP")
+    gen = torch.Generator().manual_seed(0)
+    for g, s in pairs:
+        counts = torch.arange(1, g.num_local_experts + 1) * 3
+        dtype = g.weight1.dtype
+        tokens = torch.randn(int(counts.sum()), g.config.hidden_size, generator=gen).to(dtype)
+        probs = torch.rand(int(counts.sum()), generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(g(tokens, counts, probs)[0], s(tokens, counts, probs)[0])
+
+
+def _grouped_job(spec: FixtureSpec, load: str, save: str) -> None:
+    import torch
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=SimpleNamespace(gmm=_gmm))
+    grouped_gemm_util.ops = grouped_gemm_util.grouped_gemm.ops
+    mf._init_parallel(spec.tp, spec.pp, spec.vpp, spec.ep, spec.etp)
     iteration = int((Path(load) / "latest_checkpointed_iteration.txt").read_text().strip())
-    mf._load_into(chunks, str(Path(load) / f"iter_{iteration:07d}"), spec)
+    iter_dir = str(Path(load) / f"iter_{iteration:07d}")
+    chunks = _loaded_chunks(spec, iter_dir, grouped=True)
+    sequential = _loaded_chunks(spec, iter_dir, grouped=False)
     args = mf._make_args(spec, spec.tp, spec.pp, spec.vpp, save, spec.ep, spec.etp)
     args.moe_grouped_gemm = True
     args.ckpt_format, args.use_dist_ckpt = "torch", False
     mf._save_legacy(chunks, args, Path(save), iteration, spec.pp, spec.ep)
+    _check_forward([c.float() for c in chunks], [c.float() for c in sequential])  # after the save: in place
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")

@@ -64,7 +64,7 @@ class LegacyReader(CheckpointReader):
         self.path = Path(path)
         self._check_crc = check_crc
         self._replicas = ReplicaCheck(strict)
-        self._crc_checked: set[_Shard] = set()
+        self._crc_checked: set[tuple[int, str, str]] = set()  # records (file, model, name) checked
         ranks = sorted(p for p in self.path.iterdir() if p.is_dir() and RANK_DIR.match(p.name))
         if not ranks:
             raise CheckpointError(f"{self.path}: no mp_rank_* directories")
@@ -100,8 +100,8 @@ class LegacyReader(CheckpointReader):
 
     def _catalog(self, states: list[dict], coords: dict, tp_size: int, pp_size: int) -> dict[str, list[_Shard]]:
         """Global key → its TP shards (ordered by tp rank), from every file's model dicts."""
-        found = chunk_layers([(self._archives[i].source, pp, states[i]) for (_, pp, _), i in coords.items()])
-        self.split = checked_split(self._args, found, pp_size, self._files[0])  # (vp, pp) → (first, layers)
+        layers = chunk_layers([(self._archives[i].source, pp, states[i]) for (_, pp, _), i in coords.items()])
+        self.split = checked_split(self._args, layers, pp_size, self._files[0])  # (vp, pp) → (first, layers)
         per_ep = self._local_experts
         shards: dict[str, list[_Shard]] = defaultdict(list)
         for (tp, pp, ep), index in sorted(coords.items()):
@@ -150,9 +150,10 @@ class LegacyReader(CheckpointReader):
         """Where the shard's storage begins in its file; its CRC-32 checked on first use if asked."""
         archive, ref = self._archives[shard.file], self._ref(shard)
         start = archive.storage_start(ref)
-        if self._check_crc and shard not in self._crc_checked:
+        record = (shard.file, shard.model, shard.name)  # a GroupedMLP tensor is one record for all its experts
+        if self._check_crc and record not in self._crc_checked:
             archive.check_crc(ref)
-            self._crc_checked.add(shard)
+            self._crc_checked.add(record)
         return start
 
     def _tp_rule(self, key: str, ndim: int) -> int | str | None:
