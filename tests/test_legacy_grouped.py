@@ -1,5 +1,5 @@
 """Legacy rank files of megatron-core 0.16's non-TE `GroupedMLP` (`mlp.experts.weight1` / `weight2`; TP2 EP2 with
-expert TP 2, fp32 and bf16), written by `tools.legacy_fixtures` from the SequentialMLP save of the same
+expert TP 2 or 1, fp32 and bf16), written by `tools.legacy_fixtures` from the SequentialMLP save of the same
 weights: the output is byte for byte that save's conversion and the logits are Megatron's (SequentialMLP's
 forward, which GroupedMLP's equals on the same weights: the fixture writer checks it)."""
 

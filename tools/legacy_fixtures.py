@@ -1,11 +1,13 @@
 """Legacy `--ckpt-format torch` fixtures of issue 20, written by megatron-core 0.16 on CPU (gloo, one process per
 rank) through the helpers of `tools.megatron_fixtures`:
 
+- ``EXPERT_TP1_SPEC``: TP2 EP2 with expert TP 1 and its legacy twin, for which Megatron-LM writes one file
+  per rank of expert-data-parallel rank 0: `mp_rank_00_000` and `mp_rank_01_001`, not the TP x EP grid.
 - ``UNEVEN_SPECS``: three pipeline stages split unevenly, once by `decoder_first/last_pipeline_num_layers` and
   once by a `pipeline_model_parallel_layout` with two virtual stages; each saved as torch_dist plus its legacy
   twin (stage-local layer numbers) with Megatron's reference logits (`build_fixtures`). `even_twin` re-saves
   the torch_dist checkpoint at PP1 through Megatron's own loader: the same weights, split evenly.
-- ``GROUPED_SPEC`` / `build_grouped`: the non-TE ``GroupedMLP`` (`moe_grouped_gemm` with the local spec; removed
+- ``GROUPED_SPECS`` / `build_grouped`: the non-TE ``GroupedMLP`` (`moe_grouped_gemm` with the local spec; removed
   in core 0.17), whose rank files hold every local expert in ``mlp.experts.weight1`` ``[H, E_local·2I/etp]`` and
   ``weight2`` ``[E_local·I/etp, H]``. Its forward needs the `grouped_gemm` CUDA package, so the writer stubs the
   package to run the module on CPU (a per-expert loop stands in for ``gmm``). The GroupedMLP chunks get their
@@ -28,15 +30,17 @@ from typing import Any
 from tools import megatron_fixtures as mf
 from tools.megatron_fixtures import FixtureSpec, pending_builds, reshard
 
-__all__ = ["GROUPED_SPECS", "UNEVEN_SPECS", "build_grouped", "even_twin", "grouped_root"]
+__all__ = ["EXPERT_TP1_SPEC", "GROUPED_SPECS", "UNEVEN_SPECS", "build_grouped", "even_twin", "grouped_root"]
 
 UNEVEN_SPECS = [
     FixtureSpec("llama", pp=3, num_layers=6, first_stage_layers=1, last_stage_layers=3, legacy_twin=True),
     # (vp, pp) chunks in layout order: 1, 2, 1 layers, then 1, 1, 1
     FixtureSpec("llama", pp=3, vpp=2, num_layers=7, pipeline_layout="Et|tt|t|t|t|tL", legacy_twin=True),
 ]
+EXPERT_TP1_SPEC = FixtureSpec("qwen3_moe", tp=2, ep=2, etp=1, legacy_twin=True)
 GROUPED_SPECS = [  # SequentialMLP fixtures of tests/conftest.py MOE_SPECS, re-saved with GroupedMLP
     FixtureSpec("qwen3_moe", tp=2, ep=2),  # expert TP 2: weight1 / weight2 cut by expert TP too
+    FixtureSpec("qwen3_moe", tp=2, ep=2, etp=1),  # whole experts; Megatron writes mp_rank_00_000, mp_rank_01_001
     FixtureSpec("qwen3_moe", tp=2, ep=2, dtype="bf16"),  # the dtype GroupedMLP's forward requires
 ]
 

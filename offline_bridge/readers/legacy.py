@@ -34,7 +34,7 @@ from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, RowOrder, TensorInfo, full_box, is_model_key
 from .legacy_grouped import expert_shape, expert_view, grouped_experts
 from .legacy_keys import chunk_layers, global_key, models_of, tp_join
-from .legacy_ranks import RANK_DIR, parallel_size, rank_layout
+from .legacy_ranks import RANK_DIR, rank_layout
 from .legacy_replicas import ReplicaCheck
 from .pickles.safe_pickle import TensorRef
 from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
@@ -75,12 +75,10 @@ class LegacyReader(CheckpointReader):
         if not isinstance(args := states[0].get("args"), argparse.Namespace):
             raise CheckpointError(f"{ranks[0] / FILE}: no Megatron args")
         self._args = checked_args(args, str(ranks[0] / FILE))  # sizes below are read from checked values
-        coords, tp_size, pp_size, ep_size = rank_layout(self.path, ranks, self._args)
-        etp = parallel_size(self._args, "expert_tensor_parallel", len(ranks), ranks[0] / FILE, tp_size)
-        if etp not in (1, tp_size):
-            raise CheckpointError(f"{self.path}: expert_tensor_parallel_size={etp} with TP={tp_size} is not supported")
+        coords, tp_size, pp_size, ep_size, etp = rank_layout(self.path, ranks, self._args)
         self._gated = bool(getattr(self._args, "swiglu", False))
         self._experts_replicated = etp == 1 and tp_size > 1
+        self._sparse = self._experts_replicated and ep_size > 1  # files are not a grid (`legacy_ranks`)
         self.ranks = coords  # (tp, pp, ep) -> index of its rank directory, for `inspect`
         num_experts = int(getattr(self._args, "num_experts", None) or 0)
         self._local_experts = num_experts // ep_size if num_experts else 0
@@ -103,6 +101,11 @@ class LegacyReader(CheckpointReader):
         layers = chunk_layers([(self._archives[i].source, pp, states[i]) for (_, pp, _), i in coords.items()])
         self.split = checked_split(self._args, layers, pp_size, self._files[0])  # (vp, pp) → (first, layers)
         per_ep = self._local_experts
+        dense: dict[tuple[int, int], int] = {}  # (tp, pp) → the lowest EP rank holding it
+        whole: dict[tuple[int, int], int] = {}  # (ep, pp) → the lowest TP rank holding it
+        for tp, pp, ep in coords:
+            dense[(tp, pp)] = min(dense.get((tp, pp), ep), ep)
+            whole[(ep, pp)] = min(whole.get((ep, pp), tp), tp)
         shards: dict[str, list[_Shard]] = defaultdict(list)
         for (tp, pp, ep), index in sorted(coords.items()):
             for model, state in models_of(states[index], self._archives[index].source):
@@ -112,11 +115,15 @@ class LegacyReader(CheckpointReader):
                         continue
                     for local, grouped, expert in grouped_experts(name, per_ep) or [(name, 0, 0)]:
                         key, is_expert = global_key(local, first, ep, per_ep)
-                        if ep and not is_expert:
-                            continue  # replicated over expert-parallel ranks: ep 0 holds the copy we use
-                        shards[key].append(_Shard(index, name, model, tp, grouped, expert))
+                        if not is_expert and ep != dense[(tp, pp)]:
+                            continue  # replicated over expert-parallel ranks: the lowest one's copy is used
+                        if is_expert and self._sparse and tp != whole[(ep, pp)]:
+                            continue  # whole experts, replicated over the TP ranks holding this EP rank
+                        rank = 0 if is_expert and self._sparse else tp
+                        shards[key].append(_Shard(index, name, model, rank, grouped, expert))
         for key, found in shards.items():
-            if sorted(s.tp for s in found) != list(range(tp_size)):
+            expected = [0] if self._sparse and ".mlp.experts." in key else list(range(tp_size))
+            if sorted(s.tp for s in found) != expected:
                 files = ", ".join(self._archives[s.file].source for s in found)
                 raise CheckpointError(
                     f"{key}: expected one shard per TP rank 0..{tp_size - 1}, found ranks {[s.tp for s in found]} in {files}"
