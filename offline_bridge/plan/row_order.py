@@ -1,5 +1,6 @@
-"""The one place tensor-parallel row orders are undone: a `RowOrder` as the permutation from a source's rows
-in true order to the rows they are stored at. Reading a source (`transform.compute.read_source`) and
+"""The one place tensor-parallel row orders are undone: a `RowOrder` (reported by a reader, e.g. a legacy fc1's
+rank-major rows, or implied by a rule's layout) as the permutation from a source's rows in true order to the
+rows they are stored at. Reading a source (`transform.compute.read_source`) and
 copying its rows file to file (`transfer`) both go through it, so merges, quantizer state and adapter export
 never see a TP order."""
 
@@ -8,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError
-from .schema import RowOrder, Source
+from ..readers.base import RowOrder
+from .schema import Source
 
 __all__ = ["stored_rows"]
 
