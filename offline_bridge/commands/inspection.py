@@ -23,7 +23,7 @@ from ..readers.base import is_model_key
 from ..readers.discovery import find_iteration_dir, iterations_present
 from ..readers.marker import read_marker
 from ..readers.parallel_layout import ARGS_LAYOUT, Stages, parallel_layout, pipeline_stages
-from ..write.sources import canonical
+from ..write.jsonable import jsonable
 
 __all__ = ["format_report", "inspect_checkpoint"]
 
@@ -122,14 +122,14 @@ def _shown_arg(value: Any) -> Any:
         return value.torch_name
     if isinstance(value, np.dtype):
         return str(value)
-    return canonical(value)
+    return jsonable(value)
 
 
 def _version(reader: CheckpointReader) -> dict[str, Any]:
     backend = read_marker(reader.path) or {}  # bounded, regular files only: refused like `convert` refuses it
     return {
-        "sharded_backend_version": canonical(backend.get("sharded_backend_version")),
-        "checkpoint_version": canonical(reader.common_state.get("checkpoint_version")),
+        "sharded_backend_version": jsonable(backend.get("sharded_backend_version")),
+        "checkpoint_version": jsonable(reader.common_state.get("checkpoint_version")),
     }
 
 

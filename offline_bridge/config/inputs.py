@@ -18,6 +18,7 @@ from ..readers import CheckpointReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
 from ..readers.discovery import find_iteration_dir
+from ..readers.integrity import check_integrity
 from .args_schema import checked_value
 from .run_config import RunConfig, load_run_config
 
@@ -37,6 +38,7 @@ def _open(
     path: str | Path, iteration: int | str | None = None, check_crc: bool = False, strict: bool = False
 ) -> tuple[CheckpointReader, RunConfig | None]:
     directory = find_iteration_dir(path, iteration)
+    check_integrity(directory)  # before a file of it is parsed
     return open_reader(directory, check_crc=check_crc, strict=strict), load_run_config(directory)
 
 

@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from ..plan.rules import Copy, Dims
 from . import llama
 
-__all__ = ["MLA", "mla_rope"]
+__all__ = ["MLA", "mla_fields", "mla_rope"]
 
 M, H = llama.M, llama.H
 A = M + "self_attention."
@@ -163,3 +163,18 @@ def mla_rope(args: argparse.Namespace) -> dict[str, Any]:
     extended = factor * original
     longest = max(trained, int(extended)) if extended.is_integer() else trained
     return {"rope_parameters": rope, "max_position_embeddings": longest}
+
+
+def mla_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The HF config fields of MLA (DeepSeek-V3's names): ranks, head dims and its rotary embedding."""
+    return {
+        **mla_rope(args),
+        "q_lora_rank": getattr(args, "q_lora_rank", None),
+        "kv_lora_rank": int(args.kv_lora_rank),
+        "qk_nope_head_dim": int(args.qk_head_dim),
+        "qk_rope_head_dim": int(args.qk_pos_emb_head_dim),
+        "v_head_dim": int(args.v_head_dim),
+        "head_dim": int(args.qk_pos_emb_head_dim),
+        "num_key_value_heads": int(args.num_attention_heads),
+        "rope_interleave": True,
+    }

@@ -4,6 +4,7 @@ serialised (`offline_bridge.plan.serial`); nothing in it is a function or an arr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,8 @@ class Target:
     file: str = ""
     offset: int = 0
 
-    @property
-    def nbytes(self) -> int:
+    @functools.cached_property
+    def nbytes(self) -> int:  # cached: a 100k-tensor plan asks often (layout, progress, scheduling)
         size = self.dtype.itemsize
         for n in self.shape:
             size *= n

@@ -3,6 +3,7 @@ stacked tensor, resolved to a `Source`; and every rule of a family expanded over
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -25,15 +26,25 @@ _FORMS = {
 }
 
 
-def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
+@functools.cache
+def _spellings(pattern: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Every spelling of ``pattern`` (a key template), each with the placeholders that are leading axes; once
+    per pattern, since a 100k-tensor model asks for the same few hundred patterns at every layer and expert."""
     present = [name for name, (token, _, _) in _FORMS.items() if token in pattern]
     choices = [[(form, None) for form in _FORMS[name][1]] + [(_FORMS[name][2], name)] for name in present]
+    found = []
     for combo in itertools.product(*choices):
         key = pattern
         for name, (form, _) in zip(present, combo):
             key = key.replace(_FORMS[name][0], form)
-        yield key.format(**index), tuple(axis for _, axis in combo if axis)
+        found.append((key, tuple(axis for _, axis in combo if axis)))
+    return tuple(found)
+
+
+def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
+    for key, axes in _spellings(pattern):
+        yield key.format(**index), axes
 
 
 def _find(
