@@ -228,3 +228,24 @@ CASES["qwen3_5_moe_vl"] = (
     {"text_config": CASES["qwen3_5_moe"][0], "tie_word_embeddings": False},
     CASES["qwen3_5_moe"][1],
 )
+# GPT-OSS: biases on every linear (Megatron add_bias_linear), learnable softmax offsets, experts with biases.
+GPT_OSS_LAYER = {
+    **attention(),
+    "self_attention.linear_qkv.bias": (QKV_ROWS,),
+    "self_attention.linear_proj.bias": (H,),
+    "self_attention.core_attention.softmax_offset": (HEADS,),
+    **ROUTED,
+    "mlp.router.bias": (E,),
+    "mlp.experts.experts.linear_fc1.bias": (E, 2 * FM),
+    "mlp.experts.experts.linear_fc2.bias": (E, H),
+}
+CASES["gpt_oss"] = (
+    {
+        **COMMON,
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "intermediate_size": FM,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    {**ends(), **stacked(2, GPT_OSS_LAYER)},
+)

@@ -13,7 +13,7 @@ from ..plan.parts import parse_part
 from ..readers import CheckpointReader
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
-from ..write.completed import completed_files
+from ..write.completed import completed_files, keep_only
 from ..write.jsonable import jsonable
 from ..write.manifest import write_manifest
 from ..write.parts_area import PartsArea, check_out_dir
@@ -182,9 +182,11 @@ def convert(
                 write_part(conversion, reader, output, manifest, resume=resume, **writing)
                 return Path(out_dir)
             with output.staged(_read_from(reader), resume=resume) as staging:
-                kept = completed_files(staging, plan, [file.name for file in plan.files]) if resume else None
+                kept = (
+                    keep_only(staging, completed_files(staging, plan, [f.name for f in plan.files])) if resume else None
+                )
                 digests = write_weights(plan, reader, staging, kept=kept, resumable=True, **writing)
-                digests |= write_extras(conversion, reader, staging)
+                digests |= write_extras(conversion, reader, staging)[1]
                 write_manifest(staging, "convert", options, sources, digests)
     return Path(out_dir)
 

@@ -10,6 +10,7 @@ from . import (
     deepseek_v3,
     glm4_moe,
     glm4_moe_lite,
+    gpt_oss,
     kimi,
     llama,
     mistral,
@@ -43,6 +44,7 @@ for _family in (
     qwen3_5.MOE_FAMILY,
     qwen3_5.VL_FAMILY,
     qwen3_5.VL_MOE_FAMILY,
+    gpt_oss.FAMILY,
 ):
     REGISTRY.register(_family)
 
