@@ -95,6 +95,8 @@ _NAME_TAGS = {
     "per_layer_keys": "perlayer",
     "common_in_dcp": "commondcp",
     "first_stage_layers": "first",
+    "last_stage_layers": "last",
+    "pipeline_layout": "layout",
     "legacy_twin": "legacy",
     "dcp_twin": "dcp",
 }
@@ -202,6 +204,9 @@ class FixtureSpec:
     local_norm_keys: bool = False
     # Uneven pipeline: layers on the first stage (Megatron-LM --decoder-first-pipeline-num-layers).
     first_stage_layers: int | None = None
+    last_stage_layers: int | None = None  # --decoder-last-pipeline-num-layers
+    # --pipeline-model-parallel-layout (core 0.16's string form, e.g. "Et|tt|t|t|t|tL"); sets the VPP size
+    pipeline_layout: str | None = None
     # Also save the same weights in the legacy --ckpt-format torch layout, under <fixture>/legacy.
     legacy_twin: bool = False
     # Also save the same weights as plain PyTorch DCP (torch_dcp) under <fixture>/torch_dcp (TP1 PP1 only).
@@ -252,7 +257,7 @@ class FixtureSpec:
         for field, tag in _NAME_TAGS.items():
             value = getattr(self, field)
             if value != _DEFAULTS[field]:
-                parts.append(f"{tag}{value}")
+                parts.append(f"{tag}{value}".replace("|", "_"))
         defaults = {**family_defaults(self.family, self.num_layers), "etp": self.tp}
         for field, tag in _MOE_NAME_TAGS.items():
             value = getattr(self, field)
@@ -391,10 +396,14 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, et
         raise ValueError("virtual pipeline stages need pp > 1")
     if spec.dcp_twin and (tp, pp, vpp, ep) != (1, 1, 1, 1):
         raise ValueError("dcp_twin needs TP1 PP1 EP1: plain DCP has no tensor-parallel sharding information")
-    first = spec.first_stage_layers if pp > 1 else None
-    if first is not None and (vpp > 1 or not 0 < first < spec.num_layers or (spec.num_layers - first) % (pp - 1)):
-        raise ValueError(f"first_stage_layers={first} cannot split {spec.num_layers} layers over pp={pp}, vpp={vpp}")
-    if first is None and spec.num_layers % (pp * vpp):
+    first, last = (spec.first_stage_layers, spec.last_stage_layers) if pp > 1 else (None, None)
+    if first is not None or last is not None:
+        middle, stages = spec.num_layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
+        if vpp > 1 or min(first or 1, last or 1, middle + 1) < 1 or (middle % stages if stages else middle):
+            raise ValueError(
+                f"first/last stage layers {first}/{last} cannot split {spec.num_layers} layers over pp={pp}"
+            )
+    elif spec.pipeline_layout is None and spec.num_layers % (pp * vpp):
         raise ValueError(f"num_layers={spec.num_layers} not divisible by pp*vpp={pp * vpp}")
     if spec.num_attention_heads % tp or (not spec.is_mla and spec.num_query_groups % tp):
         raise ValueError("attention heads and query groups must be divisible by tp")
@@ -728,6 +737,8 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers_in_first_pipeline_stage=spec.first_stage_layers if pp > 1 else None,
+        num_layers_in_last_pipeline_stage=spec.last_stage_layers if pp > 1 else None,
+        pipeline_model_parallel_layout=spec.pipeline_layout if pp > 1 else None,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,
@@ -1147,10 +1158,13 @@ def _make_args(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp) if vpp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp)
+        if vpp > 1 and not spec.pipeline_layout
+        else None,
         num_virtual_stages_per_pipeline_rank=vpp if vpp > 1 else None,
         decoder_first_pipeline_num_layers=spec.first_stage_layers if pp > 1 else None,
-        decoder_last_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=spec.last_stage_layers if pp > 1 else None,
+        pipeline_model_parallel_layout=spec.pipeline_layout if pp > 1 else None,
         expert_model_parallel_size=1,
         context_parallel_size=1,
         data_parallel_size=1,

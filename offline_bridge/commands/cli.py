@@ -138,6 +138,11 @@ def main(ctx: click.Context, debug: bool) -> None:
     is_flag=True,
     help="Check every record read against the CRC-32 its torch.save archive holds (about 0.16 s of CPU per GB).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse legacy tensors that differ between TP ranks but should be replicated (default: take TP rank 0's).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
 @click.option(
     "--part",

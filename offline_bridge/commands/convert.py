@@ -51,6 +51,7 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     check_crc: bool = False,
+    strict: bool = False,
     part: str | None = None,
     resume: bool = False,
     ray: str | None = None,
@@ -81,6 +82,8 @@ def convert(
         progress: show a progress bar on stderr.
         check_crc: compare the bytes of every record read with the CRC-32 its torch.save archive holds
             (damage a file system let through; 0.16 s of CPU per GB).
+        strict: refuse a legacy (`--ckpt-format torch`) tensor that should be replicated over TP ranks but
+            differs between them; without it TP rank 0's copy is taken, as Megatron does, with a warning.
         part: "I/N": write only part I (0-based) of N of the output files, into the parts area beside
             ``out_dir``; `finalize` puts the whole output in place once every part is written.
         resume: keep the output files a killed run (or part) completed, and write only the rest.
@@ -138,6 +141,7 @@ def convert(
             lora_alpha=lora_alpha,
             lora_dim=lora_dim,
             check_crc=check_crc,
+            strict=strict,
         )
         log.info("reading %s", reader.path)
         with reader:
@@ -165,7 +169,7 @@ def convert(
                         "adapter": adapter,
                         "base": base,
                     },
-                    **{"workers": workers, "overwrite": overwrite, "check_crc": check_crc},
+                    **{"workers": workers, "overwrite": overwrite, "check_crc": check_crc, "strict": strict},
                 }
                 run_parts_on_ray(ray, plan, arguments, progress=progress, merges=lora is not None)
                 return finalize(out_dir, overwrite=overwrite)
