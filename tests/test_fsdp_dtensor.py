@@ -77,6 +77,7 @@ def test_inspect_shows_the_format_and_the_args_layout(fsdp: dict) -> None:
     report = json.loads(result.stdout)
     assert report["format"] == "fsdp_dtensor" and report["family"] == "deepseek_v3"
     assert report["layout"] == {"tp": 1, "pp": 1, "vpp": 1, "ep": 1, "etp": 1}  # chunks are DP shards
+    assert report["pipeline"] == {"stages": [[[0, MTP.base.num_layers - 1]]], "source": "args"}
     keys = {t["key"] for t in report["tensors"]}
     assert "mtp.layers.0.transformer_layer.mlp.experts.0.linear_fc1.weight_w" in keys
     model = [k for k in keys if not k.startswith("optimizer.")]

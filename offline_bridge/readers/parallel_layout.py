@@ -140,7 +140,7 @@ def pipeline_stages(reader: CheckpointReader, layout: dict[str, int | None]) -> 
     neither the files nor the args say (no decoder layers, or args that do not split them)."""
     if isinstance(reader, LegacyReader):
         return _split_stages(reader.split), "rank files"
-    if isinstance(reader, TorchDistReader):
+    if isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):  # fsdp: DP writers
         stages, _ = _writer_groups(reader, [k for k in reader.tensors if is_model_key(k)])
         return ([_spans(stage) for stage in stages] or None), "writer ranks"
     layers = getattr(reader.args, "num_layers", None)
