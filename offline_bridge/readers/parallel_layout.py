@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from .base import CheckpointReader, is_model_key
+from .fsdp_dtensor import FsdpDtensorReader
 from .legacy import LegacyReader
 from .pipeline_split import Split, layer_split
 from .torch_dist import TorchDistReader
@@ -139,7 +140,7 @@ def pipeline_stages(reader: CheckpointReader, layout: dict[str, int | None]) -> 
     neither the files nor the args say (no decoder layers, or args that do not split them)."""
     if isinstance(reader, LegacyReader):
         return _split_stages(reader.split), "rank files"
-    if isinstance(reader, TorchDistReader):
+    if isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):  # fsdp: DP writers
         stages, _ = _writer_groups(reader, [k for k in reader.tensors if is_model_key(k)])
         return ([_spans(stage) for stage in stages] or None), "writer ranks"
     layers = getattr(reader.args, "num_layers", None)
@@ -175,13 +176,17 @@ def parallel_layout(reader: CheckpointReader) -> tuple[dict[str, int | None], di
         args = reader.args
         layout["etp"] = (getattr(args, "expert_tensor_parallel_size", None) or layout["tp"]) if has_experts else None
         source["etp"] = "args"
-    elif isinstance(reader, TorchDistReader):
+    elif isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):
         layout.update(_writer_layout(reader, keys))
         source.update(dict.fromkeys(("pp", "vpp", "ep"), "writer ranks"))
-    else:
-        for name in ("pp", "vpp", "ep"):
+    else:  # zarr keeps no writer; fsdp_dtensor's chunks are data-parallel shards of global tensors
+        from_args = ("tp", "pp", "vpp", "ep") if isinstance(reader, FsdpDtensorReader) else ("pp", "vpp", "ep")
+        for name in from_args:
             layout[name] = int(getattr(reader.args, ARGS_LAYOUT[name], None) or 1)
             source[name] = "args"
+        if "tp" in from_args and has_experts:
+            layout["etp"] = int(getattr(reader.args, ARGS_LAYOUT["etp"], None) or layout["tp"] or 1)
+            source["etp"] = "args"
     if not has_experts:
         layout["ep"] = 1
     return {k: layout[k] for k in ARGS_LAYOUT}, source
