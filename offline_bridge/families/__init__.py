@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
+from . import deepseek_v3, llama, mistral, mixtral, nemotron_h, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
 from .base import Family
 from .registry import Registry
 
@@ -26,6 +26,7 @@ for _family in (
     qwen3_5.MOE_FAMILY,
     qwen3_5.VL_FAMILY,
     qwen3_5.VL_MOE_FAMILY,
+    nemotron_h.FAMILY,
 ):
     REGISTRY.register(_family)
 
