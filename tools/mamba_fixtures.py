@@ -26,6 +26,7 @@ Layout under ``cache_dir/<spec.name>/``: ``ckpt/`` (the save root), ``reference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from tools.megatron_fixtures import (
 __all__ = ["MambaSpec", "build_mamba_fixtures"]
 
 FAMILY = "nemotron_h"
+METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}  # sharded-state-dict metadata
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class MambaSpec:
     moe_latent_size: int | None = 32  # Nemotron 3 latent projections; None: none
     scaling_factor: float = 2.0  # moe_router_topk_scaling_factor
     seed: int = 1234
+    # The weights drawn at this TP and saved there first, then loaded and re-saved by Megatron at ``tp``
+    # (dist_checkpointing reshards them): two saves of one model at two TPs. None: drawn at ``tp``.
+    weights_tp: int | None = None
     iteration: int = 10
 
     family = FAMILY  # for the MoE randomisation of tools.megatron_fixtures
@@ -85,7 +90,8 @@ class MambaSpec:
     def name(self) -> str:
         latent = f"-lat{self.moe_latent_size}" if self.moe_latent_size and "E" in self.pattern else ""
         symbols = self.pattern.replace("*", "A").replace("-", "D")
-        return f"{FAMILY}-{symbols}-tp{self.tp}-v{self.vocab_size}-s{self.seed}{latent}"
+        resaved = f"-from{self.weights_tp}" if self.weights_tp else ""
+        return f"{FAMILY}-{symbols}-tp{self.tp}{resaved}-v{self.vocab_size}-s{self.seed}{latent}"
 
     @property
     def num_layers(self) -> int:
@@ -93,7 +99,12 @@ class MambaSpec:
 
     @property
     def padded_vocab_size(self) -> int:
-        return pad_vocab_size(self.vocab_size, self.tp)
+        return pad_vocab_size(self.vocab_size, self.weights_tp or self.tp)  # fixed by the training TP
+
+    @property
+    def source(self) -> MambaSpec | None:
+        """The spec whose save this one re-saves (``weights_tp``), or None."""
+        return None if self.weights_tp is None else dataclasses.replace(self, tp=self.weights_tp, weights_tp=None)
 
     @property
     def has_moe(self) -> bool:
@@ -106,10 +117,14 @@ def build_mamba_fixtures(specs: Iterable[MambaSpec], cache_dir: Path) -> dict[Ma
     cache_dir = Path(cache_dir).resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     specs = list(dict.fromkeys(specs))
+    sources = (
+        build_mamba_fixtures([s.source for s in specs if s.source], cache_dir) if any(s.source for s in specs) else {}
+    )
     result = {s: cache_dir / s.name / "ckpt" for s in specs}
     with pending_builds(cache_dir, specs, ".build.lock") as todo:
         for spec in todo:
-            _spawn(spec.tp, "save", [{"spec": spec, "save": str(result[spec])}], worker=_worker)
+            load = str(sources[spec.source]) if spec.source else None
+            _spawn(spec.tp, "save", [{"spec": spec, "save": str(result[spec]), "load": load}], worker=_worker)
         if todo:
             _spawn(1, "reference", [{"spec": s, "root": str(result[s])} for s in todo], worker=_worker)
     return result
@@ -475,20 +490,34 @@ def make_args(spec: MambaSpec, tp: int, save: str) -> argparse.Namespace:
     return args
 
 
-def _save_job(spec: MambaSpec, save: str) -> None:
+def _load(model, spec: MambaSpec, root: str) -> None:
+    """Megatron-LM's load path: dist_checkpointing.load (resharding to this TP), then load_state_dict."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(
+        {"model": model.sharded_state_dict(metadata=dict(METADATA))}, str(Path(root) / f"iter_{spec.iteration:07d}")
+    )
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"load mismatch: missing={missing} unexpected={unexpected}")
+
+
+def _save_job(spec: MambaSpec, save: str, load: str | None) -> None:
     import torch
     from megatron.core import dist_checkpointing
 
     _init_parallel(spec.tp, 1, 1)
-    model = _build(spec, spec.tp, randomize=True)
+    model = _build(spec, spec.tp, randomize=load is None)
+    if load is not None:
+        _load(model, spec, load)
     iter_dir = Path(save) / f"iter_{spec.iteration:07d}"
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     common = {"args": make_args(spec, spec.tp, save), "checkpoint_version": 3.0, "iteration": spec.iteration}
-    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    state = {"model": model.sharded_state_dict(metadata=dict(metadata)), **common, "rng_state": _rng_state()}
-    dist_checkpointing.save(state, str(iter_dir), content_metadata=metadata)
+    state = {"model": model.sharded_state_dict(metadata=dict(METADATA)), **common, "rng_state": _rng_state()}
+    dist_checkpointing.save(state, str(iter_dir), content_metadata=dict(METADATA))
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{spec.iteration}\n")
@@ -497,18 +526,10 @@ def _save_job(spec: MambaSpec, save: str) -> None:
 def _reference_job(spec: MambaSpec, root: str) -> None:
     """Megatron's TP1 fp32 forward of the saved checkpoint → reference.pt."""
     import torch
-    from megatron.core import dist_checkpointing
 
     _init_parallel(1, 1, 1)
     model = _build(spec, 1, randomize=False)  # the padded vocab stays the training TP's
-    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    loaded = dist_checkpointing.load(
-        {"model": model.sharded_state_dict(metadata=dict(metadata))}, str(Path(root) / f"iter_{spec.iteration:07d}")
-    )
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"load mismatch: missing={missing} unexpected={unexpected}")
+    _load(model, spec, root)
     model = model.float().eval()
     gen = torch.Generator().manual_seed(spec.seed)
     ids = torch.randint(0, spec.vocab_size, (REFERENCE_BATCH, REFERENCE_SEQ), generator=gen)

@@ -43,10 +43,19 @@ def _checked(rows: list[int], shape: Shape, key: str, what: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class MambaInProj(GatedDeltaPieces):
-    """Mamba in_proj `[z; x; B; C; dt]`: HF keeps Megatron's piece order, so once read the rows are final."""
+class _MambaPieces(GatedDeltaPieces):
+    """HF keeps Megatron's piece order, so once read (pieces joined, TP blocks undone) the rows are final."""
 
     rows_only: ClassVar[bool] = True
+
+    def target_shapes(self, shape: Shape, dims: Dims, key: str) -> list[Shape]:
+        self.piece_rows(shape, dims, key)  # raises if the config's sizes contradict the checkpoint
+        return [shape]
+
+
+@dataclass(frozen=True)
+class MambaInProj(_MambaPieces):
+    """Mamba in_proj `[z; x; B; C; dt]`."""
 
     def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
         inner, state, heads = mamba_sizes(dims)
@@ -54,10 +63,8 @@ class MambaInProj(GatedDeltaPieces):
 
 
 @dataclass(frozen=True)
-class MambaConv(GatedDeltaPieces):
+class MambaConv(_MambaPieces):
     """Mamba conv1d weight `[C, 1, K]` or bias `[C]` over the channels `[x; B; C]`, as HF's conv1d."""
-
-    rows_only: ClassVar[bool] = True
 
     def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
         inner, state, _ = mamba_sizes(dims)
