@@ -9,17 +9,24 @@ import json
 from pathlib import Path
 
 import pytest
-from judge import assert_matches_megatron, assert_same_output, convert_fails
+import torch
+from judge import assert_matches_megatron, assert_same_output, convert_fails, load_clean
+from peft import PeftModel
 
 from offline_bridge import convert
+from offline_bridge.commands.export_adapter import export_adapter
 from offline_bridge.config.hf_config import derive_config
 from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_by_name, family_for_args
 from tools.mamba_fixtures import MambaSpec, build_mamba_fixtures, make_args
+from tools.mamba_lora_fixtures import TARGETS, MambaAdapterSpec, build_mamba_adapters
+from tools.megatron_fixtures import reference_logits
 
 TP1, TP2 = MambaSpec(), MambaSpec(tp=2)  # M * - M E: Mamba, attention, MLP, Mamba, MoE with latent projections
 TP2_AT_TP1 = MambaSpec(weights_tp=2)  # TP2's weights, re-saved by Megatron at TP1
 SPECS = [TP1, TP2, TP2_AT_TP1]
+LORA = MambaAdapterSpec(TP2)  # Mamba in_proj / out_proj, attention, MLP: saved at TP2
+PEFT_LORA = MambaAdapterSpec(TP2, targets=tuple(t for t in TARGETS if t != "out_proj"))  # what PEFT accepts
 ATOL = 1e-4  # measured ~1e-6: the scan's recurrence (Megatron) against its chunked form (transformers)
 
 
@@ -79,3 +86,41 @@ def test_args_are_detected_and_derive_the_config():
 def test_args_the_family_cannot_express_are_refused(changes: dict, said: str):
     with pytest.raises(CheckpointError, match=said.replace("*", r"\*")):
         derive_config(_args(**changes), family_by_name("nemotron_h"), vocab_size=None)
+
+
+@pytest.fixture(scope="module")
+def mamba_adapters(mamba_checkpoints: dict, megatron_cache: Path) -> dict[MambaAdapterSpec, Path]:
+    return build_mamba_adapters([LORA, PEFT_LORA], megatron_cache)
+
+
+def test_lora_merge_matches_megatron_at_tp2(mamba_adapters: dict, tmp_path: Path):
+    """in_proj's B (TP-local `[z; x; B; C; dt]` blocks, no split factory) and the other targets merged: the HF
+    model equals Megatron's TP2 forward with each rank's adapters on its own shards."""
+    out = convert(mamba_adapters[LORA], tmp_path / "hf", progress=False)  # base from run_config.yaml
+    assert_matches_megatron(out, TP2, mamba_adapters[LORA], atol=ATOL)
+
+
+def test_lora_export_loads_in_peft(mamba_adapters: dict, mamba_checkpoints: dict, tmp_path: Path):
+    """The exported adapter on the converted base: PEFT's merge equals ours, and so do its unmerged logits."""
+    base = convert(mamba_checkpoints[TP2], tmp_path / "base", progress=False)
+    merged = load_clean(convert(mamba_adapters[PEFT_LORA], tmp_path / "merged", progress=False))
+    peft_dir = export_adapter(
+        mamba_adapters[PEFT_LORA], tmp_path / "peft", hf_config=base / "config.json", progress=False
+    )
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["in_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["target_parameters"] == ["mixer.down_proj.weight", "mixer.up_proj.weight"]  # MLP of a MoE model
+    model = PeftModel.from_pretrained(load_clean(base), peft_dir).eval()
+    input_ids, _ = reference_logits(mamba_adapters[PEFT_LORA])
+    with torch.no_grad():
+        assert (model(input_ids).logits - merged(input_ids).logits).abs().max() <= ATOL
+    unloaded, ours = model.merge_and_unload().state_dict(), merged.state_dict()
+    assert unloaded.keys() == ours.keys()
+    for name, tensor in ours.items():
+        assert torch.allclose(unloaded[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_lora_export_refuses_mamba_out_proj(mamba_adapters: dict, tmp_path: Path):
+    """PEFT refuses LoRA on a Mamba mixer's out_proj: export says so and points to `convert`."""
+    with pytest.raises(CheckpointError, match=r"mixer\.out_proj.*PEFT refuses LoRA on .*out_proj of nemotron_h"):
+        export_adapter(mamba_adapters[LORA], tmp_path / "peft", progress=False)

@@ -40,6 +40,7 @@ class MambaAdapterSpec:
     alpha: int = 8
     seed: int = 7
     iteration: int = 20
+    targets: tuple[str, ...] = TARGETS  # Bridge's target_modules (leaf names)
 
     @property
     def tp(self) -> int:
@@ -47,7 +48,8 @@ class MambaAdapterSpec:
 
     @property
     def name(self) -> str:
-        return f"mambalora-r{self.dim}a{self.alpha}-s{self.seed}--{self.base.name}"
+        targets = "" if self.targets == TARGETS else "-" + "+".join(self.targets)
+        return f"mambalora-r{self.dim}a{self.alpha}-s{self.seed}{targets}--{self.base.name}"
 
     @property
     def scale(self) -> float:
@@ -83,7 +85,7 @@ def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, An
             _save_and_reference(**job)
 
 
-def _wrap_all(model, adapters: _Adapters) -> None:
+def _wrap_all(model, adapters: _Adapters, targets: tuple[str, ...]) -> None:
     """Adapters on every block's target linears (column-parallel first linears, row-parallel second ones)."""
     from megatron.core.ssm.mamba_layer import MambaLayer
     from megatron.core.ssm.mlp_layer import MLPLayer
@@ -105,7 +107,8 @@ def _wrap_all(model, adapters: _Adapters) -> None:
         else:  # an MoE block: no adapters
             continue
         for column_parallel, (linear, name) in zip((True, False), pairs, strict=True):
-            adapters.wrap(linear.weight, prefix + name, i, column_parallel)
+            if name.rsplit(".", 1)[-1] in targets:
+                adapters.wrap(linear.weight, prefix + name, i, column_parallel)
 
 
 def _save_and_reference(spec: MambaAdapterSpec, base_root: str, save: str) -> None:
@@ -122,7 +125,7 @@ def _save_and_reference(spec: MambaAdapterSpec, base_root: str, save: str) -> No
     _load(model, spec.base, base_root)
     model = model.float().eval()
     adapters = _PlainAdapters(spec, ps.get_tensor_model_parallel_rank())
-    _wrap_all(model, adapters)
+    _wrap_all(model, adapters, spec.targets)
     iter_dir = Path(save) / f"iter_{spec.iteration:07d}"
     if torch.distributed.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +159,6 @@ def _run_config(spec: MambaAdapterSpec, base_root: str, save: str) -> dict[str, 
             "alpha": spec.alpha,
             "dim": spec.dim,
             "dropout": 0.0,
-            "target_modules": list(TARGETS),
+            "target_modules": list(spec.targets),
         },
     }

@@ -51,6 +51,9 @@ PREFIX = "base_model.model."
 _ROUTER_LEAF = "gate"
 _V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+# Modules PEFT refuses LoRA on, per HF model_type: Mamba mixers' out_proj and conv1d (their fused kernels read
+# the weights directly; peft's `_check_lora_target_modules_mamba`).
+_PEFT_REFUSES = {"nemotron_h": ("out_proj", "conv1d")}
 
 
 def _parameter_target(module: str, dims: Dims) -> str | None:
@@ -155,6 +158,11 @@ def build_adapter_plan(
             )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
+        refused = [m for m in modules if m.rsplit(".", 1)[-1] in _PEFT_REFUSES.get(family.model_type, ())]
+        if refused:
+            raise CheckpointError(
+                f"{where}: PEFT refuses LoRA on {refused[0]} of {family.model_type}; merge with `convert`"
+            )
         if delta.sources()[0].shape[0] != lora.dim:  # PEFT's v4 conversion fuses gate/up experts at rank 2·r
             raise CheckpointError(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
