@@ -33,7 +33,18 @@ from .base import Family, flag
 from .decoder import Decoder
 from .mamba import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MambaConv, MambaInProj
 
-__all__ = ["ATTENTION", "FAMILY", "LAYER", "MAMBA", "MLP", "MOE", "NemotronHDecoder", "layer_types", "mlp_layer"]
+__all__ = [
+    "ATTENTION",
+    "FAMILY",
+    "LAYER",
+    "MAMBA",
+    "MLP",
+    "MOE",
+    "NemotronHDecoder",
+    "latent_moe_layer",
+    "layer_types",
+    "mlp_layer",
+]
 
 M = "decoder.layers.{i}."  # Megatron layer prefix
 H = "backbone.layers.{i}."  # HF layer prefix
@@ -91,7 +102,7 @@ MLP = only(
 )
 
 
-def _latent(dims: Dims, layer: int | None) -> bool:
+def latent_moe_layer(dims: Dims, layer: int | None) -> bool:
     """An MoE block with latent projections (Nemotron 3 `moe_latent_size`)."""
     return moe_layer(dims, layer) and bool(hf_value(dims.config, "moe_latent_size", None))
 
@@ -113,7 +124,7 @@ MOE = (
         ),
     ),
     *only(
-        _latent,
+        latent_moe_layer,
         (
             Copy.of(M + "mlp.fc1_latent_proj.weight", X + "fc1_latent_proj.weight"),
             Copy.of(M + "mlp.fc2_latent_proj.weight", X + "fc2_latent_proj.weight"),
