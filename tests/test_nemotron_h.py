@@ -101,7 +101,8 @@ def test_lora_merge_matches_megatron_at_tp2(mamba_adapters: dict, tmp_path: Path
 
 
 def test_lora_export_loads_in_peft(mamba_adapters: dict, mamba_checkpoints: dict, tmp_path: Path):
-    """The exported adapter on the converted base: PEFT's merge equals ours, and so do its unmerged logits."""
+    """The exported adapter on the converted base (experts as ParamWrapper tensors of `mixer.experts.up_proj` /
+    `down_proj`): PEFT's merge equals ours, and so do its unmerged logits."""
     base = convert(mamba_checkpoints[TP2], tmp_path / "base", progress=False)
     merged = load_clean(convert(mamba_adapters[PEFT_LORA], tmp_path / "merged", progress=False))
     peft_dir = export_adapter(
@@ -109,7 +110,13 @@ def test_lora_export_loads_in_peft(mamba_adapters: dict, mamba_checkpoints: dict
     )
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["target_modules"] == ["in_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
-    assert config["target_parameters"] == ["mixer.down_proj.weight", "mixer.up_proj.weight"]  # MLP of a MoE model
+    # the MLP of a MoE model by parameter, the experts as ParamWrapper tensors of the fused parameters
+    assert config["target_parameters"] == [
+        "mixer.down_proj.weight",
+        "mixer.experts.down_proj",
+        "mixer.experts.up_proj",
+        "mixer.up_proj.weight",
+    ]
     model = PeftModel.from_pretrained(load_clean(base), peft_dir).eval()
     input_ids, _ = reference_logits(mamba_adapters[PEFT_LORA])
     with torch.no_grad():

@@ -6,7 +6,9 @@ base from :func:`tools.mamba_fixtures.build_mamba_fixtures`, at the base's TP, s
 
 - Mamba blocks ``decoder.layers.{i}.mixer.in_proj`` (column-parallel: B ``[P, dim]`` rows TP-sharded, rank t's
   rows its local ``[z_t; x_t; B_t; C_t; dt_t]``, no split factory) and ``mixer.out_proj`` (row-parallel);
-- attention blocks ``self_attention.linear_qkv`` / ``linear_proj``; MLP blocks ``mlp.linear_fc1`` / ``linear_fc2``.
+- attention blocks ``self_attention.linear_qkv`` / ``linear_proj``; MLP blocks ``mlp.linear_fc1`` / ``linear_fc2``, and
+  on MoE blocks the routed experts' (``mlp.experts.experts.linear_fc{1,2}.adapter.*``, A ``[E, dim, in]``, B
+  ``[E, out, dim]``; in the latent size with latent projections), as Bridge's ``linear_fc1`` / ``linear_fc2`` reach.
 
 The reference is Megatron's own forward at the adapter's TP with each rank adding ``(alpha/dim)·B @ A`` restricted
 to its own shard of every wrapped weight; logits gathered over TP.
@@ -104,7 +106,14 @@ def _wrap_all(model, adapters: _Adapters, targets: tuple[str, ...]) -> None:
                 (attention.linear_qkv, "self_attention.linear_qkv"),
                 (attention.linear_proj, "self_attention.linear_proj"),
             )
-        else:  # an MoE block: no adapters
+        else:  # an MoE block: linear_fc1 / linear_fc2 reach its routed experts (one adapter per expert)
+            experts = layer.mlp.experts
+            for e, expert in enumerate(experts.local_experts):
+                where = (e, experts.num_local_experts)
+                for column_parallel, name in ((True, "linear_fc1"), (False, "linear_fc2")):
+                    if name in targets:
+                        weight = getattr(expert, name).weight
+                        adapters.wrap(weight, prefix + "mlp.experts.experts." + name, i, column_parallel, where)
             continue
         for column_parallel, (linear, name) in zip((True, False), pairs, strict=True):
             if name.rsplit(".", 1)[-1] in targets:

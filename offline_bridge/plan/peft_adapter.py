@@ -87,8 +87,12 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
     return out
 
 
-# transformers 5 fuses each layer's experts into two parameters; the Megatron expert rule says which.
-_FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
+def _fused_experts(rule: Rule, index: dict[str, int]) -> str:
+    """The parameter transformers 5 fuses a layer's per-expert tensors into: a gated fc1 → `gate_up_proj`, a plain
+    (squared-ReLU) fc1 → `up_proj` (NemotronH), fc2 → `down_proj`."""
+    if isinstance(rule, GatedMLP):
+        return "gate_up_proj"
+    return "up_proj" if rule.targets[0].format(**{**index, "e": 0}).endswith(".up_proj.weight") else "down_proj"
 
 
 def _layer_adapter(planner: Planner, rule: Rule, index: dict[str, int]) -> tuple[Source, Source] | None:
@@ -110,11 +114,12 @@ def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) ->
         if isinstance(rule, Packed):  # the HF parameter itself: `<owner>.gate_up_proj` / `down_proj`
             owner, parameter = rule.targets[0].format(**index).rsplit(".", 1)
         else:
-            parameter = _FUSED_EXPERTS[type(rule)]
+            parameter = _fused_experts(rule, index)
             owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
-        inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
+        inner = ".base_layer" if parameter != "down_proj" and len(found) == 2 else ""  # the first registered
         name = f"{PREFIX}{owner}{inner}"
-        target = (f"mlp.experts.{parameter}",)
+        # `mlp.experts` (transformers 5 renames Mixtral's v4 `block_sparse_moe`), NemotronH's `mixer.experts`
+        target = (_LAYER.split(owner)[-1].replace("block_sparse_moe.", "mlp.") + f".{parameter}",)
         out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
         out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
     return out
