@@ -81,6 +81,7 @@ def test_args_are_detected_and_derive_the_config():
         ({"swiglu": True}, "squared ReLU"),
         ({"position_embedding_type": "rope"}, "position_embedding_type=rope"),
         ({"moe_router_score_function": "softmax"}, "moe_router_score_function=softmax"),
+        ({"ckpt_format": "torch", "tensor_model_parallel_size": 2}, "legacy --ckpt-format torch"),
     ],
 )
 def test_args_the_family_cannot_express_are_refused(changes: dict, said: str):

@@ -1,4 +1,4 @@
-"""Rules of the Mamba-2 mixer (Nemotron-H): the input projection and convolution Megatron saves apart, TP-sharded
+"""Rules of the Mamba-2 mixer (Nemotron-H), and the hybrid layer pattern's block conditions: the input projection and convolution Megatron saves apart, TP-sharded
 by head groups (`MambaMixer.sharded_state_dict`), with the TP row order of their fused and LoRA forms.
 
 On disk (torch_dist) `in_proj.weight.{z,x,B,C,dt}` and `conv1d.{weight,bias}.{x,B,C}` each hold one piece over
@@ -9,15 +9,28 @@ the `GatedDeltaPieces` row orders undo that, with these pieces' sizes (see forma
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
-from ..plan.rules import Dims, Shape
+from ..plan.rules import Dims, Shape, moe_layer
 from .gated_deltanet import GatedDeltaPieces
 
-__all__ = ["MAMBA_CONV_PARTS", "MAMBA_IN_PROJ_PARTS", "MambaConv", "MambaInProj", "mamba_sizes"]
+__all__ = [
+    "BLOCKS",
+    "MAMBA_CONV_PARTS",
+    "MAMBA_IN_PROJ_PARTS",
+    "MambaConv",
+    "MambaInProj",
+    "latent_moe_layer",
+    "layer_types",
+    "mamba_sizes",
+    "mlp_layer",
+]
+
+BLOCKS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}  # pattern symbol → HF type
 
 MAMBA_IN_PROJ_PARTS = (".z", ".x", ".B", ".C", ".dt")  # how Megatron saves in_proj apart
 MAMBA_CONV_PARTS = (".x", ".B", ".C")
@@ -69,3 +82,25 @@ class MambaConv(_MambaPieces):
     def piece_rows(self, shape: Shape, dims: Dims, key: str) -> list[int]:
         inner, state, _ = mamba_sizes(dims)
         return _checked([inner, state, state], shape, key, "channels")
+
+
+# The hybrid layer pattern: which block each layer is.
+def layer_types(args: argparse.Namespace) -> list[str]:
+    """The HF block types of Megatron's `hybrid_override_pattern` (one symbol per layer)."""
+    pattern, num_layers = getattr(args, "hybrid_override_pattern", None), int(args.num_layers)
+    if not isinstance(pattern, str) or len(pattern) != num_layers or set(pattern) - set(BLOCKS):
+        raise CheckpointError(
+            f"args.hybrid_override_pattern={pattern!r} does not give one of M, *, -, E for each of {num_layers} "
+            "layers; pass --hf-config"
+        )
+    return [BLOCKS[symbol] for symbol in pattern]
+
+
+def mlp_layer(dims: Dims, layer: int | None) -> bool:
+    """A dense MLP block (`-`)."""
+    return layer is not None and dims.config["layer_types"][layer] == "mlp"
+
+
+def latent_moe_layer(dims: Dims, layer: int | None) -> bool:
+    """An MoE block with latent projections (Nemotron 3 `moe_latent_size`)."""
+    return moe_layer(dims, layer) and bool(hf_value(dims.config, "moe_latent_size", None))

@@ -6,7 +6,8 @@ with one pre-norm (`norm`) and one `mixer`, as the Hub checkpoints are.
 The attention has no rotary embedding; MLPs and experts are squared-ReLU `up_proj` / `down_proj` without a gate;
 routers are sigmoid with a score bias (Nemotron 3). Megatron's pre-norm of each layer is fused into its first
 linear (`mixer.in_proj`, `linear_qkv`, `linear_fc1`) except on MoE layers (`pre_mlp_layernorm`).
-megatron-core 0.16's MambaModel has no MTP block: checkpoints with `mtp_num_layers` are refused.
+megatron-core 0.16's MambaModel has no MTP block: checkpoints with `mtp_num_layers` are refused, and so are
+legacy `--ckpt-format torch` saves at TP > 1 (the legacy reader joins fc1 as swiglu halves).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from ..errors import CheckpointError
 from ..plan.rules import (
     QKV,
     Copy,
-    Dims,
     VocabRows,
     full_attention_layer,
     linear_attention_layer,
@@ -31,7 +31,16 @@ from ..plan.rules import (
 )
 from .base import Family, flag
 from .decoder import Decoder
-from .mamba import MAMBA_CONV_PARTS, MAMBA_IN_PROJ_PARTS, MambaConv, MambaInProj
+from .mamba import (
+    BLOCKS,
+    MAMBA_CONV_PARTS,
+    MAMBA_IN_PROJ_PARTS,
+    MambaConv,
+    MambaInProj,
+    latent_moe_layer,
+    layer_types,
+    mlp_layer,
+)
 
 __all__ = [
     "ATTENTION",
@@ -41,21 +50,11 @@ __all__ = [
     "MLP",
     "MOE",
     "NemotronHDecoder",
-    "latent_moe_layer",
-    "layer_types",
-    "mlp_layer",
 ]
 
 M = "decoder.layers.{i}."  # Megatron layer prefix
 H = "backbone.layers.{i}."  # HF layer prefix
 X = H + "mixer."
-
-BLOCKS = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-
-
-def mlp_layer(dims: Dims, layer: int | None) -> bool:
-    """A dense MLP block (`-`)."""
-    return layer is not None and dims.config["layer_types"][layer] == "mlp"
 
 
 # One pre-norm per block, saved under the name of the linear it is fused into (or its own, unfused).
@@ -102,11 +101,6 @@ MLP = only(
 )
 
 
-def latent_moe_layer(dims: Dims, layer: int | None) -> bool:
-    """An MoE block with latent projections (Nemotron 3 `moe_latent_size`)."""
-    return moe_layer(dims, layer) and bool(hf_value(dims.config, "moe_latent_size", None))
-
-
 MOE = (
     *only(
         moe_layer,
@@ -133,17 +127,6 @@ MOE = (
 )
 
 LAYER = (NORM, *MAMBA, *ATTENTION, *MLP, *MOE)
-
-
-def layer_types(args: argparse.Namespace) -> list[str]:
-    """The HF block types of Megatron's `hybrid_override_pattern` (one symbol per layer)."""
-    pattern, num_layers = getattr(args, "hybrid_override_pattern", None), int(args.num_layers)
-    if not isinstance(pattern, str) or len(pattern) != num_layers or set(pattern) - set(BLOCKS):
-        raise CheckpointError(
-            f"args.hybrid_override_pattern={pattern!r} does not give one of M, *, -, E for each of {num_layers} "
-            "layers; pass --hf-config"
-        )
-    return [BLOCKS[symbol] for symbol in pattern]
 
 
 @dataclass(frozen=True)
@@ -196,6 +179,11 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise CheckpointError(
             f"args.mtp_num_layers={args.mtp_num_layers}: megatron-core's MambaModel MTP layers are not mapped "
             "to NemotronH yet"
+        )
+    if getattr(args, "ckpt_format", None) == "torch" and int(getattr(args, "tensor_model_parallel_size", 1) or 1) > 1:
+        raise CheckpointError(
+            "a legacy --ckpt-format torch MambaModel save at TP>1 is not supported (its mixer shards and plain "
+            "fc1 join differently from GPT's); re-save it as torch_dist"
         )
     types = layer_types(args)
     head_dim = int(getattr(args, "mamba_head_dim", None) or 64)
