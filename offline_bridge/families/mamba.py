@@ -98,7 +98,7 @@ def layer_types(args: argparse.Namespace) -> list[str]:
 
 def mlp_layer(dims: Dims, layer: int | None) -> bool:
     """A dense MLP block (`-`)."""
-    return layer is not None and dims.config["layer_types"][layer] == "mlp"
+    return layer is not None and hf_value(dims.config, "layer_types")[layer] == "mlp"
 
 
 def latent_moe_layer(dims: Dims, layer: int | None) -> bool:

@@ -219,7 +219,7 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
-    types = _text_config(config).get("layer_types") or []
+    types = hf_value(_text_config(config), "layer_types", None) or []
     layers = frozenset(i for i, kind in enumerate(types) if kind == "moe")
     return (int(hf_value(config, "num_experts", None) or 0) if layers else 0), layers
 
