@@ -20,9 +20,10 @@ from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_by_name, family_for_args
 from tools.mamba_fixtures import MambaSpec, build_mamba_fixtures, make_args
 from tools.mamba_lora_fixtures import TARGETS, MambaAdapterSpec, build_mamba_adapters
-from tools.megatron_fixtures import reference_logits
+from tools.megatron_fixtures import legacy_root, reference_logits
 
-TP1, TP2 = MambaSpec(), MambaSpec(tp=2)  # M * - M E: Mamba, attention, MLP, Mamba, MoE with latent projections
+TP1 = MambaSpec(legacy_twin=True)  # M * - M E: Mamba, attention, MLP, Mamba, MoE with latent projections
+TP2 = MambaSpec(tp=2)
 TP2_AT_TP1 = MambaSpec(weights_tp=2)  # TP2's weights, re-saved by Megatron at TP1
 SPECS = [TP1, TP2, TP2_AT_TP1]
 LORA = MambaAdapterSpec(TP2)  # Mamba in_proj / out_proj, attention, MLP: saved at TP2
@@ -58,6 +59,13 @@ def test_config_disagreeing_with_mamba_layers_names_the_tensor(mamba_checkpoints
     (tmp_path / "config.json").write_text(json.dumps(config))
     error = convert_fails(mamba_checkpoints[TP1], tmp_path / "out", "--hf-config", tmp_path / "config.json")
     assert "decoder.layers.0.mixer.in_proj.weight has 328 rows" in error and "ssm_state_size need 296" in error
+
+
+def test_legacy_tp1_save(mamba_checkpoints: dict, tmp_path: Path):
+    """`--ckpt-format torch` keeps in_proj and conv1d fused and the local norm names (`norm`, `input_layernorm`,
+    `pre_mlp_layernorm`): the same model."""
+    out = convert(legacy_root(mamba_checkpoints[TP1]), tmp_path / "hf", progress=False)
+    assert_matches_megatron(out, TP1, mamba_checkpoints[TP1], atol=ATOL)
 
 
 def _args(**changes: object) -> argparse.Namespace:

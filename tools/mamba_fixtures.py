@@ -45,8 +45,10 @@ from tools.megatron_fixtures import (
     _randomize_expert_bias,
     _randomize_moe,
     _rng_state,
+    _save_legacy,
     _spawn,
     cpu_rank,
+    legacy_root,
     pad_vocab_size,
     pending_builds,
 )
@@ -82,6 +84,7 @@ class MambaSpec:
     # The weights drawn at this TP and saved there first, then loaded and re-saved by Megatron at ``tp``
     # (dist_checkpointing reshards them): two saves of one model at two TPs. None: drawn at ``tp``.
     weights_tp: int | None = None
+    legacy_twin: bool = False  # also save the same weights as --ckpt-format torch, under <fixture>/legacy
     iteration: int = 10
 
     family = FAMILY  # for the MoE randomisation of tools.megatron_fixtures
@@ -90,7 +93,7 @@ class MambaSpec:
     def name(self) -> str:
         latent = f"-lat{self.moe_latent_size}" if self.moe_latent_size and "E" in self.pattern else ""
         symbols = self.pattern.replace("*", "A").replace("-", "D")
-        resaved = f"-from{self.weights_tp}" if self.weights_tp else ""
+        resaved = (f"-from{self.weights_tp}" if self.weights_tp else "") + ("-legacy" if self.legacy_twin else "")
         return f"{FAMILY}-{symbols}-tp{self.tp}{resaved}-v{self.vocab_size}-s{self.seed}{latent}"
 
     @property
@@ -518,9 +521,20 @@ def _save_job(spec: MambaSpec, save: str, load: str | None) -> None:
     common = {"args": make_args(spec, spec.tp, save), "checkpoint_version": 3.0, "iteration": spec.iteration}
     state = {"model": model.sharded_state_dict(metadata=dict(METADATA)), **common, "rng_state": _rng_state()}
     dist_checkpointing.save(state, str(iter_dir), content_metadata=dict(METADATA))
+    legacy = legacy_root(Path(save))
+    if spec.legacy_twin:
+        _save_legacy(
+            [model],
+            argparse.Namespace(**{**vars(common["args"]), "ckpt_format": "torch"}),
+            legacy,
+            spec.iteration,
+            1,
+            1,
+        )
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        (Path(save) / "latest_checkpointed_iteration.txt").write_text(f"{spec.iteration}\n")
+        for root in (Path(save), legacy) if spec.legacy_twin else (Path(save),):
+            (root / "latest_checkpointed_iteration.txt").write_text(f"{spec.iteration}\n")
 
 
 def _reference_job(spec: MambaSpec, root: str) -> None:
