@@ -25,7 +25,8 @@ from tools.megatron_fixtures import legacy_root, reference_logits
 TP1 = MambaSpec(legacy_twin=True)  # M * - M E: Mamba, attention, MLP, Mamba, MoE with latent projections
 TP2 = MambaSpec(tp=2)
 TP2_AT_TP1 = MambaSpec(weights_tp=2)  # TP2's weights, re-saved by Megatron at TP1
-SPECS = [TP1, TP2, TP2_AT_TP1]
+DENSE = MambaSpec(pattern="M-M*-", tp=2)  # Nemotron-H: no MoE block
+SPECS = [TP1, TP2, TP2_AT_TP1, DENSE]
 LORA = MambaAdapterSpec(TP2)  # Mamba in_proj / out_proj, attention, MLP: saved at TP2
 PEFT_LORA = MambaAdapterSpec(TP2, targets=tuple(t for t in TARGETS if t != "out_proj"))  # what PEFT accepts
 ATOL = 1e-4  # measured ~1e-6: the scan's recurrence (Megatron) against its chunked form (transformers)
@@ -41,8 +42,13 @@ def test_nemotron_h_parity(spec: MambaSpec, mamba_checkpoints: dict, tmp_path: P
     out = convert(mamba_checkpoints[spec], tmp_path / "hf", progress=False)  # family inferred from the args
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["NemotronHForCausalLM"]
-    assert config["layers_block_type"] == ["linear_attention", "full_attention", "mlp", "linear_attention", "moe"]
-    assert (config["mamba_num_heads"], config["n_groups"], config["moe_latent_size"]) == (8, 2, 32)
+    blocks = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+    assert config["layers_block_type"] == [blocks[symbol] for symbol in spec.pattern]
+    assert (config["mamba_num_heads"], config["n_groups"], config.get("moe_latent_size")) == (
+        8,
+        2,
+        32 if spec.has_moe else None,
+    )
     assert_matches_megatron(out, spec, mamba_checkpoints[spec], atol=ATOL)
 
 
