@@ -96,6 +96,7 @@ def test_args_are_detected_and_derive_the_config():
         ({"position_embedding_type": "rope"}, "position_embedding_type=rope"),
         ({"moe_router_score_function": "softmax"}, "moe_router_score_function=softmax"),
         ({"ckpt_format": "torch", "tensor_model_parallel_size": 2}, "legacy --ckpt-format torch"),
+        ({"moe_shared_expert_intermediate_size": None}, "moe_shared_expert_intermediate_size=None"),
     ],
 )
 def test_args_the_family_cannot_express_are_refused(changes: dict, said: str):

@@ -156,6 +156,7 @@ def _moe_config(args: argparse.Namespace) -> dict[str, Any]:
             ("moe_router_enable_expert_bias", flag(args, "moe_router_enable_expert_bias")),
             ("moe_router_num_groups", (getattr(args, "moe_router_num_groups", None) or 1) == 1),
             ("moe_shared_expert_gate", not flag(args, "moe_shared_expert_gate")),
+            ("moe_shared_expert_intermediate_size", flag(args, "moe_shared_expert_intermediate_size")),  # HF has one
         )
         if not ok
     ]
@@ -165,7 +166,7 @@ def _moe_config(args: argparse.Namespace) -> dict[str, Any]:
         "n_routed_experts": int(args.num_experts),
         "num_experts_per_tok": int(args.moe_router_topk),
         "moe_intermediate_size": int(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size),
-        "moe_shared_expert_intermediate_size": int(getattr(args, "moe_shared_expert_intermediate_size", None) or 0),
+        "moe_shared_expert_intermediate_size": int(args.moe_shared_expert_intermediate_size),
         "moe_latent_size": getattr(args, "moe_latent_size", None),
         "n_group": 1,
         "topk_group": 1,
