@@ -26,7 +26,8 @@ TP1 = MambaSpec(legacy_twin=True)  # M * - M E: Mamba, attention, MLP, Mamba, Mo
 TP2 = MambaSpec(tp=2)
 TP2_AT_TP1 = MambaSpec(weights_tp=2)  # TP2's weights, re-saved by Megatron at TP1
 DENSE = MambaSpec(pattern="M-M*-", tp=2)  # Nemotron-H: no MoE block
-SPECS = [TP1, TP2, TP2_AT_TP1, DENSE]
+BF16 = MambaSpec(tp=2, dtype="bf16")
+SPECS = [TP1, TP2, TP2_AT_TP1, DENSE, BF16]
 LORA = MambaAdapterSpec(TP2)  # Mamba in_proj / out_proj, attention, MLP: saved at TP2
 PEFT_LORA = MambaAdapterSpec(TP2, targets=tuple(t for t in TARGETS if t != "out_proj"))  # what PEFT accepts
 ATOL = 1e-4  # measured ~1e-6: the scan's recurrence (Megatron) against its chunked form (transformers)

@@ -47,6 +47,7 @@ from tools.megatron_fixtures import (
     _rng_state,
     _save_legacy,
     _spawn,
+    _torch_dtype,
     cpu_rank,
     legacy_root,
     pad_vocab_size,
@@ -84,6 +85,9 @@ class MambaSpec:
     # The weights drawn at this TP and saved there first, then loaded and re-saved by Megatron at ``tp``
     # (dist_checkpointing reshards them): two saves of one model at two TPs. None: drawn at ``tp``.
     weights_tp: int | None = None
+    dtype: str = (
+        "fp32"  # "fp32" | "bf16": params dtype of the saved checkpoint (built in fp32, cast like Float16Module)
+    )
     legacy_twin: bool = False  # also save the same weights as --ckpt-format torch, under <fixture>/legacy
     iteration: int = 10
 
@@ -94,6 +98,7 @@ class MambaSpec:
         latent = f"-lat{self.moe_latent_size}" if self.moe_latent_size and "E" in self.pattern else ""
         symbols = self.pattern.replace("*", "A").replace("-", "D")
         resaved = (f"-from{self.weights_tp}" if self.weights_tp else "") + ("-legacy" if self.legacy_twin else "")
+        resaved += "" if self.dtype == "fp32" else f"-{self.dtype}"
         return f"{FAMILY}-{symbols}-tp{self.tp}{resaved}-v{self.vocab_size}-s{self.seed}{latent}"
 
     @property
@@ -424,8 +429,9 @@ def _build(spec: MambaSpec, tp: int, *, randomize: bool):
             _randomize_mamba(model, spec, tp_rank)
             if spec.has_moe:
                 _randomize_moe(model, spec, 0, 0)
-        if spec.has_moe:
-            _randomize_expert_bias(model, spec, 0, 0)
+    model = model.to(_torch_dtype(spec.dtype))  # a load then reads the checkpoint's dtype, no cast in the loader
+    if randomize and spec.has_moe:
+        _randomize_expert_bias(model, spec, 0, 0)  # a buffer: fp32, as Megatron keeps it
     return model
 
 
@@ -465,7 +471,7 @@ def make_args(spec: MambaSpec, tp: int, save: str) -> argparse.Namespace:
         expert_model_parallel_size=1,
         world_size=tp,
         sequence_parallel=tp > 1 and spec.has_moe,
-        bf16=False,
+        bf16=spec.dtype == "bf16",
         init_method_std=INIT_METHOD_STD,
         seed=spec.seed,
         iteration=spec.iteration,
