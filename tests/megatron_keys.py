@@ -253,8 +253,50 @@ CASES: dict[str, tuple[dict[str, Any], Keys]] = {
     "qwen3_5_moe": ({**COMMON, **HYBRID, **NEXT_MOE}, {**ends(), **HYBRID_MOE_LAYERS}),
     "nemotron_h": (NEMOTRON_H, NEMOTRON_H_KEYS),
 }
+GLM_ATTENTION = {**attention(), "self_attention.linear_qkv.bias": (QKV_ROWS,), **QK_NORMS}
+GLM_MOE_LAYER = {**GLM_ATTENTION, **ROUTED, **EXPERT_BIAS, **SHARED}
+GLM = {
+    **COMMON,
+    **{k: DEEPSEEK[k] for k in ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "n_group")},
+    **{k: DEEPSEEK[k] for k in ("num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers")},
+    "attention_bias": True,
+    "use_qk_norm": True,
+    "partial_rotary_factor": 0.5,
+}
+CASES["glm4_moe"] = (
+    GLM,
+    {
+        **ends(),
+        **per_layer("decoder.layers.0", {**GLM_ATTENTION, **DENSE_MLP}),
+        **per_layer("decoder.layers.1", GLM_MOE_LAYER),
+        **mtp(GLM_MOE_LAYER),
+    },
+)
+CASES["glm4_moe_lite"] = ({**DEEPSEEK, "mlp_layer_types": ["dense", "sparse"]}, CASES["deepseek_v3"][1])
+CASES["kimi_k2"] = CASES["moonlight"] = CASES["deepseek_v3"]  # their transformers class is DeepseekV3ForCausalLM
 CASES["qwen3_5_vl"] = ({"text_config": CASES["qwen3_5"][0], "tie_word_embeddings": False}, CASES["qwen3_5"][1])
 CASES["qwen3_5_moe_vl"] = (
     {"text_config": CASES["qwen3_5_moe"][0], "tie_word_embeddings": False},
     CASES["qwen3_5_moe"][1],
+)
+# GPT-OSS: biases on every linear (Megatron add_bias_linear), learnable softmax offsets, experts with biases.
+GPT_OSS_LAYER = {
+    **attention(),
+    "self_attention.linear_qkv.bias": (QKV_ROWS,),
+    "self_attention.linear_proj.bias": (H,),
+    "self_attention.core_attention.softmax_offset": (HEADS,),
+    **ROUTED,
+    "mlp.router.bias": (E,),
+    "mlp.experts.experts.linear_fc1.bias": (E, 2 * FM),
+    "mlp.experts.experts.linear_fc2.bias": (E, H),
+}
+CASES["gpt_oss"] = (
+    {
+        **COMMON,
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "intermediate_size": FM,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    {**ends(), **stacked(2, GPT_OSS_LAYER)},
 )

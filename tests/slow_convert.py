@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-__all__ = ["start_slow_convert"]
+__all__ = ["SLOW_CONVERT", "start_slow_convert"]
 
 SLOW_CONVERT = """
 import os, sys, time

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from offline_bridge.commands.convert import describe, plan_conversion
+from offline_bridge.commands.planning import describe, plan_conversion
 from offline_bridge.config.hf_fields import hf_value, normalized
 from offline_bridge.dtypes import by_option
 from offline_bridge.errors import OptionError

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from megatron_keys import BF16, CASES, MetadataReader
 
-from offline_bridge.commands.convert import plan_conversion
+from offline_bridge.commands.planning import plan_conversion
 from offline_bridge.config.hf_config import dims_of
 from offline_bridge.errors import CheckpointError
 from offline_bridge.families import FAMILIES

@@ -27,6 +27,8 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+from tools import megatron_fixtures
+
 
 class _TEStub(types.ModuleType):
     """``transformer_engine`` as seen by Bridge's LoRA layers: names resolve to dummy classes."""
@@ -87,25 +89,13 @@ def patch_for_cpu() -> None:
 
 @contextlib.contextmanager
 def cpu_rank(rank: int, world: int, port: int) -> Iterator[None]:
-    import warnings
-    from datetime import timedelta
-
-    warnings.filterwarnings("ignore")
+    """megatron_fixtures' rank with Transformer Engine stubbed and Bridge patched; Bridge reads the torchrun
+    environment variables too."""
     sys.meta_path.insert(0, _TEFinder())
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.setdefault("LOCAL_RANK", str(rank))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-    try:
-        patch_for_cpu()
+    with megatron_fixtures.cpu_rank(rank, world, port, patch_for_cpu):
         yield
-    finally:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def padded(provider: Any) -> Any:

@@ -16,10 +16,12 @@ if is_command():  # Ctrl-C while the modules below load (half a second) is one l
 import click
 
 from ..families import FAMILIES
+from .cli_checks import diff_command, inspect_command, verify_command
 from .convert import convert
 from .export_adapter import export_adapter
-from .options import MAX_WORKERS, check_options
-from .outcome import as_json, internal_error, report
+from .options import MAX_WORKERS
+from .outcome import internal_error, report
+from .parts import finalize
 
 __all__ = ["entry", "main", "run"]
 
@@ -136,7 +138,25 @@ def main(ctx: click.Context, debug: bool) -> None:
     is_flag=True,
     help="Check every record read against the CRC-32 its torch.save archive holds (about 0.16 s of CPU per GB).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse legacy tensors that differ between TP ranks but should be replicated (default: take TP rank 0's).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
+@click.option(
+    "--part",
+    metavar="I/N",
+    help="Write only part I (0 to N-1) of N of the output files, beside OUT_DIR; `finalize OUT_DIR` completes it.",
+)
+@click.option("--resume", is_flag=True, help="Keep the files a killed run (or part) completed; write the rest.")
+@click.option(
+    "--ray",
+    is_flag=False,
+    flag_value="",
+    metavar="[ADDRESS]",
+    help="Run the parts as Ray tasks on the cluster at ADDRESS (default: RAY_ADDRESS or a local one), then finalize.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:
@@ -191,54 +211,16 @@ def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **optio
     _write(export_adapter, adapter_ckpt, out_dir, quiet, options)
 
 
-@main.command("inspect")
-@click.argument("ckpt_dir", type=click.Path(path_type=str))
-@click.option("--iteration", help="Iteration to inspect (a number or 'release'); default: the latest.")
-@click.option("--json", "json_output", is_flag=True, help="Print the report as JSON.")
-def inspect_command(ckpt_dir: str, iteration: str | None, json_output: bool) -> None:
-    """Describe the Megatron checkpoint CKPT_DIR from its metadata alone: format, iterations, parallel
-    layout, args, model family, adapter, and every tensor's shape, dtype, bytes and chunks."""
-    from .inspection import format_report, inspect_checkpoint
-
-    def text() -> str:
-        check_options(iteration=iteration)
-        found = inspect_checkpoint(ckpt_dir, iteration)
-        return as_json(found) if json_output else format_report(found)
-
-    click.echo(report(text))
-
-
-@main.command("diff")
-@click.argument("a", type=click.Path(path_type=str))
-@click.argument("b", type=click.Path(path_type=str))
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", type=float, default=0.0, show_default=True, help="Relative tolerance (to B's values).")
-@click.option("--json", "json_output", is_flag=True, help="Print the per-tensor report as JSON.")
-def diff_command(a: str, b: str, atol: float, rtol: float, json_output: bool) -> None:
-    """Compare two models tensor by tensor; A and B are HF directories or Megatron checkpoints (compared
-    by the HF tensors they convert to). Exit 0 when equal within |a-b| <= atol + rtol*|b|, else 1."""
-    from .diff import as_json as diff_json
-    from .diff import diff, format_diff, identical
-
-    def compared() -> tuple[str, bool]:
-        results = diff(a, b, atol=atol, rtol=rtol)
-        text = as_json(diff_json(a, b, atol, rtol, results)) if json_output else format_diff(results)
-        return text, identical(results)
-
-    text, same = report(compared)
-    click.echo(text)
-    sys.exit(0 if same else 1)
-
-
-@main.command("verify")
+@main.command("finalize")
 @click.argument("out_dir", type=click.Path(path_type=str))
-def verify_command(out_dir: str) -> None:
-    """Check OUT_DIR (written by convert or export-adapter) against its offline-bridge.json: every file's
-    size and hash, every tensor's sha256. Exit 0 intact, 1 on any mismatch, 2 without a readable manifest."""
-    from ..write.manifest import verify
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No log messages.")
+def finalize_command(out_dir: str, overwrite: bool, quiet: bool) -> None:
+    """Put OUT_DIR in place from the parts `convert --part I/N` wrote beside it, once every part is present
+    and intact: the manifest is written and the output renamed into place, as one `convert` would have."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    report(lambda: finalize(out_dir, overwrite=overwrite))
 
-    problems = report(lambda: verify(out_dir))
-    for problem in problems:
-        click.echo(problem)
-    click.echo(f"{out_dir}: {'intact' if not problems else f'{len(problems)} mismatch(es)'}")
-    sys.exit(1 if problems else 0)
+
+for _command in (inspect_command, diff_command, verify_command):
+    main.add_command(_command)

@@ -5,96 +5,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.args_shapes import check_args_against_tensors
-from ..config.hf_config import copy_side_files, derive_config, dims_of, finalize_config, load_config
 from ..config.inputs import open_checkpoint
-from ..config.model_args import model_args_of
-from ..dtypes import DType, by_option
-from ..families import Family, family_by_name, family_for_args, family_for_config
-from ..plan.planner import build_plan
-from ..plan.schema import Lora, Plan
+from ..errors import OptionError
+from ..plan.parts import parse_part
 from ..readers import CheckpointReader
-from ..readers.base import is_model_key
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
-from ..transform.fp8_export import fp8_plan
-from ..transform.quant import Quant, find_quant
-from ..write.json_file import write_json
+from ..write.completed import completed_files, keep_only
+from ..write.jsonable import jsonable
 from ..write.manifest import write_manifest
-from ..write.quant_files import write_quant
-from ..write.sources import ConfigFrom, describe_sources
+from ..write.parts_area import PartsArea, check_out_dir
+from ..write.sources import describe_sources
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
-from .sizes import parse_size
+from .parts import finalize, write_extras, write_part
+from .planning import describe, plan_conversion
+from .ray_parts import run_parts_on_ray
 
-__all__ = ["Conversion", "convert", "describe", "plan_conversion"]
+__all__ = ["convert"]
 
 log = logging.getLogger(__name__)
-
-
-def _auto_dtype(reader: CheckpointReader) -> DType:
-    """The dtype most model parameters are stored in (by element count)."""
-    counts: Counter = Counter()
-    for info in reader.tensors.values():
-        if is_model_key(info.key) and info.dtype.torch_name.startswith(("float", "bfloat")):
-            numel = 1
-            for n in info.shape:
-                numel *= n
-            counts[info.dtype] += numel
-    return counts.most_common(1)[0][0] if counts else by_option("fp32")
-
-
-@dataclass(frozen=True)
-class Conversion:
-    """Everything known before any tensor byte is read: what to write, and the side files."""
-
-    plan: Plan
-    config: dict
-    family: Family
-    model_dir: Path | None  # the HF model directory ``hf_config`` named, for its tokenizer files
-    quant: Quant | None  # ModelOpt amax mapped to HF names, when the checkpoint has any
-    config_source: ConfigFrom | None = None  # the checkpoint's args / run config it came from; None: --hf-config
-
-
-def plan_conversion(
-    reader: CheckpointReader,
-    lora: Lora | None,
-    *,
-    hf_config: str | Path | None = None,
-    model_type: str | None = None,
-    dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
-    vocab_size: int | None = None,
-    export_fp8: bool = False,
-) -> Conversion:
-    """The plan, the HF config and the side files for ``reader``, from metadata only."""
-    shard_limit = parse_size(max_shard_size)
-    target_dtype = None if dtype == "auto" else by_option(dtype)
-    model_dir, source = None, None
-    if hf_config is not None:
-        config, model_dir = load_config(hf_config)
-        family = family_by_name(model_type) if model_type else family_for_config(config)
-    else:
-        found = model_args_of(reader)
-        check_args_against_tensors(found.args, reader.tensors, str(found.file))
-        family = family_by_name(model_type) if model_type else family_for_args(found.args)
-        config = derive_config(found.args, family, vocab_size=vocab_size)
-        source = (found.source, found.file)
-    target_dtype = target_dtype or _auto_dtype(reader)
-    config = finalize_config(config, target_dtype, vocab_size=vocab_size)
-    plan = build_plan(family, reader, dims_of(config, family), target_dtype, shard_limit, lora)
-    quant = find_quant(family, reader, plan.dims)
-    if export_fp8:
-        plan, config["quantization_config"] = fp8_plan(plan, quant, reader, shard_limit)
-    log.info(
-        "%s: %d tensors, %d files, %d bytes", family.name, len(list(plan.targets())), len(plan.files), plan.total_size
-    )
-    return Conversion(plan, config, family, model_dir, quant, source)
 
 
 def convert(
@@ -118,6 +51,10 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     check_crc: bool = False,
+    strict: bool = False,
+    part: str | None = None,
+    resume: bool = False,
+    ray: str | None = None,
 ) -> Path:
     """Convert a Megatron-Core checkpoint into a Hugging Face model directory.
 
@@ -145,6 +82,13 @@ def convert(
         progress: show a progress bar on stderr.
         check_crc: compare the bytes of every record read with the CRC-32 its torch.save archive holds
             (damage a file system let through; 0.16 s of CPU per GB).
+        strict: refuse a legacy (`--ckpt-format torch`) tensor that should be replicated over TP ranks but
+            differs between them; without it TP rank 0's copy is taken, as Megatron does, with a warning.
+        part: "I/N": write only part I (0-based) of N of the output files, into the parts area beside
+            ``out_dir``; `finalize` puts the whole output in place once every part is written.
+        resume: keep the output files a killed run (or part) completed, and write only the rest.
+        ray: run the parts as Ray tasks, one per output file, then `finalize`: the cluster's address, or ""
+            for Ray's default (RAY_ADDRESS, else a new local instance).
 
     Returns:
         The output directory.
@@ -175,8 +119,19 @@ def convert(
     }
     if (adapter is not None or base is not None) and not dry_run:
         preload_torch()  # merges need it; importing takes longer than planning
-    # OUT_DIR is checked and locked before the checkpoint is read; a dry run leaves it alone
-    output = None if dry_run else OutputDir(out_dir, overwrite=overwrite, inputs=[ckpt_dir, adapter, base, hf_config])
+    # OUT_DIR is checked (and locked, or the part's lock taken) before the checkpoint is read; a dry run leaves
+    # it alone
+    inputs = [ckpt_dir, adapter, base, hf_config]
+    split = parse_part(part) if part is not None else None
+    if split is not None and ray is not None:
+        raise OptionError("--part and --ray: give one (--ray runs every part itself)")
+    output: OutputDir | PartsArea | None = None
+    if ray is not None and not dry_run:
+        check_out_dir(out_dir, overwrite, inputs)  # the tasks write the parts; `finalize` takes the OUT_DIR lock
+    elif split is not None and not dry_run:
+        output = PartsArea(out_dir, *split, overwrite=overwrite, inputs=inputs)
+    elif not dry_run:
+        output = OutputDir(out_dir, overwrite=overwrite, inputs=inputs)
     with output or contextlib.nullcontext():
         reader, lora = open_checkpoint(
             ckpt_dir,
@@ -186,6 +141,7 @@ def convert(
             lora_alpha=lora_alpha,
             lora_dim=lora_dim,
             check_crc=check_crc,
+            strict=strict,
         )
         log.info("reading %s", reader.path)
         with reader:
@@ -200,19 +156,38 @@ def convert(
                 export_fp8=export_fp8,
             )
             plan = conversion.plan
-            if output is None:
+            if dry_run:
                 sys.stdout.write(describe(plan, conversion.family))
                 return Path(out_dir)
-            with output.staged(_read_from(reader)) as staging:
-                digests = write_weights(plan, reader, staging, progress=progress, device=device, workers=workers)
-                if conversion.quant is not None:
-                    digests |= write_quant(conversion.quant, plan, conversion.family, reader, staging)
-                write_json(staging / "config.json", conversion.config)
-                if conversion.model_dir is not None:
-                    copy_side_files(conversion.model_dir, staging)
-                write_manifest(
-                    staging, "convert", options, describe_sources(reader, hf_config, conversion.config_source), digests
+            if ray is not None:
+                arguments = {
+                    **options,
+                    **{
+                        "ckpt_dir": ckpt_dir,
+                        "out_dir": out_dir,
+                        "hf_config": hf_config,
+                        "adapter": adapter,
+                        "base": base,
+                    },
+                    **{"workers": workers, "overwrite": overwrite, "check_crc": check_crc, "strict": strict},
+                }
+                run_parts_on_ray(ray, plan, arguments, progress=progress, merges=lora is not None)
+                return finalize(out_dir, overwrite=overwrite)
+            # every input file the manifest describes is read (and refused if it must be) before any output byte
+            sources = describe_sources(reader, hf_config, conversion.config_source)
+            writing = {"progress": progress, "device": device, "workers": workers}
+            if isinstance(output, PartsArea):
+                output.check_inputs(_read_from(reader))
+                manifest = {"options": jsonable(options), "sources": sources}
+                write_part(conversion, reader, output, manifest, resume=resume, **writing)
+                return Path(out_dir)
+            with output.staged(_read_from(reader), resume=resume) as staging:
+                kept = (
+                    keep_only(staging, completed_files(staging, plan, [f.name for f in plan.files])) if resume else None
                 )
+                digests = write_weights(plan, reader, staging, kept=kept, resumable=True, **writing)
+                digests |= write_extras(conversion, reader, staging)[1]
+                write_manifest(staging, "convert", options, sources, digests)
     return Path(out_dir)
 
 
@@ -220,24 +195,3 @@ def _read_from(reader: CheckpointReader) -> list[Path]:
     """The iteration directories ``reader`` reads (a base found through run_config.yaml too)."""
     parts = [reader.base, reader.adapter] if isinstance(reader, CombinedReader) else [reader]
     return [part.path for part in parts]
-
-
-def describe(plan: Plan, family: Family) -> str:
-    """The plan as text: the family's mapping table (`Family.describe`), every tensor (file, offset, bytes,
-    where it comes from), then every file and the total."""
-    lines = [f"family {family.name}: {family.architecture}"]
-    for row in family.describe():
-        when = f" [{row.condition}]" if row.condition else ""
-        lines.append(f"rule {row.table}: {', '.join(row.hf)} <- {' or '.join(row.megatron)} ({row.kind}){when}")
-    for step in plan.steps:
-        source = " + ".join(key for key, _ in step.source.parts)
-        merged = " (+ adapter)" if step.delta is not None else ""
-        for t in step.targets:
-            lines.append(
-                f"{t.name}\t{t.dtype.safetensors}{list(t.shape)}\t{t.file}@{t.offset}\t{t.nbytes}\t<- {source}{merged}"
-            )
-    counts = Counter(t.file for t in plan.targets())
-    for file in plan.files:
-        lines.append(f"file {file.name}: {counts[file.name]} tensors, {file.size} bytes")
-    lines.append(f"total: {len(list(plan.targets()))} tensors, {len(plan.files)} files, {plan.total_size} bytes")
-    return "\n".join(lines) + "\n"

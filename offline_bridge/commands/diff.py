@@ -21,8 +21,8 @@ from ..plan.schema import Plan
 from ..readers import CheckpointReader
 from ..readers.safetensors_file import SafetensorsFile
 from ..transform.compute import step_outputs
-from .convert import plan_conversion
 from .options import check_options
+from .planning import plan_conversion
 
 __all__ = ["TensorDiff", "diff", "format_diff"]
 

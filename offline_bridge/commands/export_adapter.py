@@ -16,6 +16,7 @@ from ..families import family_by_name, family_for_args, family_for_config
 from ..plan.peft_adapter import adapter_config, build_adapter_plan
 from ..readers import open_reader
 from ..readers.discovery import find_iteration_dir
+from ..readers.integrity import check_integrity
 from ..write.json_file import write_json
 from ..write.manifest import write_manifest
 from ..write.sources import describe_sources, fingerprint
@@ -63,6 +64,7 @@ def export_adapter(
     # OUT_DIR is checked and locked before the checkpoint is read
     with OutputDir(out_dir, overwrite=overwrite, inputs=[adapter_ckpt, hf_config, base]) as output:
         directory = find_iteration_dir(adapter_ckpt, iteration)
+        check_integrity(directory)
         run_config = load_run_config(directory)
         with open_reader(directory) as reader:
             sources = describe_sources(reader, hf_config)

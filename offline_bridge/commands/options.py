@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from ..errors import OptionError
+from ..readers.discovery import iteration_key
 from .sizes import parse_size
 
 __all__ = ["MAX_WORKERS", "check_options"]
@@ -20,7 +21,6 @@ MAX_VOCAB_SIZE = 2**31 - 1  # token ids are int32 in every tokenizer we know
 MAX_LORA_DIM = 2**16
 MAX_SHARD_SIZE = 10**15  # 1 PB: no file system takes larger files
 MAX_ITERATION = 10**12  # Megatron names iter_%07d; a trillion steps is far beyond any run
-_ITERATION = re.compile(r"[0-9]{1,12}|release", re.ASCII)
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?", re.ASCII)
 
 
@@ -52,10 +52,11 @@ def _real(low: float | None) -> Callable[[str, object], None]:
 
 def _iteration(option: str, value: object) -> None:
     if isinstance(value, int) and not isinstance(value, bool):
-        text = str(value) if 0 <= value < MAX_ITERATION else ""
+        text = str(value)
     else:
         text = value if isinstance(value, str) else ""
-    if not _ITERATION.fullmatch(text):
+    key = iteration_key(text) if text == text.strip() else None  # the rule the tracker file is read by
+    if key is None or (key != "release" and int(key) >= MAX_ITERATION):
         raise OptionError(f"{option} must be 'release' or an iteration number (ASCII digits), got {_shown(value)}")
 
 

@@ -4,18 +4,18 @@ internal), a traceback only with `--debug`; and reports as JSON whatever the che
 from __future__ import annotations
 
 import json
-import math
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 
 from ..errors import BridgeError
 from ..files.small_files import clip
+from ..write.jsonable import jsonable
 
-__all__ = ["as_json", "internal_error", "json_safe", "report"]
+__all__ = ["as_json", "internal_error", "report"]
 
 INTERNAL_LIMIT = 300  # characters of an unexpected exception's text shown on its one line
 
@@ -49,28 +49,5 @@ def internal_error(exc: BaseException) -> str:
 
 
 def as_json(value: object) -> str:
-    """``value`` as indented JSON text, made JSON-safe first (`json_safe`)."""
-    return json.dumps(json_safe(value), indent=2)
-
-
-def json_safe(value: object) -> Any:
-    """``value`` with what JSON cannot hold made text: bytes decoded (bad bytes escaped), sets as sorted
-    lists, keys as strings, non-finite floats and other objects by their text."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {_key(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((json_safe(v) for v in value), key=repr)
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return repr(value)
-
-
-def _key(key: object) -> str:
-    safe = json_safe(key)
-    return safe if isinstance(safe, str) else json.dumps(safe)
+    """``value`` as indented JSON text, made JSON-safe first (`write.jsonable`)."""
+    return json.dumps(jsonable(value), indent=2)

@@ -80,6 +80,15 @@ def _layer_pattern(value: Any) -> Any:
     return _where(lambda n: n >= 1, _int)(value)
 
 
+def _window(value: Any) -> tuple[int, int] | None:
+    """Megatron's sliding `window_size` `(left, right)`; -1 is TE's "unbounded"."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        left, right = (_int(v) for v in value)
+        if left is not None and right is not None and min(left, right) >= -1:
+            return left, right
+    return None
+
+
 POSITIVE_INT = Kind("a positive int", _where(lambda n: n >= 1, _int))
 COUNT = Kind("an int >= 0", _where(lambda n: n >= 0, _int))
 FLAG = Kind("a bool", _bool)
@@ -132,6 +141,20 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "beta_slow": NUMBER,
     "mscale": NUMBER,
     "mscale_all_dim": NUMBER,
+    # GPT-OSS: attention sinks, sliding window, clamped gated quick-GELU, GPTModel's YaRN
+    "softmax_type": Kind("'vanilla', 'off-by-one' or 'learnable'", _one_of("vanilla", "off-by-one", "learnable")),
+    "window_size": Kind("a pair of ints >= -1", _window),
+    "window_attn_skip_freq": LAYER_PATTERN,
+    "quick_geglu": FLAG,
+    "glu_linear_offset": NUMBER,
+    "activation_func_clamp_value": POSITIVE,
+    "yarn_rotary_scaling_factor": POSITIVE,
+    "yarn_original_max_position_embeddings": POSITIVE_INT,
+    "yarn_beta_fast": POSITIVE,
+    "yarn_beta_slow": POSITIVE,
+    "yarn_mscale": NUMBER,
+    "yarn_mscale_all_dim": NUMBER,
+    "yarn_correction_range_round_to_int": FLAG,
     # mixture of experts
     "num_experts": POSITIVE_INT,
     "moe_ffn_hidden_size": POSITIVE_INT,

@@ -38,6 +38,9 @@ class Family:
     decoder: Decoder = field(default_factory=Decoder)
     text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config
     """The part of the HF config describing the language model (a vision-language config nests it)."""
+    # The family whose `model_type` this one shares (Moonlight: "deepseek_v3"): an HF config selects that one,
+    # only --model-type selects this one (for the config it derives)
+    variant_of: str | None = None
 
     def matches(self, args: argparse.Namespace) -> bool:
         """Whether detection may pick this family for ``args`` (see `Registry.for_args`)."""

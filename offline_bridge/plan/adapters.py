@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import CheckpointError
+from ..readers.base import RowOrder
 from .rules import Dims, fused_part_rows
-from .schema import Delta, Lora, RowOrder, Source
+from .schema import Delta, Lora, Source
 
-__all__ = ["Find", "find_delta"]
+__all__ = ["ADAPTER", "Find", "find_delta"]
 
 Find = Callable[[tuple[str, ...]], Source | None]
+ADAPTER = ".adapter."  # every adapter tensor's key holds it
 
 _CANONICAL = {
     "linear_qkv": (("adapter_q.", "adapter_k.", "adapter_v."), "qkv"),
@@ -54,7 +56,7 @@ def find_delta(find: Find, pattern: str, lora: Lora | None, dims: Dims, base: So
     ``base`` when it is known (adapter export reads no base). CanonicalLoRA pieces may be absent (zero)."""
     if not pattern.endswith(".weight"):
         return None
-    module = pattern[: -len(".weight")] + ".adapter."
+    module = pattern[: -len(".weight")] + ADAPTER
     pieces: list[tuple[Source, Source] | None] = []
     layout = "plain"
     plain = _pair(find, module)

@@ -4,15 +4,15 @@ and each tensor's offset in it, as transformers lays them out."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from .schema import FilePlan, Step, Target
 
 __all__ = ["layout"]
 
 
-def _safetensors_header(targets: list[Target]) -> tuple[bytes, list[Target]]:
-    """Header bytes and targets with offsets; tensor order as safetensors' own writer (alignment, name)."""
+def _safetensors_header(targets: list[Target], file: str) -> tuple[bytes, list[Target]]:
+    """Header bytes and the targets placed in ``file`` at their offsets, in the order given; tensor order in the
+    file as safetensors' own writer (alignment, name)."""
     ordered = sorted(targets, key=lambda t: (-t.dtype.itemsize, t.name))
     entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
     position = 0
@@ -28,7 +28,7 @@ def _safetensors_header(targets: list[Target]) -> tuple[bytes, list[Target]]:
     header = len(text).to_bytes(8, "little") + text
     placed, position = {}, len(header)
     for t in ordered:
-        placed[t.name] = replace(t, offset=position)
+        placed[t.name] = Target(t.name, t.shape, t.dtype, file, position)
         position += t.nbytes
     return header, [placed[t.name] for t in targets]
 
@@ -50,8 +50,8 @@ def layout(steps: list[Step], max_shard_size: int, stem: str = "model") -> tuple
     )
     files, placed = [], {}
     for name, shard in zip(names, shards):
-        header, laid = _safetensors_header([replace(t, file=name) for t in shard])
+        header, laid = _safetensors_header(shard, name)
         files.append(FilePlan(name, header, len(header) + sum(t.nbytes for t in laid)))
         placed.update((t.name, t) for t in laid)
-    steps = [replace(s, targets=tuple(placed[t.name] for t in s.targets)) for s in steps]
+    steps = [Step(s.rule, s.source, tuple(placed[t.name] for t in s.targets), s.delta) for s in steps]
     return steps, files

@@ -31,6 +31,8 @@ from .rules import (
     Dims,
     ExpertMajorA,
     GatedMLP,
+    InterleavedPacked,
+    InterleavedRankMajorB,
     Packed,
     RankMajorB,
     Repeat,
@@ -45,10 +47,10 @@ ADAPTER_FILE = "adapter_model"
 PREFIX = "base_model.model."
 
 
-# Leaf names PEFT cannot wrap as modules: the router (a bare `weight` in transformers 5), and on MoE models
+# Leaf names PEFT cannot wrap as modules: the routers (a bare `weight` in transformers 5), and on MoE models
 # the v4 expert names, which PEFT's transformers-5 conversion re-aims at the fused experts wherever they appear
 # in target_modules — so dense and shared-expert MLPs of a MoE model are targeted by parameter as well.
-_ROUTER_LEAF = "gate"
+_ROUTER_LEAVES = ("gate", "router")  # GPT-OSS: `mlp.router.weight`, a bare parameter too
 _V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
 # Modules PEFT refuses LoRA on, per HF model_type: Mamba mixers' out_proj and conv1d (their fused kernels read
@@ -60,7 +62,7 @@ def _parameter_target(module: str, dims: Dims) -> str | None:
     """The `target_parameters` entry (`mlp.gate.weight`) for an HF module PEFT must reach by parameter
     (through `lora.ParamWrapper`, whose delta on a 2-D weight is `B @ A` like a Linear's), else None."""
     leaf = module.rsplit(".", 1)[-1]
-    if leaf == _ROUTER_LEAF or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
+    if leaf in _ROUTER_LEAVES or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
         return _LAYER.split(module)[-1] + ".weight"
     return None
 
@@ -121,7 +123,8 @@ def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) ->
         # `mlp.experts` (transformers 5 renames Mixtral's v4 `block_sparse_moe`), NemotronH's `mixer.experts`
         target = (_LAYER.split(owner)[-1].replace("block_sparse_moe.", "mlp.") + f".{parameter}",)
         out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
-        out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
+        b_rule = InterleavedRankMajorB if isinstance(rule, InterleavedPacked) else RankMajorB  # GPT-OSS gate / up
+        out.append((b_rule((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
     return out
 
 
@@ -189,7 +192,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
     modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
-        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__):
+        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__, InterleavedRankMajorB.__name__):
             parameters.add(step.rule.param("targets")[0])
             if step.rule.name == ExpertMajorA.__name__:  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
                 rank = step.targets[0].shape[0] // plan.dims.num_experts

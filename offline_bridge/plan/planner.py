@@ -12,11 +12,11 @@ from ..dtypes import DType
 from ..errors import CheckpointError
 from ..families import Family
 from ..readers.base import CheckpointReader, is_model_key, is_quantizer_key
-from .adapters import Find, find_delta
+from .adapters import ADAPTER, Find, find_delta
 from .layout import layout
 from .rules import Dims, Rule
 from .rules.registry import rule_ref
-from .schema import Delta, Lora, Plan, Source, Step, Target
+from .schema import Delta, Lora, Plan, RuleRef, Source, Step, Target
 from .sources import expand, finder, missing, packs_experts, resolve
 
 __all__ = ["Planner", "build_plan"]
@@ -37,6 +37,9 @@ class Planner:
         self.family, self.reader, self.dims = family, reader, dims
         self.steps: list[Step] = []
         self._missing: list[str] = []
+        self._adapters = any(ADAPTER in key for key in reader.tensors)  # none: no tensor needs looking for one
+        # a rule's data by its id (rules need not be hashable); the rule is kept too, so its id is never reused
+        self._refs: dict[int, tuple[Rule, RuleRef]] = {}
 
     def rules(self) -> list[tuple[Rule, dict[str, int]]]:
         """Every (rule, placeholder values) of the family's tables for this model, in HF state-dict order."""
@@ -56,6 +59,8 @@ class Planner:
     def attach(self, rule: Rule, index: dict[str, int], source: Source | None, lora: Lora | None) -> Delta | None:
         """The adapter on the rule's tensor at ``index`` (on every packed expert), if the checkpoint holds one;
         checked against ``source`` when it is known (adapter export reads no base)."""
+        if not self._adapters:
+            return None
         if packs_experts(rule, index):
             return self._stacked_delta(rule, index, lora)
         patterns = (source.pattern,) if source is not None else rule.sources
@@ -83,7 +88,9 @@ class Planner:
         """A step: ``source`` (plus ``delta``) through ``rule`` into HF tensors ``names`` of ``dtype``."""
         shapes = rule.target_shapes(source.shape, self.dims, source.key)
         targets = tuple(Target(name, tuple(shape), dtype) for name, shape in zip(names, shapes, strict=True))
-        step = Step(rule_ref(rule), source, targets, delta)
+        if id(rule) not in self._refs:
+            self._refs[id(rule)] = (rule, rule_ref(rule))
+        step = Step(self._refs[id(rule)][1], source, targets, delta)
         self.steps.append(step)
         return step
 

@@ -3,13 +3,14 @@ stacked tensor, resolved to a `Source`; and every rule of a family expanded over
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from functools import partial
 
 from ..errors import CheckpointError
 from ..families import Family
-from ..readers.base import CheckpointReader
+from ..readers.base import CheckpointReader, RowOrder, TensorInfo
 from .rules import Dims, Rule
 from .schema import Source
 
@@ -25,15 +26,25 @@ _FORMS = {
 }
 
 
-def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
+@functools.cache
+def _spellings(pattern: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Every spelling of ``pattern`` (a key template), each with the placeholders that are leading axes; once
+    per pattern, since a 100k-tensor model asks for the same few hundred patterns at every layer and expert."""
     present = [name for name, (token, _, _) in _FORMS.items() if token in pattern]
     choices = [[(form, None) for form in _FORMS[name][1]] + [(_FORMS[name][2], name)] for name in present]
+    found = []
     for combo in itertools.product(*choices):
         key = pattern
         for name, (form, _) in zip(present, combo):
             key = key.replace(_FORMS[name][0], form)
-        yield key.format(**index), tuple(axis for _, axis in combo if axis)
+        found.append((key, tuple(axis for _, axis in combo if axis)))
+    return tuple(found)
+
+
+def _candidates(pattern: str, index: dict[str, int]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """Keys that may hold ``pattern`` at ``index``, each with the placeholders that are leading axes."""
+    for key, axes in _spellings(pattern):
+        yield key.format(**index), axes
 
 
 def _find(
@@ -82,8 +93,29 @@ def _find(
                 parts.append((info.key, (*lead, *((0, n) for n in info.shape[len(axes) :]))))
             rest = infos[0].shape[len(axes) :]
             shape = (sum(info.shape[len(axes)] for info in infos), *rest[1:]) if rest else rest
-            return Source(tuple(parts), shape, infos[0].dtype, pattern)
+            return Source(tuple(parts), shape, infos[0].dtype, pattern, _row_order(infos, axes))
     return None
+
+
+def _row_order(infos: list[TensorInfo], axes: tuple[str, ...]) -> RowOrder | None:
+    """The TP row order the reader found the tensor stored in (`TensorInfo.row_order`), for a whole tensor."""
+    orders = {info.row_order for info in infos}
+    if orders == {None}:
+        return None
+    if len(infos) > 1 or axes:
+        raise CheckpointError(f"{infos[0].key}: rows stored in TP order in a stacked tensor or one saved in parts")
+    return infos[0].row_order
+
+
+def _joined_order(experts: list[Source]) -> RowOrder | None:
+    """The row order of every expert's rows stacked: each expert's block in its own order."""
+    orders = {s.row_order for s in experts}
+    if orders == {None}:
+        return None
+    order = orders.pop()
+    if orders or order is None or order.parts or order.kind == "tp_blocks":
+        raise CheckpointError(f"{experts[0].key}: experts stored in different TP row orders cannot be packed")
+    return RowOrder(order.kind, order.tp, tuple(s.shape[0] for s in experts))
 
 
 def packs_experts(rule: Rule, index: dict[str, int]) -> bool:
@@ -99,7 +131,8 @@ def resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: D
             return None
         first = experts[0]
         rows = sum(s.shape[0] for s in experts)
-        return Source(tuple(p for s in experts for p in s.parts), (rows, *first.shape[1:]), first.dtype, first.pattern)
+        parts = tuple(p for s in experts for p in s.parts)
+        return Source(parts, (rows, *first.shape[1:]), first.dtype, first.pattern, _joined_order(experts))
     return _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
         reader, rule.sources, index, dims, diagnose=True, saved_apart=rule.saved_apart
     )

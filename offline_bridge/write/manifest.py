@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..files.digest import sha256_file
 from ..files.small_files import JSON_LIMIT, clip, load_json, quote
 from ..readers.safetensors_file import SafetensorsFile
+from .completed import META
 from .json_file import write_json
-from .sources import canonical, sha256_file
+from .jsonable import jsonable
 
 __all__ = [
     "MANIFEST",
@@ -42,16 +44,16 @@ def write_manifest(
     command: str,
     options: Mapping[str, Any],
     sources: list[dict[str, Any]],
-    digests: Mapping[tuple[str, str], str],
+    digests: Mapping[str, Mapping[str, str]],
 ) -> None:
     """Write `offline-bridge.json` for the files now in ``out_dir`` (call it last).
 
-    ``digests`` are the tensors' sha256 by (file, tensor) as `write_weights` returns them, hashed as each
+    ``digests`` are the tensors' sha256 by file and tensor as `write_weights` returns them, hashed as each
     tensor was put in place (see `output_files.OutputFiles`)."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for path in sorted(out_dir.iterdir()):
-        if path.name == MANIFEST:
+        if path.name in (MANIFEST, META):
             continue
         if path.suffix != ".safetensors":
             files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -65,13 +67,13 @@ def write_manifest(
                     "dtype": entry.dtype.safetensors,
                     "shape": list(entry.shape),
                     "data_offsets": [entry.begin - st.header_size, entry.end - st.header_size],
-                    "sha256": digests[path.name, entry.name],
+                    "sha256": digests[path.name][entry.name],
                 }
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "tool": {"name": "offline-bridge", "version": _tool_version()},
         "command": command,
-        "options": canonical(dict(options)),
+        "options": jsonable(dict(options)),
         "sources": sources,
         "files": files,
         "tensors": tensors,

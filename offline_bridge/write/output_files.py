@@ -9,13 +9,14 @@ import hashlib
 import os
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from ..files.handles import HandleCache
 from ..files.posix_io import copy_range, pread_all, pwrite_all, start_writeback
 from ..plan.schema import Plan, Target
 from ..plan.transfer import Run
+from .completed import record_done
 
 __all__ = ["MAX_OPEN_FILES", "OutputFiles"]
 
@@ -24,21 +25,25 @@ _HASH_BLOCK = 16 * 2**20  # bytes read back at a time to hash a written tensor (
 
 
 class OutputFiles:
-    """The plan's safetensors files: headers written first, tensors put at their offsets by any thread; each
+    """The plan's safetensors files named in ``files``: headers written first, tensors put at their offsets by any thread; each
     file is flushed to disk (fsync) and closed as soon as its last tensor is in.
 
     Every tensor is hashed as it is put in place, on the thread that writes it, so hashing overlaps the other
     threads' copies and the disk's writeback: from memory when written from memory, else read back from the
-    page cache. ``digests`` holds the sha256 of the bytes `verify` will read."""
+    page cache. ``digests`` holds the sha256 of the bytes `verify` will read; with ``record``, each complete file
+    is recorded (`completed.record_done`) for `--resume`."""
 
-    def __init__(self, out_dir: Path, plan: Plan, limit: int = MAX_OPEN_FILES) -> None:
-        self._dir = out_dir
+    def __init__(
+        self, out_dir: Path, plan: Plan, files: Collection[str], record: bool, limit: int = MAX_OPEN_FILES
+    ) -> None:
+        self._dir, self._record = out_dir, record
         self._fds: HandleCache[str, int] = HandleCache(self._open, os.close, limit)
-        self._left = Counter(t.file for t in plan.targets())
+        self._plans = {file.name: file for file in plan.files if file.name in files}
+        self._left = Counter(t.file for t in plan.targets() if t.file in self._plans)
         self._lock = threading.Lock()
         self._scratch = threading.local()
-        self.digests: dict[tuple[str, str], str] = {}  # (file, tensor) -> sha256 hex
-        for file in plan.files:
+        self.digests: dict[str, dict[str, str]] = {name: {} for name in self._plans}  # file -> tensor -> sha256
+        for file in self._plans.values():
             fd = os.open(out_dir / file.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 pwrite_all(fd, [memoryview(file.header)], 0)
@@ -85,7 +90,7 @@ class OutputFiles:
 
     def _done(self, target: Target, digest: str) -> None:
         with self._lock:
-            self.digests[target.file, target.name] = digest
+            self.digests[target.file][target.name] = digest
             self._left[target.file] -= 1
             complete = not self._left[target.file]
         if complete:
@@ -98,6 +103,8 @@ class OutputFiles:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self._record:
+            record_done(self._dir, self._plans[name], self.digests[name])
 
     def close(self) -> None:
         self._fds.close()

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -37,12 +37,15 @@ def _size(count: float) -> str:
 class LineProgress:
     """One INFO line now and then: ``written 1.2 GB / 4.5 GB (27%), 12 of 40 files``."""
 
-    def __init__(self, plan: Plan, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._total = plan.total_size
+    def __init__(
+        self, plan: Plan, files: Collection[str] | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._left: Counter[str] = Counter()  # bytes still to write, by file
         for target in plan.targets():
-            self._left[target.file] += target.nbytes
-        self._files = len(plan.files)
+            if files is None or target.file in files:
+                self._left[target.file] += target.nbytes
+        self._total = sum(self._left.values())
+        self._files = len(plan.files) if files is None else len(files)
         self._done = 0
         self._clock = clock
         self._shown_at, self._shown_bytes = clock(), 0
@@ -81,12 +84,14 @@ class _Silent:
 
 
 @contextmanager
-def progress(plan: Plan, enabled: bool) -> Iterator[Progress]:
-    """What reports the writes of ``plan``: a bar on a terminal, lines elsewhere, nothing if not ``enabled``."""
+def progress(plan: Plan, enabled: bool, files: Collection[str] | None = None) -> Iterator[Progress]:
+    """What reports the writes of ``plan`` (of its ``files`` only, when given): a bar on a terminal, lines
+    elsewhere, nothing if not ``enabled``."""
     if not enabled:
         yield _Silent()
     elif sys.stderr.isatty():
-        with tqdm(total=plan.total_size, unit="B", unit_scale=True, desc="converting") as bar:
+        total = sum(t.nbytes for t in plan.targets() if files is None or t.file in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="converting") as bar:
             yield _Bar(bar)
     else:
-        yield LineProgress(plan)
+        yield LineProgress(plan, files)

@@ -17,6 +17,7 @@ from ..transform.quant import AMAX_FILE, CONFIG_FILE, Quant
 from ..transform.quant_rules import FP8
 from ..transform.quant_rules import module_of as _module
 from .json_file import write_json
+from .jsonable import jsonable
 from .writer import write_weights
 
 __all__ = ["write_quant"]
@@ -34,18 +35,10 @@ def _linears(plan: Plan, family: Family) -> list[str]:
     ]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
-
-
 def _modes(state: Mapping[str, Any] | None) -> dict[str, Any]:
     """ModelOpt's modes (`quantize`, `max_calibrate`, ...) with their configs."""
     entries = (state or {}).get("modelopt_state_dict") or []
-    return {mode: _jsonable(body.get("config")) for mode, body in entries if isinstance(body, Mapping)}
+    return {mode: jsonable(body.get("config")) for mode, body in entries if isinstance(body, Mapping)}
 
 
 def _weight_bits(modes: Mapping[str, Any]) -> Any:
@@ -70,7 +63,7 @@ def _stored_algo(plan: Plan) -> str | None:
 
 def write_quant(
     quant: Quant, plan: Plan, family: Family, reader: CheckpointReader, out_dir: Path
-) -> dict[tuple[str, str], str]:
+) -> dict[str, dict[str, str]]:
     """`quant_amax.safetensors` (HF amax names) and `hf_quant_config.json`: how this directory's weights are
     stored (`quantization`, ModelOpt's schema) and the calibration found in the checkpoint (`calibration`).
     Returns the amax tensors' sha256 (as `write_weights`)."""
@@ -98,7 +91,7 @@ def write_quant(
                 "amax_tensors": len(names),
             },
             "modelopt_state": modes,
-            "megatron_args": {k: _jsonable(v) for k, v in sorted(args.items()) if "quant" in k or k.startswith("fp8")},
+            "megatron_args": {k: jsonable(v) for k, v in sorted(args.items()) if "quant" in k or k.startswith("fp8")},
         },
     )
     return digests

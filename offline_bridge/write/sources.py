@@ -10,18 +10,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT, open_regular
+from ..files.digest import sha256_file
+from ..files.small_files import JSON_LIMIT, METADATA_LIMIT, TEXT_LIMIT
 from ..readers.base import CheckpointReader
 from ..readers.combined import CombinedReader
+from .jsonable import jsonable
 
-__all__ = ["ConfigFrom", "args_digest", "canonical", "describe_sources", "fingerprint", "sha256_file"]
+__all__ = ["ConfigFrom", "args_digest", "describe_sources", "fingerprint"]
 
 ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kind ("common.pt args", ...), its file
 
@@ -30,26 +30,8 @@ ConfigFrom = tuple[str, Path]  # where the model configuration was read: its kin
 # any depth, is recorded by size only: a fingerprint never re-reads tensor data (`.distcp`, zarr chunks,
 # legacy `model_optim_rng.pt`, whose args are in `args_sha256`) nor files no reader opens.
 _HASHED_AT_TOP = {".metadata": METADATA_LIMIT, "common.pt": METADATA_LIMIT, "metadata.json": TEXT_LIMIT}
-_HASHED_AT_TOP["run_config.yaml"] = JSON_LIMIT
+_HASHED_AT_TOP |= {"run_config.yaml": JSON_LIMIT, "integrity.json": JSON_LIMIT}
 _ZARRAY = ".zarray"
-_CHUNK = 1 << 24
-
-
-def sha256_file(path: Path, limit: int | None = None, what: str = "file") -> str:
-    """sha256 of a regular file read block by block (a FIFO or device is an error, never opened blocking);
-    with ``limit``, a larger file is an error before a byte is read."""
-    fd = open_regular(path, what)
-    try:
-        if limit is not None and os.fstat(fd).st_size > limit:
-            raise CheckpointError(f"{path}: the {what} is larger than the {limit} bytes such a file may take")
-        digest = hashlib.sha256()
-        while block := os.read(fd, _CHUNK):
-            digest.update(block)
-        return digest.hexdigest()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the {what} ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
 
 
 def _hash_limit(relative: Path) -> int | None:
@@ -59,27 +41,12 @@ def _hash_limit(relative: Path) -> int | None:
     return TEXT_LIMIT if len(relative.parts) == 2 and relative.name == _ZARRAY else None
 
 
-def canonical(value: Any) -> Any:
-    """A JSON-able form whose text does not depend on set order or object identity."""
-    if isinstance(value, Mapping):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((canonical(v) for v in value), key=repr)
-    if isinstance(value, argparse.Namespace) or hasattr(value, "__dict__"):
-        return {"type": type(value).__name__, **canonical(vars(value))}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 def args_digest(args: argparse.Namespace | None) -> str | None:
     """sha256 of the Megatron args as canonical JSON (None when the checkpoint saved none)."""
     if args is None:
         return None
     try:
-        text = json.dumps(canonical(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
+        text = json.dumps(jsonable(vars(args)), sort_keys=True, separators=(",", ":"), default=repr)
     except RecursionError:
         raise CheckpointError("the checkpoint's args nest too deeply (a self-referencing pickle?)") from None
     return hashlib.sha256(text.encode()).hexdigest()

@@ -1,9 +1,9 @@
 """OUT_DIR: checked, locked, written in a hidden directory beside it and renamed into place when complete.
 
 An interrupted or failed run never leaves something that looks like a finished output; a killed run leaves
-its `.<OUT_DIR>.partial-<pid>` behind, and the next run into the same OUT_DIR removes it. Before anything is
-touched, OUT_DIR is refused when it is, lies inside or contains an input (symlinks resolved), and `--overwrite`
-replaces only what is recognisably an output (our manifest, or an HF model directory). A lock beside OUT_DIR
+its `.<OUT_DIR>.partial-<pid>` behind, and the next run into the same OUT_DIR removes it (or, with `--resume`,
+takes it over). Before anything is touched, OUT_DIR is checked (`out_paths`): not overlapping an input, and
+replaced with `--overwrite` only when it is recognisably an output. A lock beside OUT_DIR
 (`offline_bridge.write.output_lock`) keeps a second run out from before the checkpoint is read (`convert`,
 `export-adapter`) until the output is in place.
 A symlink OUT_DIR is followed: the output replaces the directory it points to, the link stays. Our own
@@ -13,27 +13,20 @@ code: no library stages a directory this way.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import shutil
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import CheckpointError, OptionError, OutputError
-from ..files.small_files import JSON_LIMIT, read_small_text
-from .manifest import MANIFEST
+from ..errors import OptionError, OutputError
+from .completed import META
+from .out_paths import hidden_prefix, output_path, overlap, refuse_overlap, replaced, resolved
 from .output_lock import OutputLock
 
-__all__ = ["OutputDir", "output_path"]
+__all__ = ["OutputDir"]
 
 log = logging.getLogger(__name__)
-
-NAME_MAX = 255  # bytes in one path component (Linux, macOS)
-_SHORT_NAME = 200  # longer OUT_DIR names are cut and hashed in the hidden names beside it
-_HF_MARKERS = ("config.json", "adapter_config.json")
 
 
 class OutputDir:
@@ -49,16 +42,16 @@ class OutputDir:
     def __init__(self, out_dir: str | Path, *, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
         self.path = output_path(out_dir)
         self._overwrite = overwrite
-        self._sources = _resolved(inputs)
-        self._lock = OutputLock(self.path.parent / f"{_prefix(self.path)}lock", self.path)
+        self._sources = resolved(inputs)
+        self._lock = OutputLock(self.path.parent / f"{hidden_prefix(self.path)}lock", self.path)
 
     def __enter__(self) -> OutputDir:
-        _refuse_overlap(self.path, self._sources)
+        refuse_overlap(self.path, self._sources)
         if self.path.parent.is_dir():
             self._lock.acquire()
             try:
                 if not self._overwrite:  # what --overwrite may replace is judged once every input is known
-                    _replaced(self.path, overwrite=False)
+                    replaced(self.path, overwrite=False)
             except BaseException:
                 self._lock.release()
                 raise
@@ -68,150 +61,97 @@ class OutputDir:
         self._lock.release()
 
     @contextlib.contextmanager
-    def staged(self, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-        """Yield a temporary directory that becomes OUT_DIR if the block succeeds, else vanishes."""
-        out, sources = self.path, self._sources + _resolved(inputs)
-        _refuse_overlap(out, sources)
+    def staged(self, inputs: Iterable[str | Path | None] = (), resume: bool = False) -> Iterator[Path]:
+        """Yield a temporary directory that becomes OUT_DIR if the block succeeds, else vanishes. With
+        ``resume``, a killed run's staging directory is taken over instead of removed (its complete files are
+        kept by the caller, see `completed`)."""
+        out, sources = self._prepared(inputs)
+        staging = out.parent / f"{hidden_prefix(out)}partial-{os.getpid()}"
+        refuse_overlap(staging, sources)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            abandoned = _remove_abandoned(out, [source for _, source in sources], resume)
+            if abandoned is not None:
+                log.info("resuming in %s", abandoned)
+                abandoned.rename(staging)
+            else:
+                staging.mkdir()
+            yield staging
+            old = self._put_in_place(staging)
+        except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
+            raise OutputError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_old(out, old)
+
+    @contextlib.contextmanager
+    def adopted(self, area: Path) -> Iterator[Path]:
+        """Yield ``area`` (the parts other processes wrote); it becomes OUT_DIR if the block succeeds, and stays
+        as it is if not, for another try."""
+        out, _ = self._prepared(())
+        try:
+            yield area
+            old = self._put_in_place(area)
+        except OSError as exc:
+            raise OutputError(f"{out}: putting the output in place failed ({exc}); {area} is kept") from exc
+        _remove_old(out, old)
+
+    def _prepared(self, inputs: Iterable[str | Path | None]) -> tuple[Path, list[tuple[Path, Path]]]:
+        """OUT_DIR checked against every input, its parent created, locked, and what it held judged."""
+        out, sources = self.path, self._sources + resolved(inputs)
+        refuse_overlap(out, sources)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OptionError(f"{out.parent}: cannot create the directory for OUT_DIR ({exc.strerror})") from exc
         if not self._lock.held:
             self._lock.acquire()
-        replaced = _replaced(out, self._overwrite)
-        if replaced is not None:
-            log.info("replacing %s (%s)", out, replaced)
-        _remove_abandoned(out, [source for _, source in sources])
-        staging = out.parent / f"{_prefix(out)}partial-{os.getpid()}"
-        _refuse_overlap(staging, sources)
-        shutil.rmtree(staging, ignore_errors=True)
-        old = None
+        what = replaced(out, self._overwrite)
+        if what is not None:
+            log.info("replacing %s (%s)", out, what)
+        return out, sources
+
+    def _put_in_place(self, directory: Path) -> Path | None:
+        """Rename ``directory`` (its bookkeeping removed) to OUT_DIR; the replaced output's new name, if any."""
+        out, old = self.path, None
+        shutil.rmtree(directory / META, ignore_errors=True)  # `--resume` bookkeeping, never part of the output
+        if out.exists():
+            old = out.parent / f"{hidden_prefix(out)}old-{os.getpid()}"
+            out.rename(old)
+        directory.rename(out)
+        return old
+
+
+def _remove_old(out: Path, old: Path | None) -> None:
+    if old is not None:
         try:
-            staging.mkdir()
-            yield staging
-            if out.exists():
-                old = out.parent / f"{_prefix(out)}old-{os.getpid()}"
-                out.rename(old)
-            staging.rename(out)
-        except OSError as exc:  # disk full, permissions, ...: the staging directory goes, the error stays one line
-            raise OutputError(f"{out}: writing the output failed ({exc}); nothing was left behind") from exc
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            try:
-                shutil.rmtree(old)
-            except OSError as exc:  # the new output is in place; the old one is named as such
-                log.warning("%s: could not remove the replaced output %s (%s)", out, old, exc.strerror)
+            shutil.rmtree(old)
+        except OSError as exc:  # the new output is in place; the old one is named as such
+            log.warning("%s: could not remove the replaced output %s (%s)", out, old, exc.strerror)
 
 
-def output_path(out_dir: str | Path) -> Path:
-    """OUT_DIR as the directory we will replace: its parent resolved, a symlink followed to its target."""
-    given = Path(out_dir)
-    if given.name in ("", ".."):
-        raise OptionError(f"{out_dir}: OUT_DIR must name a directory to create (not ., .. or /)")
-    if len(os.fsencode(given.name)) > NAME_MAX:
-        raise OptionError(f"{given.name[:40]}...: OUT_DIR's name is longer than {NAME_MAX} bytes")
-    try:
-        if given.is_symlink():
-            target = given.resolve(strict=True)
-            if not target.is_dir() or target.name in ("", ".."):
-                raise OptionError(f"{given}: OUT_DIR is a symlink to {target}, which is not a directory to replace")
-            log.info("%s is a symlink: writing to %s", given, target)
-            return target
-        return given.parent.resolve() / given.name
-    except (OSError, RuntimeError) as exc:  # a link loop, a dangling link
-        raise OptionError(f"{given}: cannot resolve OUT_DIR ({exc})") from exc
-
-
-def _resolved(inputs: Iterable[str | Path | None]) -> list[tuple[Path, Path]]:
-    """(as given, resolved) for every input path."""
-    pairs = []
-    for given in (Path(p) for p in inputs if p is not None):
-        try:
-            pairs.append((given, given.resolve()))
-        except (OSError, RuntimeError) as exc:  # a link loop
-            raise OptionError(f"{given}: cannot resolve the input ({exc})") from exc
-    return pairs
-
-
-def _overlap(path: Path, source: Path) -> str | None:
-    """How ``path`` overlaps ``source`` (both resolved), if it does."""
-    if path == source:
-        return "is"
-    if path.is_relative_to(source):
-        return "lies inside"
-    return "contains" if source.is_relative_to(path) else None
-
-
-def _refuse_overlap(out: Path, inputs: list[tuple[Path, Path]]) -> None:
-    """OUT_DIR is replaced whole: it may not be an input, lie inside one, or hold one."""
-    for given, source in inputs:
-        relation = _overlap(out, source)
-        if relation is not None:
-            raise OptionError(f"{out}: OUT_DIR {relation} the input {given}; choose an OUT_DIR outside every input")
-
-
-def _replaced(out: Path, overwrite: bool) -> str | None:
-    """What a non-empty OUT_DIR holds, if it may be replaced: only with ``overwrite``, and only when it is
-    recognisably an output (None: nothing to replace)."""
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"{out}: exists and is not a directory")
-    try:
-        entries = sorted(os.listdir(out)) if out.is_dir() else []
-    except OSError as exc:
-        raise OptionError(f"{out}: cannot list OUT_DIR ({exc.strerror})") from exc
-    if not entries:
-        return None
-    if not overwrite:
-        raise OptionError(f"{out}: output directory is not empty; pass --overwrite to replace it")
-    what = _recognised(out, entries)
-    if what is None:
-        listing = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-        raise OptionError(
-            f"{out}: --overwrite replaces only an earlier output ({MANIFEST}) or an HF model directory, and this "
-            f"holds {listing}; remove it yourself or choose another OUT_DIR"
-        )
-    return what
-
-
-def _recognised(out: Path, entries: list[str]) -> str | None:
-    """What ``out`` is, if it is ours to replace: an earlier output, or a flat HF model directory."""
-    if MANIFEST in entries:
-        try:
-            manifest = json.loads(read_small_text(out / MANIFEST, JSON_LIMIT, "manifest"))
-            tool = manifest.get("tool") if isinstance(manifest, dict) else None
-            if isinstance(tool, dict) and tool.get("name") == "offline-bridge":
-                return f"an earlier output of {manifest.get('command', 'offline-bridge')}"
-        except (CheckpointError, ValueError, RecursionError):
-            pass
-    files_only = all(stat.S_ISREG(os.lstat(out / name).st_mode) for name in entries)
-    if files_only and any(marker in entries for marker in _HF_MARKERS):
-        return f"an HF model directory of {len(entries)} files"
-    return None
-
-
-def _prefix(out: Path) -> str:
-    """The start of every hidden name beside ``out``: `.<name>.`, the name cut and hashed when long."""
-    raw = os.fsencode(out.name)
-    if len(raw) <= _SHORT_NAME:
-        return f".{out.name}."
-    return f".{os.fsdecode(raw[:_SHORT_NAME])}~{hashlib.sha256(raw).hexdigest()[:16]}."
-
-
-def _remove_abandoned(out: Path, sources: list[Path]) -> None:
+def _remove_abandoned(out: Path, sources: list[Path], resume: bool = False) -> Path | None:
     """Delete staging / old directories of earlier runs into ``out`` whose process is gone (killed); never an
-    input that happens to be named like one."""
-    prefix = _prefix(out)
+    input that happens to be named like one. With ``resume``, the newest abandoned staging directory is
+    returned instead of deleted."""
+    prefix = hidden_prefix(out)
+    partial = []
     for leftover in [p for p in out.parent.iterdir() if p.name.startswith(prefix)]:
         kind, _, pid = leftover.name[len(prefix) :].rpartition("-")
         if kind not in ("partial", "old") or not pid.isascii() or not pid.isdigit() or _alive(int(pid)):
             continue
-        if any(_overlap(leftover, source) for source in sources):
+        if any(overlap(leftover, source) for source in sources):
             continue
         if kind == "old" and not out.exists():  # killed between the two renames: the old output is the output
             leftover.rename(out)
+        elif kind == "partial" and resume:
+            partial.append(leftover)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
+    partial.sort(key=lambda p: p.stat().st_mtime_ns)
+    for leftover in partial[:-1]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return partial[-1] if partial else None
 
 
 def _alive(pid: int) -> bool:

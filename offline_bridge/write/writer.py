@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from .output_files import MAX_OPEN_FILES, OutputFiles
 from .progress import progress as progress_of
 from .scheduler import TorchThreads, default_workers, run_bounded
 
-__all__ = ["INDEX_FILE", "write_weights"]
+__all__ = ["INDEX_FILE", "write_index", "write_weights"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -43,42 +43,50 @@ def write_weights(
     reader: CheckpointReader,
     out_dir: Path,
     *,
+    files: Collection[str] | None = None,
+    kept: Mapping[str, Mapping[str, str]] | None = None,
+    resumable: bool = False,
     progress: bool = True,
     device: str = "auto",
     workers: int | None = None,
-) -> dict[tuple[str, str], str]:
-    """Write every safetensors file of ``plan`` into ``out_dir`` (plus the index when sharded).
+) -> dict[str, dict[str, str]]:
+    """Write the safetensors files of ``plan`` into ``out_dir``: all of them (plus the index when sharded), or
+    those named in ``files`` (a part). Files in ``kept`` (complete from a killed run) are not written again;
+    ``resumable`` records each file once complete (`completed`), for a later `--resume`.
 
     ``workers`` threads (default `default_workers`) run the steps.
-    Returns the sha256 of every tensor as written, by (file name, tensor name).
+    Returns the sha256 of every tensor of the files, by file name and tensor name (``kept``'s included).
     """
-    merges = TorchThreads() if any(step.delta is not None for step in plan.steps) else None
-    runs = [plan_runs(step, reader, plan.dims) for step in plan.steps]  # by step index
+    chosen = {f.name for f in plan.files} if files is None else set(files)
+    kept = {name: kept[name] for name in chosen & set(kept or {})}
+    todo = chosen - set(kept)
+    steps = [i for i, step in enumerate(plan.steps) if any(t.file in todo for t in step.targets)]
+    merges = TorchThreads() if any(plan.steps[i].delta is not None for i in steps) else None
+    runs = {i: plan_runs(plan.steps[i], reader, plan.dims) for i in steps}
     # in checkpoint order, merges last: torch loads meanwhile
-    order = sorted(
-        range(len(plan.steps)),
-        key=lambda i: (plan.steps[i].delta is not None, _position(plan.steps[i], runs[i], reader)),
-    )
+    order = sorted(steps, key=lambda i: (plan.steps[i].delta is not None, _position(plan.steps[i], runs[i], reader)))
     sources: HandleCache[str, int] = HandleCache(open_readonly, os.close, MAX_OPEN_FILES)
-    outputs = OutputFiles(out_dir, plan, MAX_OPEN_FILES)
+    outputs = OutputFiles(out_dir, plan, todo, resumable, MAX_OPEN_FILES)
     scratch = threading.local()
     lock = threading.Lock()
     try:
-        with progress_of(plan, progress) as bar:
+        with progress_of(plan, progress, todo) as bar:
 
             def write_step(index: int) -> None:
                 step, step_runs = plan.steps[index], runs[index]
                 if step_runs is None:
-                    _compute(step, reader, outputs, plan.dims, device, merges)
+                    _compute(step, reader, outputs, plan.dims, device, merges, todo)
                 else:
                     for target, target_runs in zip(step.targets, step_runs):
+                        if target.file not in todo:
+                            continue
                         if _file_to_file(target_runs):
                             outputs.copy(target, target_runs, sources)
                             continue
                         data = _gather(target, target_runs, sources, scratch)
                         outputs.write(target, [data])
                 with lock:
-                    bar.update(step.targets)
+                    bar.update(t for t in step.targets if t.file in todo)
 
             def cost(index: int) -> int:
                 return _footprint(plan.steps[index], runs[index])
@@ -89,6 +97,14 @@ def write_weights(
         sources.close()
         if merges is not None:
             merges.restore()
+    if files is None:
+        write_index(plan, out_dir)
+    return {**kept, **outputs.digests}
+
+
+def write_index(plan: Plan, out_dir: Path) -> bool:
+    """`model.safetensors.index.json`, as transformers writes it for a sharded model (none for one file);
+    whether it was written."""
     if len(plan.files) > 1:
         targets = list(plan.targets())
         write_json(
@@ -98,7 +114,7 @@ def write_weights(
                 "weight_map": {t.name: t.file for t in targets},
             },
         )
-    return outputs.digests
+    return len(plan.files) > 1
 
 
 def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader) -> tuple[str, int]:
@@ -125,14 +141,22 @@ def _footprint(step: Step, runs: list[list[Run]] | None) -> int:
 
 
 def _compute(
-    step: Step, reader: CheckpointReader, outputs: OutputFiles, dims: Dims, device: str, merges: TorchThreads | None
+    step: Step,
+    reader: CheckpointReader,
+    outputs: OutputFiles,
+    dims: Dims,
+    device: str,
+    merges: TorchThreads | None,
+    todo: Collection[str],
 ) -> None:
-    """Read the step's source, merge its adapter, cast and apply its rule, in memory."""
+    """Read the step's source, merge its adapter, cast and apply its rule, in memory; write the targets in
+    ``todo``'s files (a rule computes all of them)."""
     before_merge = None if merges is None else merges.limit
     for target, blocks in zip(step.targets, computed(reader, step, device, dims, before_merge), strict=True):
         if sum(len(block) for block in blocks) != target.nbytes:
             raise InternalError(f"internal error: {target.name} came out in other than its {target.nbytes} bytes")
-        outputs.write(target, blocks)
+        if target.file in todo:
+            outputs.write(target, blocks)
 
 
 def _gather(
