@@ -179,8 +179,12 @@ def _ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softp
     import torch
     import torch.nn.functional as F
 
-    if z is not None or unused.get("initial_states") is not None or unused.get("seq_idx") is not None:
-        raise NotImplementedError("the reference scan has no gate, initial state or packed sequences")
+    if (
+        z is not None
+        or unused.get("return_final_states")
+        or any(unused.get(k) is not None for k in ("initial_states", "seq_idx", "cu_seqlens"))
+    ):
+        raise NotImplementedError("the reference scan has no gate, states or packed sequences (training prefill only)")
     dt = dt.float() + (0 if dt_bias is None else dt_bias.float())
     dt = F.softplus(dt) if dt_softplus else dt
     per_group = x.shape[2] // B.shape[2]
