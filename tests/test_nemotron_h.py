@@ -27,7 +27,8 @@ TP2 = MambaSpec(tp=2)
 TP2_AT_TP1 = MambaSpec(weights_tp=2)  # TP2's weights, re-saved by Megatron at TP1
 DENSE = MambaSpec(pattern="M-M*-", tp=2)  # Nemotron-H: no MoE block
 BF16 = MambaSpec(tp=2, dtype="bf16")
-SPECS = [TP1, TP2, TP2_AT_TP1, DENSE, BF16]
+LEGACY_TP2 = MambaSpec(tp=2, legacy_twin=True)  # TP2's weights, also as --ckpt-format torch
+SPECS = [TP1, TP2, TP2_AT_TP1, DENSE, BF16, LEGACY_TP2]
 LORA = MambaAdapterSpec(TP2)  # Mamba in_proj / out_proj, attention, MLP: saved at TP2
 PEFT_LORA = MambaAdapterSpec(TP2, targets=tuple(t for t in TARGETS if t != "out_proj"))  # what PEFT accepts
 ATOL = 1e-4  # measured ~1e-6: the scan's recurrence (Megatron) against its chunked form (transformers)
@@ -68,11 +69,14 @@ def test_config_disagreeing_with_mamba_layers_names_the_tensor(mamba_checkpoints
     assert "decoder.layers.0.mixer.in_proj.weight has 328 rows" in error and "ssm_state_size need 296" in error
 
 
-def test_legacy_tp1_save(mamba_checkpoints: dict, tmp_path: Path):
-    """`--ckpt-format torch` keeps in_proj and conv1d fused and the local norm names (`norm`, `input_layernorm`,
-    `pre_mlp_layernorm`): the same model."""
-    out = convert(legacy_root(mamba_checkpoints[TP1]), tmp_path / "hf", progress=False)
-    assert_matches_megatron(out, TP1, mamba_checkpoints[TP1], atol=ATOL)
+@pytest.mark.parametrize("spec", [TP1, LEGACY_TP2], ids=lambda s: s.name)
+def test_legacy_save(spec: MambaSpec, mamba_checkpoints: dict, tmp_path: Path):
+    """`--ckpt-format torch` keeps in_proj and conv1d fused (at TP2 in TP-local blocks, regrouped by the args' TP)
+    and the local norm names (`norm`, `input_layernorm`, `pre_mlp_layernorm`): the same model."""
+    out = convert(legacy_root(mamba_checkpoints[spec]), tmp_path / "hf", progress=False)
+    assert_matches_megatron(out, spec, mamba_checkpoints[spec], atol=ATOL)
+    if spec is LEGACY_TP2:  # the torch_dist save of the same weights gives the same bytes
+        assert_same_output(out, convert(mamba_checkpoints[TP2], tmp_path / "dist", progress=False))
 
 
 def _args(**changes: object) -> argparse.Namespace:
@@ -96,7 +100,6 @@ def test_args_are_detected_and_derive_the_config():
         ({"swiglu": True}, "squared ReLU"),
         ({"position_embedding_type": "rope"}, "position_embedding_type=rope"),
         ({"moe_router_score_function": "softmax"}, "moe_router_score_function=softmax"),
-        ({"ckpt_format": "torch", "tensor_model_parallel_size": 2}, "legacy --ckpt-format torch"),
         ({"moe_shared_expert_intermediate_size": None}, "moe_shared_expert_intermediate_size=None"),
     ],
 )

@@ -6,8 +6,7 @@ with one pre-norm (`norm`) and one `mixer`, as the Hub checkpoints are.
 The attention has no rotary embedding; MLPs and experts are squared-ReLU `up_proj` / `down_proj` without a gate;
 routers are sigmoid with a score bias (Nemotron 3). Megatron's pre-norm of each layer is fused into its first
 linear (`mixer.in_proj`, `linear_qkv`, `linear_fc1`) except on MoE layers (`pre_mlp_layernorm`).
-megatron-core 0.16's MambaModel has no MTP block: checkpoints with `mtp_num_layers` are refused, and so are
-legacy `--ckpt-format torch` saves at TP > 1 (the legacy reader joins fc1 as swiglu halves).
+megatron-core 0.16's MambaModel has no MTP block: checkpoints with `mtp_num_layers` are refused.
 """
 
 from __future__ import annotations
@@ -180,11 +179,6 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise CheckpointError(
             f"args.mtp_num_layers={args.mtp_num_layers}: megatron-core's MambaModel MTP layers are not mapped "
             "to NemotronH yet"
-        )
-    if getattr(args, "ckpt_format", None) == "torch" and int(getattr(args, "tensor_model_parallel_size", 1) or 1) > 1:
-        raise CheckpointError(
-            "a legacy --ckpt-format torch MambaModel save at TP>1 is not supported (its mixer shards and plain "
-            "fc1 join differently from GPT's); re-save it as torch_dist"
         )
     types = layer_types(args)
     head_dim = int(getattr(args, "mamba_head_dim", None) or 64)
