@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from offline_bridge import convert
 from offline_bridge.commands.export_adapter import export_adapter
-from offline_bridge.config.hf_config import derive_config
+from offline_bridge.config.hf_config import derive_config, dims_of
 from offline_bridge.errors import CheckpointError
 from offline_bridge.families import family_by_name, family_for_args
 from tools.mamba_fixtures import MambaSpec, build_mamba_fixtures, make_args
@@ -151,3 +151,15 @@ def test_lora_export_refuses_mamba_out_proj(mamba_adapters: dict, tmp_path: Path
     """PEFT refuses LoRA on a Mamba mixer's out_proj: export says so and points to `convert`."""
     with pytest.raises(CheckpointError, match=r"mixer\.out_proj.*PEFT refuses LoRA on .*out_proj of nemotron_h"):
         export_adapter(mamba_adapters[LORA], tmp_path / "peft", progress=False)
+
+
+def test_older_configs_give_the_same_dimensions():
+    """transformers 4.x NemotronH configs name the pattern `hybrid_override_pattern` (and some Mamba fields
+    `mamba_n_groups`, `mamba_d_conv`); 5.x writes `layers_block_type`: both plan the same layers."""
+    family = family_by_name("nemotron_h")
+    new = derive_config(_args(), family, vocab_size=None)
+    old = {k: v for k, v in new.items() if k not in ("layers_block_type", "num_hidden_layers", "n_groups")}
+    old.update(hybrid_override_pattern=TP1.pattern, mamba_n_groups=new["n_groups"])
+    assert dims_of(old, family) == dims_of(new, family)
+    assert dims_of(old, family).moe_layers == frozenset({4})
+    assert dims_of(old, family).config["n_groups"] == 2
