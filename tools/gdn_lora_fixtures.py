@@ -116,6 +116,8 @@ def _local(tensor, axis: int | None, rank: int, tp: int, gated: bool = False):
 class _Adapters:
     """This rank's adapter ShardedTensors, and the adapters applied to its own weight shards."""
 
+    gated_fc1 = True  # linear_fc1 is swiglu's [gate; up] (False: a plain fc1, e.g. Nemotron-H's squared ReLU)
+
     def __init__(self, spec: GdnAdapterSpec, rank: int) -> None:
         self.spec, self.rank, self.state = spec, rank, {}
 
@@ -134,7 +136,7 @@ class _Adapters:
         rows, columns = (rows * tp, columns) if column_parallel else (rows, columns * tp)
         a = _draw(spec, layer, f"{key}#{expert}.A", (spec.dim, columns))
         b = _draw(spec, layer, f"{key}#{expert}.B", (rows, spec.dim))
-        gated = key.endswith("linear_fc1")
+        gated = key.endswith("linear_fc1") and self.gated_fc1
         a_axis = 0 if column_parallel else 1
         a_local, b_local = _local(a, a_axis, rank, tp), _local(b, 0, rank, tp, gated)
         self._save(f"{key}.adapter.linear_in.weight", a_local, a_axis, expert, gated=False)

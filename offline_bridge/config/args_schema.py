@@ -185,6 +185,15 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "linear_num_key_heads": POSITIVE_INT,
     "linear_num_value_heads": POSITIVE_INT,
     "mtp_num_layers": COUNT,
+    # hybrid Mamba models (MambaModel: Nemotron-H, Nemotron 3)
+    "hybrid_override_pattern": NAME,
+    "is_hybrid_model": FLAG,
+    "squared_relu": FLAG,
+    "mamba_state_dim": POSITIVE_INT,
+    "mamba_head_dim": POSITIVE_INT,
+    "mamba_num_groups": POSITIVE_INT,
+    "mamba_num_heads": POSITIVE_INT,
+    "moe_latent_size": POSITIVE_INT,
     # parallel layout of the save
     "tensor_model_parallel_size": POSITIVE_INT,
     "pipeline_model_parallel_size": POSITIVE_INT,

@@ -15,6 +15,7 @@ from . import (
     llama,
     mistral,
     mixtral,
+    nemotron_h,
     qwen2,
     qwen3,
     qwen3_5,
@@ -45,6 +46,7 @@ for _family in (
     qwen3_5.VL_FAMILY,
     qwen3_5.VL_MOE_FAMILY,
     gpt_oss.FAMILY,
+    nemotron_h.FAMILY,
 ):
     REGISTRY.register(_family)
 

@@ -38,6 +38,10 @@ TP_RULES: tuple[tuple[str, int | str], ...] = (
     ("conv1d.weight", 0),
     ("A_log", 0),
     ("dt_bias", 0),
+    # Mamba-2 mixers (MambaModel): also the conv bias, D and the gated norm, sharded by heads / groups
+    ("conv1d.bias", 0),
+    ("mixer.D", 0),
+    ("mixer.norm.weight", 0),
     ("out_proj.weight", 1),
 )
 
