@@ -187,6 +187,8 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "mtp_num_layers": COUNT,
     # hybrid Mamba models (MambaModel: Nemotron-H, Nemotron 3)
     "hybrid_override_pattern": NAME,
+    "hybrid_layer_pattern": NAME,  # Megatron-LM 0.19: `<main>/<mtp>/...`, MTP depths after `/`
+    "mtp_hybrid_override_pattern": NAME,
     "is_hybrid_model": FLAG,
     "squared_relu": FLAG,
     "mamba_state_dim": POSITIVE_INT,

@@ -34,6 +34,8 @@ class Family:
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
     mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
+    # MTP layers per depth (a hybrid model's MTP pattern): MTP layer ``{m}`` is inner layer ``{j}`` of depth ``{k}``
+    mtp_block: Callable[[Mapping[str, Any]], int] = lambda config: 1
     # config hooks: what Megatron args the HF class can express, and the config fields it writes for them
     decoder: Decoder = field(default_factory=Decoder)
     text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config

@@ -6,7 +6,9 @@ with one pre-norm (`norm`) and one `mixer`, as the Hub checkpoints are.
 The attention has no rotary embedding; MLPs and experts are squared-ReLU `up_proj` / `down_proj` without a gate;
 routers are sigmoid with a score bias (Nemotron 3). Megatron's pre-norm of each layer is fused into its first
 linear (`mixer.in_proj`, `linear_qkv`, `linear_fc1`) except on MoE layers (`pre_mlp_layernorm`).
-megatron-core 0.16's MambaModel has no MTP block: checkpoints with `mtp_num_layers` are refused.
+MTP (megatron-core 0.19 `HybridModel`, pattern `<main>/<mtp>/...`): depth k's inner layer j,
+`mtp.layers.{k}.mtp_model_layer.layers.{j}`, is HF `mtp.layers.{k·L + j}` (L inner layers a depth), with the
+depth's `eh_proj` / `enorm` / `hnorm` on its first and `final_layernorm` on its last (Megatron-Bridge's names).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from .mamba import (
     MAMBA_IN_PROJ_PARTS,
     MambaConv,
     MambaInProj,
+    hybrid_mtp,
     latent_moe_layer,
     layer_types,
     mlp_layer,
+    mtp_block_types,
+    mtp_types,
 )
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "MAMBA",
     "MLP",
     "MOE",
+    "MTP",
     "NemotronHDecoder",
 ]
 
@@ -128,6 +134,9 @@ MOE = (
 LAYER = (NORM, *MAMBA, *ATTENTION, *MLP, *MOE)
 
 
+MTP = hybrid_mtp(LAYER, M, H)
+
+
 @dataclass(frozen=True)
 class NemotronHDecoder(Decoder):
     """No rotary embedding, squared-ReLU MLPs, and NemotronH's own config field names."""
@@ -175,12 +184,7 @@ def _moe_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if getattr(args, "mtp_num_layers", None):
-        raise CheckpointError(
-            f"args.mtp_num_layers={args.mtp_num_layers}: megatron-core's MambaModel MTP layers are not mapped "
-            "to NemotronH yet"
-        )
-    types = layer_types(args)
+    types, (mtp_types, depths) = layer_types(args), mtp_block_types(args)
     head_dim = int(getattr(args, "mamba_head_dim", None) or 64)
     heads = int(getattr(args, "mamba_num_heads", None) or 2 * int(args.hidden_size) // head_dim)
     config = {
@@ -196,9 +200,10 @@ def _from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mlp_bias": False,
         "attention_bias": False,
         "residual_in_fp32": False,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": depths,
+        **({"mtp_layers_block_type": mtp_types} if depths else {}),
     }
-    return {**config, **(_moe_config(args) if "moe" in types else {})}
+    return {**config, **(_moe_config(args) if "moe" in types + mtp_types else {})}
 
 
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -210,7 +215,8 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
         types = [BLOCKS[symbol] for symbol in pattern]
     if not isinstance(types, list):
         return config
-    return {**config, "layer_types": types, "num_hidden_layers": len(types)}
+    mtp = mtp_types(config) * int(hf_value(config, "num_nextn_predict_layers", None) or 0)
+    return {**config, "layer_types": types + mtp, "num_hidden_layers": len(types)}  # MTP layers after the main
 
 
 def _experts(config: Mapping[str, Any]) -> tuple[int, frozenset[int]]:
@@ -229,10 +235,15 @@ FAMILY = Family(
         Copy.of(("decoder.final_norm.weight", "decoder.final_layernorm.weight"), "backbone.norm_f.weight"),
         VocabRows.of("output_layer.weight", "lm_head.weight", when=untied),
     ),
-    detect=lambda args: flag(args, "hybrid_override_pattern") or flag(args, "is_hybrid_model"),
+    detect=lambda args: any(
+        flag(args, n) for n in ("hybrid_layer_pattern", "hybrid_override_pattern", "is_hybrid_model")
+    ),
     priority=50,  # a hybrid MambaModel is none of the GPT families
     from_args=_from_args,
     experts=_experts,
+    mtp=MTP,
+    mtp_layers=lambda config: len(mtp_types(config)) * int(hf_value(config, "num_nextn_predict_layers", None) or 0),
+    mtp_block=lambda config: len(mtp_types(config)) or 1,
     decoder=NemotronHDecoder(),
     text_config=_text_config,
 )

@@ -144,7 +144,7 @@ def missing(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: D
         e = next(e for e in range(dims.num_experts) if resolve(reader, rule, {**index, "e": e}, dims) is None)
         return missing(reader, rule, {**index, "e": e}, dims)
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
-    where = "".join(f" for {names[k]} {v}" for k, v in index.items())
+    where = "".join(f" for {names[k]} {v}" for k, v in index.items() if k in names)
     tried = [key for pattern in rule.sources for key, _ in _candidates(pattern, index)]
     return f"no tensor{where} matching {' or '.join(tried)}"
 
@@ -162,8 +162,10 @@ def expand(family: Family, dims: Dims) -> list[tuple[Rule, dict[str, int]]]:
     work = per_expert(family.head, {})
     for layer in range(dims.num_layers):
         work += per_expert(family.layer, {"i": layer})
-    for depth in range(dims.num_mtp_layers):  # MTP layer k is HF layer num_layers + k
-        work += per_expert(family.mtp, {"k": depth, "i": dims.num_layers + depth})
+    block = family.mtp_block(dims.config)
+    for layer in range(dims.num_mtp_layers):  # MTP layer m is HF layer num_layers + m: inner layer j of depth k
+        depth, inner = divmod(layer, block)
+        work += per_expert(family.mtp, {"k": depth, "j": inner, "m": layer, "i": dims.num_layers + layer})
     work += per_expert(family.tail, {})
     return [(rule, index) for rule, index in work if rule.when is None or rule.when(dims, index.get("i"))]
 
