@@ -22,7 +22,7 @@ Layout under ``cache_dir/<spec.name>/``: ``adapter/`` (the save root), ``referen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,16 +69,24 @@ class GdnAdapterSpec:
 
 def build_gdn_adapters(specs: Iterable[GdnAdapterSpec], cache_dir: Path) -> dict[GdnAdapterSpec, Path]:
     """Each spec's adapter save root (``cache_dir/<name>/adapter``), built once; its base is built too."""
+    return build_adapter_saves(specs, cache_dir, build_fixtures, "gdn_lora", _worker)
+
+
+def build_adapter_saves(
+    specs: Iterable[Any], cache_dir: Path, build_bases: Callable[..., dict], task: str, worker: Callable[..., None]
+) -> dict[Any, Path]:
+    """Each adapter spec's save root (``cache_dir/<name>/adapter``), built once by ``worker`` on ``spec.tp``
+    ranks over its base, which ``build_bases`` builds first (also for tools/mamba_lora_fixtures.py)."""
     from tools.megatron_fixtures import _spawn
 
     cache_dir = Path(cache_dir).resolve()
     specs = list(dict.fromkeys(specs))
-    bases = build_fixtures([s.base for s in specs], cache_dir)
+    bases = build_bases([s.base for s in specs], cache_dir)
     result = {s: cache_dir / s.name / ADAPTER_DIR for s in specs}
-    with pending_builds(cache_dir, specs, ".gdn-lora-build.lock") as todo:
+    with pending_builds(cache_dir, specs, f".{task}-build.lock") as todo:
         for spec in todo:
             job = {"spec": spec, "base_root": str(bases[spec.base]), "save": str(result[spec])}
-            _spawn(spec.tp, "gdn_lora", [job], worker=_worker)
+            _spawn(spec.tp, task, [job], worker=worker)
     return result
 
 

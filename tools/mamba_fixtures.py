@@ -48,6 +48,7 @@ from tools.megatron_fixtures import (
     _save_legacy,
     _spawn,
     _torch_dtype,
+    cpu_config,
     cpu_rank,
     legacy_root,
     pad_vocab_size,
@@ -275,7 +276,6 @@ def _patch_mamba_kernels() -> None:
 
 
 def _config(spec: MambaSpec, tp: int):
-    import torch
     from megatron.core.activations import squared_relu
     from megatron.core.transformer import TransformerConfig
 
@@ -306,17 +306,7 @@ def _config(spec: MambaSpec, tp: int):
         gated_linear_unit=False,
         activation_func=squared_relu,
         add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=INIT_METHOD_STD,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **cpu_config(),
         is_hybrid_model=True,
         mamba_state_dim=spec.mamba_state_dim,
         mamba_head_dim=spec.mamba_head_dim,

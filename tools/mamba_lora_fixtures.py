@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.gdn_lora_fixtures import _Adapters
+from tools.gdn_lora_fixtures import _Adapters, build_adapter_saves
 from tools.mamba_fixtures import MambaSpec, build_mamba_fixtures
-from tools.megatron_fixtures import REFERENCE_BATCH, REFERENCE_FILE, REFERENCE_SEQ, pending_builds
+from tools.megatron_fixtures import REFERENCE_BATCH, REFERENCE_FILE, REFERENCE_SEQ
 
 __all__ = ["TARGETS", "MambaAdapterSpec", "build_mamba_adapters"]
 
-ADAPTER_DIR = "adapter"
 TARGETS = ("in_proj", "out_proj", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
@@ -64,17 +63,7 @@ class _PlainAdapters(_Adapters):
 
 def build_mamba_adapters(specs: Iterable[MambaAdapterSpec], cache_dir: Path) -> dict[MambaAdapterSpec, Path]:
     """Each spec's adapter save root (``cache_dir/<name>/adapter``), built once; its base is built too."""
-    from tools.megatron_fixtures import _spawn
-
-    cache_dir = Path(cache_dir).resolve()
-    specs = list(dict.fromkeys(specs))
-    bases = build_mamba_fixtures([s.base for s in specs], cache_dir)
-    result = {s: cache_dir / s.name / ADAPTER_DIR for s in specs}
-    with pending_builds(cache_dir, specs, ".mamba-lora-build.lock") as todo:
-        for spec in todo:
-            job = {"spec": spec, "base_root": str(bases[spec.base]), "save": str(result[spec])}
-            _spawn(spec.tp, "mamba_lora", [job], worker=_worker)
-    return result
+    return build_adapter_saves(specs, cache_dir, build_mamba_fixtures, "mamba_lora", _worker)
 
 
 def _worker(rank: int, world: int, port: int, task: str, jobs: list[dict[str, Any]]) -> None:

@@ -720,9 +720,29 @@ def _or_none(value: Any) -> Any:
     return value or None
 
 
+def cpu_config() -> dict[str, Any]:
+    """The TransformerConfig fields every fixture model shares: no dropout, fixed init, fp32, CPU
+    initialization and every CUDA fusion off."""
+    import torch
+
+    return {
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "init_method_std": INIT_METHOD_STD,
+        "use_cpu_initialization": True,
+        "params_dtype": torch.float32,
+        "pipeline_dtype": torch.float32,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "masked_softmax_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+    }
+
+
 def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, etp: int):
     """The TransformerConfig Megatron-LM would derive from the spec's arguments (CPU-friendly)."""
-    import torch
     import torch.nn.functional as F
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
@@ -746,18 +766,7 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         add_bias_linear=False,
         add_qkv_bias=spec.family in QKV_BIAS_FAMILIES,
         qk_layernorm=spec.qk_layernorm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=INIT_METHOD_STD,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **cpu_config(),
     )
     if spec.is_gdn:
         common.update(_gdn_config(spec))
