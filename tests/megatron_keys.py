@@ -160,6 +160,56 @@ DEEPSEEK = {
     "num_nextn_predict_layers": 1,
 }
 MOE_LAYER = {**MLA, **ROUTED, **EXPERT_BIAS, **SHARED}
+# Nemotron-H / Nemotron 3 (formats/mamba.md): Mamba-2 mixer pieces, plain attention, squared-ReLU MLP and experts
+MH, MHD, MG, MN, LATENT = 4, 8, 2, 4, 8
+MAMBA = {
+    "mixer.in_proj.layer_norm_weight": (H,),
+    **{f"mixer.in_proj.weight.{p}": (MH * MHD, H) for p in ("z", "x")},
+    **{f"mixer.in_proj.weight.{p}": (MG * MN, H) for p in ("B", "C")},
+    "mixer.in_proj.weight.dt": (MH, H),
+    "mixer.conv1d.weight.x": (MH * MHD, 1, KERNEL),
+    **{f"mixer.conv1d.weight.{p}": (MG * MN, 1, KERNEL) for p in ("B", "C")},
+    "mixer.conv1d.bias.x": (MH * MHD,),
+    **{f"mixer.conv1d.bias.{p}": (MG * MN,) for p in ("B", "C")},
+    **{f"mixer.{p}": (MH,) for p in ("A_log", "D", "dt_bias")},
+    "mixer.norm.weight": (MH * MHD,),
+    "mixer.out_proj.weight": (H, MH * MHD),
+}
+RELU2_MLP = {"mlp.linear_fc1.layer_norm_weight": (H,), "mlp.linear_fc1.weight": (F, H), "mlp.linear_fc2.weight": (H, F)}
+LATENT_MOE = {
+    "pre_mlp_layernorm.weight": (H,),
+    "mlp.router.weight": (E, H),
+    **EXPERT_BIAS,
+    "mlp.experts.experts.linear_fc1.weight": (E, FM, LATENT),
+    "mlp.experts.experts.linear_fc2.weight": (E, LATENT, FM),
+    "mlp.shared_experts.linear_fc1.weight": (FM, H),
+    "mlp.shared_experts.linear_fc2.weight": (H, FM),
+    "mlp.fc1_latent_proj.weight": (LATENT, H),
+    "mlp.fc2_latent_proj.weight": (H, LATENT),
+}
+NEMOTRON_H = {
+    **{k: v for k, v in COMMON.items() if k != "num_hidden_layers"},
+    "layers_block_type": ["linear_attention", "full_attention", "mlp", "moe"],
+    "mamba_num_heads": MH,
+    "mamba_head_dim": MHD,
+    "n_groups": MG,
+    "ssm_state_size": MN,
+    "conv_kernel": KERNEL,
+    "n_routed_experts": E,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": FM,
+    "moe_shared_expert_intermediate_size": FM,
+    "moe_latent_size": LATENT,
+}
+NEMOTRON_H_KEYS = {
+    "embedding.word_embeddings.weight": (VP, H),
+    "decoder.final_norm.weight": (H,),
+    "output_layer.weight": (VP, H),
+    **per_layer("decoder.layers.0", MAMBA),
+    **per_layer("decoder.layers.1", attention()),
+    **per_layer("decoder.layers.2", RELU2_MLP),
+    **per_layer("decoder.layers.3", LATENT_MOE),
+}
 
 # family → (HF config fields, Megatron keys → shapes)
 CASES: dict[str, tuple[dict[str, Any], Keys]] = {
@@ -201,9 +251,52 @@ CASES: dict[str, tuple[dict[str, Any], Keys]] = {
     "qwen3_next": ({**COMMON, **HYBRID, **NEXT_MOE}, {**ends(), **HYBRID_MOE_LAYERS}),
     "qwen3_5": ({**COMMON, **HYBRID}, {**ends(), **HYBRID_DENSE_LAYERS}),
     "qwen3_5_moe": ({**COMMON, **HYBRID, **NEXT_MOE}, {**ends(), **HYBRID_MOE_LAYERS}),
+    "nemotron_h": (NEMOTRON_H, NEMOTRON_H_KEYS),
 }
+GLM_ATTENTION = {**attention(), "self_attention.linear_qkv.bias": (QKV_ROWS,), **QK_NORMS}
+GLM_MOE_LAYER = {**GLM_ATTENTION, **ROUTED, **EXPERT_BIAS, **SHARED}
+GLM = {
+    **COMMON,
+    **{k: DEEPSEEK[k] for k in ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "n_group")},
+    **{k: DEEPSEEK[k] for k in ("num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers")},
+    "attention_bias": True,
+    "use_qk_norm": True,
+    "partial_rotary_factor": 0.5,
+}
+CASES["glm4_moe"] = (
+    GLM,
+    {
+        **ends(),
+        **per_layer("decoder.layers.0", {**GLM_ATTENTION, **DENSE_MLP}),
+        **per_layer("decoder.layers.1", GLM_MOE_LAYER),
+        **mtp(GLM_MOE_LAYER),
+    },
+)
+CASES["glm4_moe_lite"] = ({**DEEPSEEK, "mlp_layer_types": ["dense", "sparse"]}, CASES["deepseek_v3"][1])
+CASES["kimi_k2"] = CASES["moonlight"] = CASES["deepseek_v3"]  # their transformers class is DeepseekV3ForCausalLM
 CASES["qwen3_5_vl"] = ({"text_config": CASES["qwen3_5"][0], "tie_word_embeddings": False}, CASES["qwen3_5"][1])
 CASES["qwen3_5_moe_vl"] = (
     {"text_config": CASES["qwen3_5_moe"][0], "tie_word_embeddings": False},
     CASES["qwen3_5_moe"][1],
+)
+# GPT-OSS: biases on every linear (Megatron add_bias_linear), learnable softmax offsets, experts with biases.
+GPT_OSS_LAYER = {
+    **attention(),
+    "self_attention.linear_qkv.bias": (QKV_ROWS,),
+    "self_attention.linear_proj.bias": (H,),
+    "self_attention.core_attention.softmax_offset": (HEADS,),
+    **ROUTED,
+    "mlp.router.bias": (E,),
+    "mlp.experts.experts.linear_fc1.bias": (E, 2 * FM),
+    "mlp.experts.experts.linear_fc2.bias": (E, H),
+}
+CASES["gpt_oss"] = (
+    {
+        **COMMON,
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "intermediate_size": FM,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    {**ends(), **stacked(2, GPT_OSS_LAYER)},
 )

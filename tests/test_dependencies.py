@@ -48,7 +48,9 @@ def _distribution(module: str) -> str:
 
 
 def test_package_imports_are_declared_and_declared_are_imported() -> None:
-    declared = {_name(r) for r in PROJECT["dependencies"]}
+    """Required dependencies, and the optional extras (`ray`) the package imports only when asked for."""
+    extras = [r for name, found in PROJECT["optional-dependencies"].items() if name != "test" for r in found]
+    declared = {_name(r) for r in [*PROJECT["dependencies"], *extras]}
     used = {_distribution(m): files for m, files in _imports(ROOT / "offline_bridge", {"offline_bridge"}).items()}
     assert {d: f for d, f in used.items() if d not in declared} == {}, "imported but not in [project] dependencies"
     assert declared - used.keys() == set(), "declared in [project] dependencies but never imported"

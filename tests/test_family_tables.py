@@ -22,16 +22,16 @@ from offline_bridge.plan.planner import build_plan
 
 def hf_state(family: Family, fields: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], list[re.Pattern[str]]]:
     """transformers' parameter names and shapes for the config, and the names it skips when loading."""
-    config = transformers.AutoConfig.for_model(family.model_type, **fields)
     model_class: Callable[..., torch.nn.Module] = getattr(transformers, family.architecture)
+    config = model_class.config_class(**fields)  # Kimi-K2's model_type is not transformers'; its class is
     with torch.device("meta"):
         model = model_class(config)
     state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if family.text_config(config.to_dict()).get("tie_word_embeddings"):
         state.pop("lm_head.weight")  # the same tensor as the embedding; safetensors stores it once
     layers = family.text_config(config.to_dict())["num_hidden_layers"]
-    # DeepSeek-V3's pattern names its MTP layer by the real model's index (61 = num_hidden_layers)
-    ignored = [re.compile(p.replace("61", str(layers))) for p in model._keys_to_ignore_on_load_unexpected or ()]
+    # DeepSeek-V3's and GLM's patterns name their MTP layer by the real model's index (61 = num_hidden_layers)
+    ignored = [re.compile(re.sub(r"\d+", str(layers), p)) for p in model._keys_to_ignore_on_load_unexpected or ()]
     return state, ignored
 
 
@@ -74,7 +74,8 @@ def test_table_gives_the_transformers_state_dict(name: str) -> None:
     fields, keys = CASES[name]
     config = {"model_type": family.model_type, **fields}
     plan = build_plan(family, MetadataReader(keys), dims_of(config, family), BF16, 10**12)
-    ours = as_loaded({t.name: t.shape for t in plan.targets()}, family.model_type)
+    loaded_as = getattr(transformers, family.architecture).config_class.model_type  # Kimi-K2: deepseek_v3
+    ours = as_loaded({t.name: t.shape for t in plan.targets()}, loaded_as)
     theirs, ignored = hf_state(family, fields)
     missing = sorted(set(theirs) - set(ours) - {n for n in theirs if n.startswith("model.visual.")})
     extra = sorted(n for n in set(ours) - set(theirs) if not any(p.search(n) for p in ignored))

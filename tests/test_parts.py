@@ -154,3 +154,13 @@ def test_finalize_overwrites_only_with_overwrite(plain: dict[str, bytes], tmp_pa
         finalize(out)
     finalize(out, overwrite=True)
     assert _tree(out) == plain
+
+
+def test_files_of_an_earlier_split_are_not_taken_for_side_files(tmp_path: Path) -> None:
+    """Parts run again with other options: the earlier run's files are not the new plan's, nor its side files."""
+    out = tmp_path / "out"
+    _parts(out, 2)
+    for index in range(2):
+        convert(EXAMPLE, out, max_shard_size="100KB", progress=False, part=f"{index}/2")
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00009\.safetensors.*which no part wrote"):
+        finalize(out)

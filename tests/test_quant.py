@@ -180,3 +180,16 @@ def test_fp8_export_loads_and_matches_bf16(quant_checkpoints, tmp_path, spec):
 def test_export_fp8_needs_amax(checkpoints, tmp_path):
     line = convert_fails(checkpoints[BASE_SPEC], tmp_path / "out", "--export-fp8")
     assert "--export-fp8 needs ModelOpt amax" in line
+
+
+def test_parts_write_the_quant_side_files(quant_checkpoints, tmp_path):
+    """`--part` (issue 21): part 0 writes the amax file and hf_quant_config.json; finalize gives a plain run."""
+    from offline_bridge.commands.parts import finalize
+
+    root = quant_checkpoints[MOE]
+    plain = convert(root, tmp_path / "plain", max_shard_size="100KB", progress=False)
+    for index in range(3):
+        convert(root, tmp_path / "out", max_shard_size="100KB", progress=False, part=f"{index}/3")
+    out = finalize(tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in plain.iterdir()} == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert (out / "quant_amax.safetensors").exists()

@@ -100,3 +100,12 @@ def test_killed_part_resumes(plain: dict[str, bytes], tmp_path: Path) -> None:
     assert kept == before
     finalize(out)
     assert _tree(out) == plain
+
+
+def test_resumed_with_other_options_keeps_nothing_foreign(tmp_path: Path) -> None:
+    """The killed run wrote 9 files; resumed with another shard size, only the new plan's files are output."""
+    out = tmp_path / "out"
+    _killed(out, lambda pid: tmp_path / f".out.partial-{pid}", 2)
+    convert(EXAMPLE, out, max_shard_size="100KB", progress=False, resume=True)
+    expected = convert(EXAMPLE, tmp_path / "plain", max_shard_size="100KB", progress=False)
+    assert _tree(out) == _tree(expected)

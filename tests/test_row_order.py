@@ -11,8 +11,9 @@ from offline_bridge.errors import CheckpointError
 from offline_bridge.plan.row_order import stored_rows
 from offline_bridge.plan.rules import Dims, GatedMLP
 from offline_bridge.plan.rules.registry import rule_ref
-from offline_bridge.plan.schema import RowOrder, Source, Step, Target
+from offline_bridge.plan.schema import Source, Step, Target
 from offline_bridge.plan.transfer import selected_rows
+from offline_bridge.readers.base import RowOrder
 
 DIMS = Dims(1, 4, 1, 1, 4, 8, False)
 

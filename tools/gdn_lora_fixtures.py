@@ -22,7 +22,7 @@ Layout under ``cache_dir/<spec.name>/``: ``adapter/`` (the save root), ``referen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,16 +69,24 @@ class GdnAdapterSpec:
 
 def build_gdn_adapters(specs: Iterable[GdnAdapterSpec], cache_dir: Path) -> dict[GdnAdapterSpec, Path]:
     """Each spec's adapter save root (``cache_dir/<name>/adapter``), built once; its base is built too."""
+    return build_adapter_saves(specs, cache_dir, build_fixtures, "gdn_lora", _worker)
+
+
+def build_adapter_saves(
+    specs: Iterable[Any], cache_dir: Path, build_bases: Callable[..., dict], task: str, worker: Callable[..., None]
+) -> dict[Any, Path]:
+    """Each adapter spec's save root (``cache_dir/<name>/adapter``), built once by ``worker`` on ``spec.tp``
+    ranks over its base, which ``build_bases`` builds first (also for tools/mamba_lora_fixtures.py)."""
     from tools.megatron_fixtures import _spawn
 
     cache_dir = Path(cache_dir).resolve()
     specs = list(dict.fromkeys(specs))
-    bases = build_fixtures([s.base for s in specs], cache_dir)
+    bases = build_bases([s.base for s in specs], cache_dir)
     result = {s: cache_dir / s.name / ADAPTER_DIR for s in specs}
-    with pending_builds(cache_dir, specs, ".gdn-lora-build.lock") as todo:
+    with pending_builds(cache_dir, specs, f".{task}-build.lock") as todo:
         for spec in todo:
             job = {"spec": spec, "base_root": str(bases[spec.base]), "save": str(result[spec])}
-            _spawn(spec.tp, "gdn_lora", [job], worker=_worker)
+            _spawn(spec.tp, task, [job], worker=worker)
     return result
 
 
@@ -116,6 +124,8 @@ def _local(tensor, axis: int | None, rank: int, tp: int, gated: bool = False):
 class _Adapters:
     """This rank's adapter ShardedTensors, and the adapters applied to its own weight shards."""
 
+    gated_fc1 = True  # linear_fc1 is swiglu's [gate; up] (False: a plain fc1, e.g. Nemotron-H's squared ReLU)
+
     def __init__(self, spec: GdnAdapterSpec, rank: int) -> None:
         self.spec, self.rank, self.state = spec, rank, {}
 
@@ -134,7 +144,7 @@ class _Adapters:
         rows, columns = (rows * tp, columns) if column_parallel else (rows, columns * tp)
         a = _draw(spec, layer, f"{key}#{expert}.A", (spec.dim, columns))
         b = _draw(spec, layer, f"{key}#{expert}.B", (rows, spec.dim))
-        gated = key.endswith("linear_fc1")
+        gated = key.endswith("linear_fc1") and self.gated_fc1
         a_axis = 0 if column_parallel else 1
         a_local, b_local = _local(a, a_axis, rank, tp), _local(b, 0, rank, tp, gated)
         self._save(f"{key}.adapter.linear_in.weight", a_local, a_axis, expert, gated=False)

@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 
 from tools.megatron_fixtures import (
     DENSE_FAMILIES,
+    QKV_BIAS_FAMILIES,
     REFERENCE_BATCH,
     REFERENCE_FILE,
     REFERENCE_SEQ,
@@ -95,10 +96,12 @@ __all__ = [
     "CANONICAL_TARGETS",
     "COMBINED_DIR",
     "EXPERT_LAYOUTS",
+    "GLM_TARGETS",
     "KINDS",
     "MLA_BASE_FAMILIES",
     "MLA_TARGETS",
     "MOE_BASE_FAMILIES",
+    "SIGMOID_BASE_FAMILIES",
     "TARGET_MODULES",
     "AdapterSpec",
     "adapter_keys",
@@ -112,7 +115,10 @@ __all__ = [
 KINDS = ("lora", "canonical_lora", "dora")
 EXPERT_LAYOUTS = ("shared", "per_expert", "legacy_2d", "shared_outer")
 MOE_BASE_FAMILIES = ("qwen3_moe", "mixtral")  # homogeneous MoE blocks (every layer MoE, no shared expert)
-MLA_BASE_FAMILIES = ("deepseek_v3",)  # MLA projections, router and shared experts (no routed-expert adapters)
+MLA_BASE_FAMILIES = ("deepseek_v3", "glm4_moe_lite")  # MLA projections, router, shared and routed experts
+# DeepSeek-V3's MoE body (dense first layer, shared experts, MTP): linear_fc1 / linear_fc2 wrap all three MLPs;
+# GLM-4.5 has it under grouped-query attention (linear_qkv, linear_proj)
+SIGMOID_BASE_FAMILIES = (*MLA_BASE_FAMILIES, "glm4_moe")
 # Megatron-Bridge's target name -> the module path under decoder.layers.
 TARGET_MODULES = {
     "linear_qkv": "self_attention.linear_qkv",
@@ -134,6 +140,7 @@ MLA_TARGETS = {
     "*.shared_experts.linear_fc2": "mlp.shared_experts.linear_fc2",
 }
 MODULES = {**TARGET_MODULES, **MLA_TARGETS}
+GLM_TARGETS = ("linear_qkv", "linear_proj", "router", "*.shared_experts.linear_fc1", "*.shared_experts.linear_fc2")
 MOE_ONLY = ("router", "*.shared_experts.linear_fc1", "*.shared_experts.linear_fc2")  # on MoE layers only
 # On MoE bases linear_fc1 / linear_fc2 name the experts: (module path on disk, module path in memory).
 EXPERT_MODULES = {
@@ -165,6 +172,8 @@ _PROVIDERS = {
     "qwen3_moe": "megatron.bridge.models.qwen.qwen_provider.Qwen3MoEModelProvider",
     "mixtral": "megatron.bridge.models.mixtral.mixtral_provider.MixtralModelProvider",
     "deepseek_v3": "megatron.bridge.models.deepseek.deepseek_provider.DeepSeekV3ModelProvider",
+    "glm4_moe": "megatron.bridge.models.glm.glm45_provider.GLMMoEModelProvider",
+    "glm4_moe_lite": "megatron.bridge.models.mla_provider.MLAModelProvider",  # GLM47FlashBridge's
 }
 _PEFT_CLASSES = {
     "lora": "megatron.bridge.peft.lora.LoRA",
@@ -200,10 +209,11 @@ class AdapterSpec:
     ``kind``: ``"lora"`` (dense or MoE bases), ``"canonical_lora"`` or ``"dora"`` (dense bases). ``targets``
     are Bridge's target names; CanonicalLoRA's are those of :data:`CANONICAL_TARGETS` (the LoRA default
     becomes all seven). On MoE bases (:data:`MOE_BASE_FAMILIES`) ``linear_fc1`` / ``linear_fc2`` target the
-    experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 bases
+    experts, ``linear_qkv`` / ``linear_proj`` the attention, ``router`` the router. On DeepSeek-V3 and GLM-4.7-Flash bases
     (:data:`MLA_BASE_FAMILIES`) the targets are those of :data:`MLA_TARGETS` plus ``linear_fc1`` /
     ``linear_fc2``, which (as Bridge's name match does) wrap the dense layers' MLP, the shared experts and the
-    routed experts; the default is every one the base has but the ``*.shared_experts.*`` patterns. The MTP
+    routed experts; the default is every one the base has but the ``*.shared_experts.*`` patterns. GLM-4.5 bases
+    (the rest of :data:`SIGMOID_BASE_FAMILIES`) are the same with :data:`GLM_TARGETS` for the MLA ones. The MTP
     layer carries the adapters of a MoE layer (keys ``mtp.layers.{k}.transformer_layer.<module>.adapter.*``).
 
     ``combined`` writes one save root holding the base model keys and the adapter keys together (at the
@@ -239,7 +249,7 @@ class AdapterSpec:
         base = self.base
         if self.targets == _DEFAULT_TARGETS:
             object.__setattr__(self, "targets", _default_targets(self.kind, base))
-        if base.family in MOE_BASE_FAMILIES + MLA_BASE_FAMILIES:
+        if base.family in MOE_BASE_FAMILIES + SIGMOID_BASE_FAMILIES:
             if self.kind != "lora":
                 raise ValueError(f"{self.kind} adapters are written for dense bases only ({DENSE_FAMILIES})")
             if base.family in MOE_BASE_FAMILIES and (
@@ -260,7 +270,7 @@ class AdapterSpec:
             object.__setattr__(self, "ep", 1)
         else:
             raise ValueError(
-                f"adapters are written for {DENSE_FAMILIES + MOE_BASE_FAMILIES + MLA_BASE_FAMILIES} bases, "
+                f"adapters are written for {DENSE_FAMILIES + MOE_BASE_FAMILIES + SIGMOID_BASE_FAMILIES} bases, "
                 f"not {base.family}"
             )
         names = _target_names(self.kind, base)
@@ -347,13 +357,15 @@ def _target_names(kind: str, base: FixtureSpec) -> tuple[str, ...]:
     if base.family in MLA_BASE_FAMILIES:
         unused = ("linear_q_down_proj", "linear_q_up_proj") if base.q_lora_rank is None else ("linear_q_proj",)
         return tuple(t for t in MLA_TARGETS if t not in unused) + tuple(EXPERT_MODULES)
+    if base.family in SIGMOID_BASE_FAMILIES:
+        return GLM_TARGETS + tuple(EXPERT_MODULES)
     return tuple(TARGET_MODULES) + (tuple(ROUTER) if base.is_moe else ())
 
 
 def _default_targets(kind: str, base: FixtureSpec) -> tuple[str, ...]:
     """Bridge's defaults; on DeepSeek-V3 every MLA projection, the router and linear_fc1 / linear_fc2 (which
     wrap the dense, shared-expert and routed-expert MLPs alike)."""
-    if kind == "lora" and base.family not in MLA_BASE_FAMILIES:
+    if kind == "lora" and base.family not in SIGMOID_BASE_FAMILIES:
         return _DEFAULT_TARGETS
     return tuple(t for t in _target_names(kind, base) if not t.startswith("*."))
 
@@ -416,7 +428,7 @@ def _units(spec: AdapterSpec) -> dict[str, _Unit]:
         base_target, sub = CANONICAL_TARGETS[target] if spec.kind == "canonical_lora" else (target, None)
         if base.is_moe and base_target in EXPERT_MODULES:
             kinds = [(target, base_target, moe_layers, True)]
-            if base.family in MLA_BASE_FAMILIES:
+            if base.family in SIGMOID_BASE_FAMILIES:
                 shared_layers = moe_layers if base.moe_shared_expert_intermediate_size else ()
                 kinds = [
                     (target, base_target, dense_layers, False),
@@ -480,6 +492,8 @@ def _base_shape(base: FixtureSpec, target: str) -> tuple[int, int]:
         "linear_fc1": (2 * f, h),
         "linear_fc2": (h, f),
         "router": (base.num_experts, h),
+        "*.shared_experts.linear_fc1": (2 * (base.moe_shared_expert_intermediate_size or 0), h),
+        "*.shared_experts.linear_fc2": (h, base.moe_shared_expert_intermediate_size or 0),
     }[target]
 
 
@@ -678,7 +692,7 @@ def run_config(spec: AdapterSpec, base_root: Path | None, save_root: Path) -> di
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[base.dtype]
     model = {
         "_target_": _PROVIDERS[base.family],
-        "add_qkv_bias": base.family == "qwen2",
+        "add_qkv_bias": base.family in QKV_BIAS_FAMILIES,
         "bf16": base.dtype == "bf16",
         "ffn_hidden_size": base.ffn_hidden_size,
         "gated_linear_unit": True,

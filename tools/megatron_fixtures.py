@@ -10,7 +10,9 @@ this module stays cheap.
 Families: dense ``llama``, ``qwen2``, ``qwen3``; mixture-of-experts ``qwen3_moe``,
 ``mixtral`` (softmax top-k routers) and ``deepseek_v3`` (multi-latent attention, sigmoid
 router with expert bias, group-limited routing, scaling factor, shared expert, dense
-first layer, one MTP layer; plain RoPE or, with ``FixtureSpec.yarn``, YaRN rotary scaling).
+first layer, one MTP layer; plain RoPE or, with ``FixtureSpec.yarn``, YaRN rotary scaling), and the GLM
+MoE models on DeepSeek-V3's MoE body: ``glm4_moe`` (GLM-4.5: GQA with q/k/v biases, q/k norms, half-rotary
+heads) and ``glm4_moe_lite`` (GLM-4.7-Flash: MLA).
 MoE layouts add expert parallelism (``ep``, ``etp``); the world is then
 ``pp · lcm(tp, etp · ep)`` ranks, data parallelism filling the rest.
 Experts are SequentialMLPs (local spec, allgather dispatcher); the on-disk key names are
@@ -48,13 +50,18 @@ if TYPE_CHECKING:
     import torch
 
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3_next")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3_next", "glm4_moe", "glm4_moe_lite")
 # Gated DeltaNet hybrids: `qwen3_5` dense, `qwen3_next` with experts (shared expert and its gate); the same
 # Megatron model converts to Qwen3-Next, Qwen3.5 or Qwen3.5-MoE, which differ only in their HF layouts.
 GDN_FAMILIES = ("qwen3_5", "qwen3_next")
 FAMILIES = (*DENSE_FAMILIES, "qwen3_5", *MOE_FAMILIES)
-MLA_FAMILIES = ("deepseek_v3",)  # multi-latent attention
-QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", *GDN_FAMILIES)
+MLA_FAMILIES = ("deepseek_v3", "glm4_moe_lite")  # multi-latent attention
+# DeepSeek-V3's MoE: sigmoid router with expert bias, shared expert, dense first layer, MTP (GLM-4.5: GQA attention
+# with q/k/v biases, q/k norms and half-rotary heads; GLM-4.7-Flash: MLA)
+SIGMOID_FAMILIES = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")
+QKV_BIAS_FAMILIES = ("qwen2", "glm4_moe")
+GLM_ROTARY_PERCENT = 0.5  # GLM-4.5 rotates half of each head (partial_rotary_factor)
+QK_NORM_FAMILIES = ("qwen3", "qwen3_moe", "glm4_moe", *GDN_FAMILIES)
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 MARKER = "COMPLETE"
 REFERENCE_FILE = "reference.pt"
@@ -88,6 +95,8 @@ _NAME_TAGS = {
     "per_layer_keys": "perlayer",
     "common_in_dcp": "commondcp",
     "first_stage_layers": "first",
+    "last_stage_layers": "last",
+    "pipeline_layout": "layout",
     "legacy_twin": "legacy",
     "dcp_twin": "dcp",
 }
@@ -195,6 +204,9 @@ class FixtureSpec:
     local_norm_keys: bool = False
     # Uneven pipeline: layers on the first stage (Megatron-LM --decoder-first-pipeline-num-layers).
     first_stage_layers: int | None = None
+    last_stage_layers: int | None = None  # --decoder-last-pipeline-num-layers
+    # --pipeline-model-parallel-layout (core 0.16's string form, e.g. "Et|tt|t|t|t|tL"); sets the VPP size
+    pipeline_layout: str | None = None
     # Also save the same weights in the legacy --ckpt-format torch layout, under <fixture>/legacy.
     legacy_twin: bool = False
     # Also save the same weights as plain PyTorch DCP (torch_dcp) under <fixture>/torch_dcp (TP1 PP1 only).
@@ -245,7 +257,7 @@ class FixtureSpec:
         for field, tag in _NAME_TAGS.items():
             value = getattr(self, field)
             if value != _DEFAULTS[field]:
-                parts.append(f"{tag}{value}")
+                parts.append(f"{tag}{value}".replace("|", "_"))
         defaults = {**family_defaults(self.family, self.num_layers), "etp": self.tp}
         for field, tag in _MOE_NAME_TAGS.items():
             value = getattr(self, field)
@@ -292,7 +304,7 @@ class FixtureSpec:
 
     @property
     def rotary_percent(self) -> float:
-        return GDN_ROTARY_PERCENT if self.is_gdn else 1.0
+        return GDN_ROTARY_PERCENT if self.is_gdn else GLM_ROTARY_PERCENT if self.family == "glm4_moe" else 1.0
 
     @property
     def qk_layernorm(self) -> bool:
@@ -341,15 +353,16 @@ def family_defaults(family: str, num_layers: int) -> dict[str, Any]:
     }
     if family == "qwen3_next":
         return {**softmax_moe, "moe_shared_expert_intermediate_size": 32}
-    if family != "deepseek_v3":
+    if family not in SIGMOID_FAMILIES:
         return softmax_moe
+    groups = family == "deepseek_v3"  # GLM routes without groups (n_group 1)
     return {
         **softmax_moe,
         "num_experts": 8,  # 2 groups of 4: group choice and top-2 within the group both matter
         "moe_layer_freq": (0,) + (1,) * (num_layers - 1),  # first_k_dense_replace = 1
         "moe_shared_expert_intermediate_size": 32,
-        "moe_router_num_groups": 2,
-        "moe_router_group_topk": 1,
+        "moe_router_num_groups": 2 if groups else 0,
+        "moe_router_group_topk": 1 if groups else 0,
         "moe_router_topk_scaling_factor": 2.5,
         "mtp_num_layers": 1,
         "q_lora_rank": 32,
@@ -383,10 +396,14 @@ def _check_layout(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int = 1, et
         raise ValueError("virtual pipeline stages need pp > 1")
     if spec.dcp_twin and (tp, pp, vpp, ep) != (1, 1, 1, 1):
         raise ValueError("dcp_twin needs TP1 PP1 EP1: plain DCP has no tensor-parallel sharding information")
-    first = spec.first_stage_layers if pp > 1 else None
-    if first is not None and (vpp > 1 or not 0 < first < spec.num_layers or (spec.num_layers - first) % (pp - 1)):
-        raise ValueError(f"first_stage_layers={first} cannot split {spec.num_layers} layers over pp={pp}, vpp={vpp}")
-    if first is None and spec.num_layers % (pp * vpp):
+    first, last = (spec.first_stage_layers, spec.last_stage_layers) if pp > 1 else (None, None)
+    if first is not None or last is not None:
+        middle, stages = spec.num_layers - (first or 0) - (last or 0), pp - (first is not None) - (last is not None)
+        if vpp > 1 or min(first or 1, last or 1, middle + 1) < 1 or (middle % stages if stages else middle):
+            raise ValueError(
+                f"first/last stage layers {first}/{last} cannot split {spec.num_layers} layers over pp={pp}"
+            )
+    elif spec.pipeline_layout is None and spec.num_layers % (pp * vpp):
         raise ValueError(f"num_layers={spec.num_layers} not divisible by pp*vpp={pp * vpp}")
     if spec.num_attention_heads % tp or (not spec.is_mla and spec.num_query_groups % tp):
         raise ValueError("attention heads and query groups must be divisible by tp")
@@ -421,7 +438,7 @@ def _check_moe(spec: FixtureSpec, tp: int, pp: int, ep: int, etp: int) -> None:
         raise ValueError("moe_layer_freq must be >= 1")
     if spec.family == "mixtral" and any(not m for m in spec.moe_layer_pattern):
         raise ValueError("Mixtral has no dense layers: keep moe_layer_freq=1")
-    if spec.family != "deepseek_v3":
+    if spec.family not in SIGMOID_FAMILIES:
         return
     groups, group_topk = spec.moe_router_num_groups, spec.moe_router_group_topk
     if bool(groups) != bool(group_topk):
@@ -432,6 +449,8 @@ def _check_moe(spec: FixtureSpec, tp: int, pp: int, ep: int, etp: int) -> None:
         value = getattr(spec, field)
         if value is not None and value < 1:
             raise ValueError(f"{field} must be >= 1")
+    if not spec.is_mla:
+        return
     if spec.q_lora_rank is not None and spec.q_lora_rank % tp:
         raise ValueError("q_lora_rank must be divisible by tp (column-parallel down projection)")
     if (spec.kv_lora_rank + spec.qk_pos_emb_head_dim) % tp:
@@ -701,9 +720,29 @@ def _or_none(value: Any) -> Any:
     return value or None
 
 
+def cpu_config() -> dict[str, Any]:
+    """The TransformerConfig fields every fixture model shares: no dropout, fixed init, fp32, CPU
+    initialization and every CUDA fusion off."""
+    import torch
+
+    return {
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "init_method_std": INIT_METHOD_STD,
+        "use_cpu_initialization": True,
+        "params_dtype": torch.float32,
+        "pipeline_dtype": torch.float32,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "masked_softmax_fusion": False,
+        "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+    }
+
+
 def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, etp: int):
     """The TransformerConfig Megatron-LM would derive from the spec's arguments (CPU-friendly)."""
-    import torch
     import torch.nn.functional as F
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
@@ -718,31 +757,22 @@ def _transformer_config(spec: FixtureSpec, tp: int, pp: int, vpp: int, ep: int, 
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         num_layers_in_first_pipeline_stage=spec.first_stage_layers if pp > 1 else None,
+        num_layers_in_last_pipeline_stage=spec.last_stage_layers if pp > 1 else None,
+        pipeline_model_parallel_layout=spec.pipeline_layout if pp > 1 else None,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=spec.family == "qwen2",
+        add_qkv_bias=spec.family in QKV_BIAS_FAMILIES,
         qk_layernorm=spec.qk_layernorm,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=INIT_METHOD_STD,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        **cpu_config(),
     )
     if spec.is_gdn:
         common.update(_gdn_config(spec))
     if not spec.is_moe:
         return TransformerConfig(**common)
-    deepseek = spec.family == "deepseek_v3"
+    deepseek = spec.family in SIGMOID_FAMILIES
     moe = dict(
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
@@ -1125,7 +1155,7 @@ def _make_args(
         norm_epsilon=1e-6,
         apply_layernorm_1p=spec.is_gdn,  # Megatron-LM's flag for layernorm_zero_centered_gamma
         swiglu=True,
-        add_qkv_bias=spec.family == "qwen2",
+        add_qkv_bias=spec.family in QKV_BIAS_FAMILIES,
         add_bias_linear=False,
         qk_layernorm=spec.qk_layernorm,
         multi_latent_attention=False,
@@ -1137,10 +1167,13 @@ def _make_args(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp) if vpp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=spec.num_layers // (pp * vpp)
+        if vpp > 1 and not spec.pipeline_layout
+        else None,
         num_virtual_stages_per_pipeline_rank=vpp if vpp > 1 else None,
         decoder_first_pipeline_num_layers=spec.first_stage_layers if pp > 1 else None,
-        decoder_last_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=spec.last_stage_layers if pp > 1 else None,
+        pipeline_model_parallel_layout=spec.pipeline_layout if pp > 1 else None,
         expert_model_parallel_size=1,
         context_parallel_size=1,
         data_parallel_size=1,
@@ -1180,12 +1213,14 @@ _TOKENIZERS = {
     "qwen3_moe": "Qwen/Qwen3-30B-A3B",
     "mixtral": "mistralai/Mixtral-8x7B-v0.1",
     "deepseek_v3": "deepseek-ai/DeepSeek-V3",
+    "glm4_moe": "zai-org/GLM-4.5",
+    "glm4_moe_lite": "zai-org/GLM-4.7-Flash",
 }
 
 
 def _add_moe_args(args: argparse.Namespace, spec: FixtureSpec, tp: int, ep: int, etp: int, world: int) -> None:
     """The MoE / MLA / MTP arguments as Megatron-LM stores them after ``validate_args``."""
-    deepseek = spec.family == "deepseek_v3"
+    deepseek = spec.family in SIGMOID_FAMILIES
     freq = spec.moe_layer_freq
     vars(args).update(
         num_experts=spec.num_experts,

@@ -138,6 +138,11 @@ def main(ctx: click.Context, debug: bool) -> None:
     is_flag=True,
     help="Check every record read against the CRC-32 its torch.save archive holds (about 0.16 s of CPU per GB).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse legacy tensors that differ between TP ranks but should be replicated (default: take TP rank 0's).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (tensors, files, bytes) without reading tensor data.")
 @click.option(
     "--part",
@@ -145,6 +150,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="Write only part I (0 to N-1) of N of the output files, beside OUT_DIR; `finalize OUT_DIR` completes it.",
 )
 @click.option("--resume", is_flag=True, help="Keep the files a killed run (or part) completed; write the rest.")
+@click.option(
+    "--ray",
+    is_flag=False,
+    flag_value="",
+    metavar="[ADDRESS]",
+    help="Run the parts as Ray tasks on the cluster at ADDRESS (default: RAY_ADDRESS or a local one), then finalize.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log messages.")
 def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object) -> None:

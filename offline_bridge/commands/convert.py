@@ -8,20 +8,22 @@ import sys
 from pathlib import Path
 
 from ..config.inputs import open_checkpoint
+from ..errors import OptionError
 from ..plan.parts import parse_part
 from ..readers import CheckpointReader
 from ..readers.combined import CombinedReader
 from ..transform.casting import preload_torch
-from ..write.completed import completed_files
+from ..write.completed import completed_files, keep_only
 from ..write.jsonable import jsonable
 from ..write.manifest import write_manifest
-from ..write.parts_area import PartsArea
+from ..write.parts_area import PartsArea, check_out_dir
 from ..write.sources import describe_sources
 from ..write.staging import OutputDir
 from ..write.writer import write_weights
 from .options import check_options
-from .parts import write_extras, write_part
+from .parts import finalize, write_extras, write_part
 from .planning import describe, plan_conversion
+from .ray_parts import run_parts_on_ray
 
 __all__ = ["convert"]
 
@@ -49,8 +51,10 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     check_crc: bool = False,
+    strict: bool = False,
     part: str | None = None,
     resume: bool = False,
+    ray: str | None = None,
 ) -> Path:
     """Convert a Megatron-Core checkpoint into a Hugging Face model directory.
 
@@ -78,9 +82,13 @@ def convert(
         progress: show a progress bar on stderr.
         check_crc: compare the bytes of every record read with the CRC-32 its torch.save archive holds
             (damage a file system let through; 0.16 s of CPU per GB).
+        strict: refuse a legacy (`--ckpt-format torch`) tensor that should be replicated over TP ranks but
+            differs between them; without it TP rank 0's copy is taken, as Megatron does, with a warning.
         part: "I/N": write only part I (0-based) of N of the output files, into the parts area beside
             ``out_dir``; `finalize` puts the whole output in place once every part is written.
         resume: keep the output files a killed run (or part) completed, and write only the rest.
+        ray: run the parts as Ray tasks, one per output file, then `finalize`: the cluster's address, or ""
+            for Ray's default (RAY_ADDRESS, else a new local instance).
 
     Returns:
         The output directory.
@@ -115,8 +123,12 @@ def convert(
     # it alone
     inputs = [ckpt_dir, adapter, base, hf_config]
     split = parse_part(part) if part is not None else None
+    if split is not None and ray is not None:
+        raise OptionError("--part and --ray: give one (--ray runs every part itself)")
     output: OutputDir | PartsArea | None = None
-    if split is not None and not dry_run:
+    if ray is not None and not dry_run:
+        check_out_dir(out_dir, overwrite, inputs)  # the tasks write the parts; `finalize` takes the OUT_DIR lock
+    elif split is not None and not dry_run:
         output = PartsArea(out_dir, *split, overwrite=overwrite, inputs=inputs)
     elif not dry_run:
         output = OutputDir(out_dir, overwrite=overwrite, inputs=inputs)
@@ -129,6 +141,7 @@ def convert(
             lora_alpha=lora_alpha,
             lora_dim=lora_dim,
             check_crc=check_crc,
+            strict=strict,
         )
         log.info("reading %s", reader.path)
         with reader:
@@ -143,9 +156,23 @@ def convert(
                 export_fp8=export_fp8,
             )
             plan = conversion.plan
-            if output is None:
+            if dry_run:
                 sys.stdout.write(describe(plan, conversion.family))
                 return Path(out_dir)
+            if ray is not None:
+                arguments = {
+                    **options,
+                    **{
+                        "ckpt_dir": ckpt_dir,
+                        "out_dir": out_dir,
+                        "hf_config": hf_config,
+                        "adapter": adapter,
+                        "base": base,
+                    },
+                    **{"workers": workers, "overwrite": overwrite, "check_crc": check_crc, "strict": strict},
+                }
+                run_parts_on_ray(ray, plan, arguments, progress=progress, merges=lora is not None)
+                return finalize(out_dir, overwrite=overwrite)
             # every input file the manifest describes is read (and refused if it must be) before any output byte
             sources = describe_sources(reader, hf_config, conversion.config_source)
             writing = {"progress": progress, "device": device, "workers": workers}
@@ -155,9 +182,11 @@ def convert(
                 write_part(conversion, reader, output, manifest, resume=resume, **writing)
                 return Path(out_dir)
             with output.staged(_read_from(reader), resume=resume) as staging:
-                kept = completed_files(staging, plan, [file.name for file in plan.files]) if resume else None
+                kept = (
+                    keep_only(staging, completed_files(staging, plan, [f.name for f in plan.files])) if resume else None
+                )
                 digests = write_weights(plan, reader, staging, kept=kept, resumable=True, **writing)
-                digests |= write_extras(conversion, reader, staging)
+                digests |= write_extras(conversion, reader, staging)[1]
                 write_manifest(staging, "convert", options, sources, digests)
     return Path(out_dir)
 

@@ -22,7 +22,7 @@ from ..readers import CheckpointReader, open_reader
 from ..readers.base import is_model_key
 from ..readers.discovery import find_iteration_dir, iterations_present
 from ..readers.marker import read_marker
-from ..readers.parallel_layout import ARGS_LAYOUT, parallel_layout
+from ..readers.parallel_layout import ARGS_LAYOUT, Stages, parallel_layout, pipeline_stages
 from ..write.jsonable import jsonable
 
 __all__ = ["format_report", "inspect_checkpoint"]
@@ -142,6 +142,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
         adapter = _adapter(reader, directory)
         found = _model_args(reader, adapter)
         layout, layout_source = parallel_layout(reader)
+        stages, stages_source = pipeline_stages(reader, layout)
         tensors = []
         model_bytes = optimizer_bytes = 0
         for key, info in sorted(reader.tensors.items()):
@@ -170,6 +171,7 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
             "layout": layout,
             "layout_source": layout_source,
             "layout_args": None if args is None else {k: getattr(args, name, None) for k, name in ARGS_LAYOUT.items()},
+            "pipeline": None if stages is None else {"stages": stages, "source": stages_source},
             "args": None
             if args is None
             else {k: _shown_arg(getattr(args, k)) for k in _ARGS_SUMMARY if hasattr(args, k)},
@@ -186,6 +188,14 @@ def inspect_checkpoint(ckpt_dir: str | Path, iteration: int | str | None = None)
         }
 
 
+def _stages_line(stages: Stages) -> str:
+    """`PP0 0-1 | 4-5, PP1 2-3 | 6-7`: each stage's layers, its virtual stages apart."""
+    shown = (
+        " | ".join("-" if c is None else f"{c[0]}" if c[0] == c[1] else f"{c[0]}-{c[1]}" for c in s) for s in stages
+    )
+    return ", ".join(f"PP{p} {chunks}" for p, chunks in enumerate(shown))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     layout = report["layout"]
@@ -199,6 +209,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"family      {report['family'] or 'unknown (pass --model-type to convert)'}",
         f"config      {report['config_source'] or 'none in the checkpoint (pass --hf-config to convert)'}",
     ]
+    pipeline = report["pipeline"]
+    if pipeline is not None:
+        lines.insert(4, f"pipeline    layers {_stages_line(pipeline['stages'])}  ({pipeline['source']})")
     claimed = report["layout_args"]
     disagree = {k: v for k, v in (claimed or {}).items() if v is not None and layout[k] not in (None, v)}
     if disagree:

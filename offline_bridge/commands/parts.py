@@ -14,13 +14,15 @@ from ..errors import CheckpointError
 from ..files.digest import sha256_file
 from ..plan.parts import plan_digest, split_files
 from ..readers import CheckpointReader
+from ..transform.quant import AMAX_FILE
+from ..transform.quant import CONFIG_FILE as QUANT_CONFIG_FILE
 from ..write.completed import META, completed_files, recorded_digests
 from ..write.json_file import write_json
 from ..write.manifest import write_manifest
 from ..write.parts_area import PartsArea, area_of, part_locks, read_part_manifests
 from ..write.quant_files import write_quant
 from ..write.staging import OutputDir
-from ..write.writer import write_index, write_weights
+from ..write.writer import INDEX_FILE, write_index, write_weights
 from .planning import Conversion
 
 __all__ = ["finalize", "write_extras", "write_part"]
@@ -28,16 +30,19 @@ __all__ = ["finalize", "write_extras", "write_part"]
 log = logging.getLogger(__name__)
 
 
-def write_extras(conversion: Conversion, reader: CheckpointReader, directory: Path) -> dict[str, dict[str, str]]:
-    """The files beside the weights: quant amax and config, config.json, tokenizer files; the sha256 of the
-    tensors among them (as `write_weights`)."""
-    digests = {}
+def write_extras(
+    conversion: Conversion, reader: CheckpointReader, directory: Path
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The files beside the weights: quant amax and config, config.json, tokenizer files. Their names, and the
+    sha256 of the tensors among them (as `write_weights`)."""
+    names, digests = ["config.json"], {}
     if conversion.quant is not None:
         digests = write_quant(conversion.quant, conversion.plan, conversion.family, reader, directory)
+        names += [AMAX_FILE, QUANT_CONFIG_FILE]
     write_json(directory / "config.json", conversion.config)
     if conversion.model_dir is not None:
-        copy_side_files(conversion.model_dir, directory)
-    return digests
+        names += copy_side_files(conversion.model_dir, directory)
+    return names, digests
 
 
 def write_part(
@@ -60,12 +65,10 @@ def write_part(
     write_weights(plan, reader, area.path, files=files, kept=kept, resumable=True, **writing)
     extras, extra_digests = {}, {}
     if area.index == 0:
-        extra_digests = write_extras(conversion, reader, area.path)
-        write_index(plan, area.path)
-        planned = {file.name for file in plan.files}
-        for path in sorted(area.path.iterdir()):
-            if path.name != META and path.name not in planned:
-                extras[path.name] = sha256_file(path, None, "output file")
+        names, extra_digests = write_extras(conversion, reader, area.path)
+        if write_index(plan, area.path):
+            names.append(INDEX_FILE)
+        extras = {name: sha256_file(area.path / name, None, "output file") for name in sorted(names)}
     area.write_manifest(
         {"plan_sha256": plan_digest(plan), "files": list(files), "extras": extras, "extra_digests": extra_digests}
         | manifest

@@ -80,6 +80,15 @@ def _layer_pattern(value: Any) -> Any:
     return _where(lambda n: n >= 1, _int)(value)
 
 
+def _window(value: Any) -> tuple[int, int] | None:
+    """Megatron's sliding `window_size` `(left, right)`; -1 is TE's "unbounded"."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        left, right = (_int(v) for v in value)
+        if left is not None and right is not None and min(left, right) >= -1:
+            return left, right
+    return None
+
+
 POSITIVE_INT = Kind("a positive int", _where(lambda n: n >= 1, _int))
 COUNT = Kind("an int >= 0", _where(lambda n: n >= 0, _int))
 FLAG = Kind("a bool", _bool)
@@ -132,6 +141,20 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "beta_slow": NUMBER,
     "mscale": NUMBER,
     "mscale_all_dim": NUMBER,
+    # GPT-OSS: attention sinks, sliding window, clamped gated quick-GELU, GPTModel's YaRN
+    "softmax_type": Kind("'vanilla', 'off-by-one' or 'learnable'", _one_of("vanilla", "off-by-one", "learnable")),
+    "window_size": Kind("a pair of ints >= -1", _window),
+    "window_attn_skip_freq": LAYER_PATTERN,
+    "quick_geglu": FLAG,
+    "glu_linear_offset": NUMBER,
+    "activation_func_clamp_value": POSITIVE,
+    "yarn_rotary_scaling_factor": POSITIVE,
+    "yarn_original_max_position_embeddings": POSITIVE_INT,
+    "yarn_beta_fast": POSITIVE,
+    "yarn_beta_slow": POSITIVE,
+    "yarn_mscale": NUMBER,
+    "yarn_mscale_all_dim": NUMBER,
+    "yarn_correction_range_round_to_int": FLAG,
     # mixture of experts
     "num_experts": POSITIVE_INT,
     "moe_ffn_hidden_size": POSITIVE_INT,
@@ -162,6 +185,17 @@ ARGS_SCHEMA: dict[str, Kind] = {
     "linear_num_key_heads": POSITIVE_INT,
     "linear_num_value_heads": POSITIVE_INT,
     "mtp_num_layers": COUNT,
+    # hybrid Mamba models (MambaModel: Nemotron-H, Nemotron 3)
+    "hybrid_override_pattern": NAME,
+    "hybrid_layer_pattern": NAME,  # Megatron-LM 0.19: `<main>/<mtp>/...`, MTP depths after `/`
+    "mtp_hybrid_override_pattern": NAME,
+    "is_hybrid_model": FLAG,
+    "squared_relu": FLAG,
+    "mamba_state_dim": POSITIVE_INT,
+    "mamba_head_dim": POSITIVE_INT,
+    "mamba_num_groups": POSITIVE_INT,
+    "mamba_num_heads": POSITIVE_INT,
+    "moe_latent_size": POSITIVE_INT,
     # parallel layout of the save
     "tensor_model_parallel_size": POSITIVE_INT,
     "pipeline_model_parallel_size": POSITIVE_INT,

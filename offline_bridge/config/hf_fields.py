@@ -30,6 +30,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "partial_rotary_factor": ("rope_parameters.partial_rotary_factor",),
     "dtype": ("torch_dtype",),  # torch_dtype before transformers 4.56
     "rms_norm_eps": ("layer_norm_epsilon", "layer_norm_eps"),
+    "n_groups": ("mamba_n_groups",),  # NemotronH configs' older names (transformers maps them on load)
+    "conv_kernel": ("mamba_d_conv",),
 }
 
 # old value -> new value, per field (transformers 5.x `remap_legacy_layer_types`)

@@ -35,11 +35,11 @@ def _adapter_only(reader: CheckpointReader) -> bool:
 
 
 def _open(
-    path: str | Path, iteration: int | str | None = None, check_crc: bool = False
+    path: str | Path, iteration: int | str | None = None, check_crc: bool = False, strict: bool = False
 ) -> tuple[CheckpointReader, RunConfig | None]:
     directory = find_iteration_dir(path, iteration)
     check_integrity(directory)  # before a file of it is parsed
-    return open_reader(directory, check_crc=check_crc), load_run_config(directory)
+    return open_reader(directory, check_crc=check_crc, strict=strict), load_run_config(directory)
 
 
 def lora_settings(run_config: RunConfig | None, alpha: float | None, dim: int | None, where: Path) -> Lora:
@@ -66,15 +66,16 @@ def open_checkpoint(
     lora_alpha: float | None = None,
     lora_dim: int | None = None,
     check_crc: bool = False,
+    strict: bool = False,
 ) -> tuple[CheckpointReader, Lora | None]:
     """The reader to convert from, and the LoRA settings when it holds adapters."""
     if adapter is not None and base is not None:
         raise OptionError("give either --adapter (CKPT_DIR is the base) or --base (CKPT_DIR is the adapter), not both")
-    main, run_config = _open(ckpt_dir, iteration, check_crc)
+    main, run_config = _open(ckpt_dir, iteration, check_crc, strict)
     opened = [main]
     try:
         if adapter is not None:
-            adapter_reader, run_config = _open(adapter, check_crc=check_crc)
+            adapter_reader, run_config = _open(adapter, check_crc=check_crc, strict=strict)
             opened.append(adapter_reader)
             reader: CheckpointReader = CombinedReader(main, adapter_reader)
         elif _adapter_only(main):
@@ -84,7 +85,7 @@ def open_checkpoint(
                     f"{main.path}: holds only adapter tensors and no run_config.yaml names its base; pass --base BASE_CKPT"
                 )
             log.info("base checkpoint: %s", base)
-            base_reader, _ = _open(base, check_crc=check_crc)
+            base_reader, _ = _open(base, check_crc=check_crc, strict=strict)
             opened.append(base_reader)
             reader = CombinedReader(base_reader, main)
         elif base is not None:

@@ -70,6 +70,18 @@ SAME_NAMES = (
     "linear_num_key_heads",
     "linear_num_value_heads",
     "mtp_num_layers",
+    "softmax_type",
+    "window_size",
+    "window_attn_skip_freq",
+    "glu_linear_offset",
+    "activation_func_clamp_value",
+    "yarn_rotary_scaling_factor",
+    "yarn_original_max_position_embeddings",
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "yarn_mscale",
+    "yarn_mscale_all_dim",
+    "yarn_correction_range_round_to_int",
     "tensor_model_parallel_size",
     "pipeline_model_parallel_size",
     "virtual_pipeline_model_parallel_size",
@@ -115,6 +127,8 @@ def provider_args(model: Mapping[str, Any], where: str) -> argparse.Namespace:
         args["use_rope_scaling"] = True
     gated = value("gated_linear_unit", "swiglu") if "gated_linear_unit" in model else False
     activation = target_name(model.get("activation_func"))
-    # Megatron-LM's --swiglu is a gated linear unit with SiLU
-    args["swiglu"] = bool(gated) and isinstance(activation, str) and activation.rsplit(".", 1)[-1] == "silu"
+    function = activation.rsplit(".", 1)[-1] if isinstance(activation, str) else None
+    # Megatron-LM's --swiglu is a gated linear unit with SiLU, --quick-geglu one with quick_gelu (GPT-OSS)
+    args["swiglu"] = bool(gated) and function == "silu"
+    args["quick_geglu"] = bool(gated) and function == "quick_gelu"
     return argparse.Namespace(**args)

@@ -6,7 +6,22 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
-from . import deepseek_v3, llama, mistral, mixtral, qwen2, qwen3, qwen3_5, qwen3_moe, qwen3_next
+from . import (
+    deepseek_v3,
+    glm4_moe,
+    glm4_moe_lite,
+    gpt_oss,
+    kimi,
+    llama,
+    mistral,
+    mixtral,
+    nemotron_h,
+    qwen2,
+    qwen3,
+    qwen3_5,
+    qwen3_moe,
+    qwen3_next,
+)
 from .base import Family
 from .registry import Registry
 
@@ -21,11 +36,17 @@ for _family in (
     qwen3_moe.FAMILY,
     mixtral.FAMILY,
     deepseek_v3.FAMILY,
+    glm4_moe.FAMILY,
+    glm4_moe_lite.FAMILY,
+    kimi.KIMI_K2,
+    kimi.MOONLIGHT,
     qwen3_next.FAMILY,
     qwen3_5.FAMILY,
     qwen3_5.MOE_FAMILY,
     qwen3_5.VL_FAMILY,
     qwen3_5.VL_MOE_FAMILY,
+    gpt_oss.FAMILY,
+    nemotron_h.FAMILY,
 ):
     REGISTRY.register(_family)
 

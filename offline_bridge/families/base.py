@@ -34,10 +34,15 @@ class Family:
     experts: Callable[[Mapping[str, Any]], tuple[int, frozenset[int]]] = lambda config: (0, frozenset())
     """(number of experts, MoE layer indices) as the HF config describes them."""
     mtp_layers: Callable[[Mapping[str, Any]], int] = lambda config: 0
+    # MTP layers per depth (a hybrid model's MTP pattern): MTP layer ``{m}`` is inner layer ``{j}`` of depth ``{k}``
+    mtp_block: Callable[[Mapping[str, Any]], int] = lambda config: 1
     # config hooks: what Megatron args the HF class can express, and the config fields it writes for them
     decoder: Decoder = field(default_factory=Decoder)
     text_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda config: config
     """The part of the HF config describing the language model (a vision-language config nests it)."""
+    # The family whose `model_type` this one shares (Moonlight: "deepseek_v3"): an HF config selects that one,
+    # only --model-type selects this one (for the config it derives)
+    variant_of: str | None = None
 
     def matches(self, args: argparse.Namespace) -> bool:
         """Whether detection may pick this family for ``args`` (see `Registry.for_args`)."""

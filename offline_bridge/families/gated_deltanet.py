@@ -11,7 +11,8 @@ import numpy as np
 from ..config.hf_fields import hf_value
 from ..errors import CheckpointError
 from ..plan.rules import QKV, Dims, Rule, Shape
-from ..plan.schema import Delta, RowOrder, Source
+from ..plan.schema import Delta, Source
+from ..readers.base import RowOrder
 
 __all__ = ["GDN_CONV_PARTS", "GDN_IN_PROJ_PARTS", "GatedDeltaConv", "GatedDeltaInProj", "GatedDeltaPieces", "GatedQKV"]
 

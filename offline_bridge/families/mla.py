@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from ..plan.rules import Copy, Dims
 from . import llama
 
-__all__ = ["MLA", "mla_rope"]
+__all__ = ["MLA", "mla_fields", "mla_rope", "yarn_mscale"]
 
 M, H = llama.M, llama.H
 A = M + "self_attention."
@@ -98,7 +98,7 @@ def _mla_arg(args: argparse.Namespace, name: str) -> Any:
     return getattr(args, name) if hasattr(args, name) else _MLA_ROPE_DEFAULTS[name]
 
 
-def _yarn_mscale(scale: float, mscale: float) -> float:
+def yarn_mscale(scale: float, mscale: float) -> float:
     """YaRN's `0.1·mscale·ln(scale) + 1` (1 without scaling): the same formula in Megatron and transformers."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
@@ -125,7 +125,7 @@ def mla_rope(args: argparse.Namespace) -> dict[str, Any]:
     if rope_type not in ("rope", "yarn"):
         raise CheckpointError(f"rope_type={rope_type} is not an MLA rotary embedding (need rope or yarn)")
     if rope_type == "rope" or factor == 1:
-        if _yarn_mscale(factor, mscale_all_dim) != 1:  # Megatron scales the softmax even without YaRN
+        if yarn_mscale(factor, mscale_all_dim) != 1:  # Megatron scales the softmax even without YaRN
             raise CheckpointError(
                 f"mscale_all_dim={mscale_all_dim} with rotary_scaling_factor={factor} scales MLA's softmax "
                 f"without YaRN (rope_type={rope_type}), which DeepSeek-V3 in transformers cannot express"
@@ -149,13 +149,13 @@ def mla_rope(args: argparse.Namespace) -> dict[str, Any]:
         rope["mscale"] = float(mscale)
     rope["mscale_all_dim"] = float(mscale_all_dim)
     if mscale is None:  # Megatron's concentration factor (YarnRotaryEmbedding) ...
-        concentration = _yarn_mscale(factor, 1)
+        concentration = yarn_mscale(factor, 1)
     else:
-        concentration = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        concentration = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     if mscale and mscale_all_dim:  # ... and transformers' inference of it (_compute_yarn_parameters)
-        inferred = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        inferred = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     else:
-        inferred = _yarn_mscale(factor, 1)
+        inferred = yarn_mscale(factor, 1)
     if inferred != concentration:
         rope["attention_factor"] = float(concentration)
     # transformers reads max_position_embeddings as YaRN's extended length, factor × original
@@ -163,3 +163,18 @@ def mla_rope(args: argparse.Namespace) -> dict[str, Any]:
     extended = factor * original
     longest = max(trained, int(extended)) if extended.is_integer() else trained
     return {"rope_parameters": rope, "max_position_embeddings": longest}
+
+
+def mla_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The HF config fields of MLA (DeepSeek-V3's names): ranks, head dims and its rotary embedding."""
+    return {
+        **mla_rope(args),
+        "q_lora_rank": getattr(args, "q_lora_rank", None),
+        "kv_lora_rank": int(args.kv_lora_rank),
+        "qk_nope_head_dim": int(args.qk_head_dim),
+        "qk_rope_head_dim": int(args.qk_pos_emb_head_dim),
+        "v_head_dim": int(args.v_head_dim),
+        "head_dim": int(args.qk_pos_emb_head_dim),
+        "num_key_value_heads": int(args.num_attention_heads),
+        "rope_interleave": True,
+    }

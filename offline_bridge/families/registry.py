@@ -23,7 +23,8 @@ class Registry:
     def register(self, family: Family) -> Family:
         validate(family)
         for other in self.families.values():
-            if family.name == other.name or family.model_type == other.model_type:
+            shared = family.model_type == other.model_type and family.variant_of != other.name
+            if family.name == other.name or shared:
                 raise TableError(f"family {family.name}: name or model_type already registered by {other.name}")
         self.families[family.name] = family
         return family
@@ -37,7 +38,7 @@ class Registry:
         """The family of an HF config, by its `model_type`."""
         model_type = hf_value(config, "model_type", None)
         for family in self.families.values():
-            if family.model_type == model_type:
+            if family.model_type == model_type and family.variant_of is None:
                 return family
         raise OptionError(
             f"HF config model_type {model_type!r} is not supported; known: {', '.join(sorted(self.families))}"

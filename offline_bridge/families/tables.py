@@ -25,7 +25,7 @@ EXCLUSIVE = frozenset({frozenset({moe_layer, dense_layer}), frozenset({full_atte
 _ALLOWED = {
     "head": (set(), set(), set()),
     "layer": ({"i", "e"}, {"i", "e"}, {"i"}),
-    "mtp": ({"k", "e"}, {"i", "k", "e"}, set()),
+    "mtp": ({"k", "j", "e"}, {"i", "k", "m", "e"}, set()),
     "tail": (set(), set(), set()),
 }
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import CheckpointError
+from ..readers.base import RowOrder
 from .rules import Dims, fused_part_rows
-from .schema import Delta, Lora, RowOrder, Source
+from .schema import Delta, Lora, Source
 
 __all__ = ["ADAPTER", "Find", "find_delta"]
 

@@ -31,6 +31,8 @@ from .rules import (
     Dims,
     ExpertMajorA,
     GatedMLP,
+    InterleavedPacked,
+    InterleavedRankMajorB,
     Packed,
     RankMajorB,
     Repeat,
@@ -45,19 +47,22 @@ ADAPTER_FILE = "adapter_model"
 PREFIX = "base_model.model."
 
 
-# Leaf names PEFT cannot wrap as modules: the router (a bare `weight` in transformers 5), and on MoE models
+# Leaf names PEFT cannot wrap as modules: the routers (a bare `weight` in transformers 5), and on MoE models
 # the v4 expert names, which PEFT's transformers-5 conversion re-aims at the fused experts wherever they appear
 # in target_modules — so dense and shared-expert MLPs of a MoE model are targeted by parameter as well.
-_ROUTER_LEAF = "gate"
+_ROUTER_LEAVES = ("gate", "router")  # GPT-OSS: `mlp.router.weight`, a bare parameter too
 _V4_EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 _LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+# Modules PEFT refuses LoRA on, per HF model_type: Mamba mixers' out_proj and conv1d (their fused kernels read
+# the weights directly; peft's `_check_lora_target_modules_mamba`).
+_PEFT_REFUSES = {"nemotron_h": ("out_proj", "conv1d")}
 
 
 def _parameter_target(module: str, dims: Dims) -> str | None:
     """The `target_parameters` entry (`mlp.gate.weight`) for an HF module PEFT must reach by parameter
     (through `lora.ParamWrapper`, whose delta on a 2-D weight is `B @ A` like a Linear's), else None."""
     leaf = module.rsplit(".", 1)[-1]
-    if leaf == _ROUTER_LEAF or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
+    if leaf in _ROUTER_LEAVES or (dims.num_experts and leaf in _V4_EXPERT_LEAVES and ".experts." not in module):
         return _LAYER.split(module)[-1] + ".weight"
     return None
 
@@ -84,8 +89,12 @@ def _pieces(rule: Rule, delta: Delta, modules: list[str]) -> list[tuple[Rule, An
     return out
 
 
-# transformers 5 fuses each layer's experts into two parameters; the Megatron expert rule says which.
-_FUSED_EXPERTS = {GatedMLP: "gate_up_proj", Copy: "down_proj"}
+def _fused_experts(rule: Rule, index: dict[str, int]) -> str:
+    """The parameter transformers 5 fuses a layer's per-expert tensors into: a gated fc1 → `gate_up_proj`, a plain
+    (squared-ReLU) fc1 → `up_proj` (NemotronH), fc2 → `down_proj`."""
+    if isinstance(rule, GatedMLP):
+        return "gate_up_proj"
+    return "up_proj" if rule.targets[0].format(**{**index, "e": 0}).endswith(".up_proj.weight") else "down_proj"
 
 
 def _layer_adapter(planner: Planner, rule: Rule, index: dict[str, int]) -> tuple[Source, Source] | None:
@@ -107,13 +116,15 @@ def _paramwrapper(planner: Planner, rules: list[tuple[Rule, dict[str, int]]]) ->
         if isinstance(rule, Packed):  # the HF parameter itself: `<owner>.gate_up_proj` / `down_proj`
             owner, parameter = rule.targets[0].format(**index).rsplit(".", 1)
         else:
-            parameter = _FUSED_EXPERTS[type(rule)]
+            parameter = _fused_experts(rule, index)
             owner = rule.targets[0].format(**{**index, "e": 0}).split(".experts.0.")[0] + ".experts"
-        inner = ".base_layer" if parameter == "gate_up_proj" and len(found) == 2 else ""
+        inner = ".base_layer" if parameter != "down_proj" and len(found) == 2 else ""  # the first registered
         name = f"{PREFIX}{owner}{inner}"
-        target = (f"mlp.experts.{parameter}",)
+        # `mlp.experts` (transformers 5 renames Mixtral's v4 `block_sparse_moe`), NemotronH's `mixer.experts`
+        target = (_LAYER.split(owner)[-1].replace("block_sparse_moe.", "mlp.") + f".{parameter}",)
         out.append((ExpertMajorA((a.pattern,), target, experts=dims.num_experts), a, [f"{name}.lora_A.weight"]))
-        out.append((RankMajorB((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
+        b_rule = InterleavedRankMajorB if isinstance(rule, InterleavedPacked) else RankMajorB  # GPT-OSS gate / up
+        out.append((b_rule((b.pattern,), target, experts=dims.num_experts), b, [f"{name}.lora_B.weight"]))
     return out
 
 
@@ -155,6 +166,11 @@ def build_adapter_plan(
             )
         if isinstance(rule, VocabRows):
             raise CheckpointError(f"{where}: PEFT cannot hold a LoRA on a vocab-padded embedding; merge with `convert`")
+        refused = [m for m in modules if m.rsplit(".", 1)[-1] in _PEFT_REFUSES.get(family.model_type, ())]
+        if refused:
+            raise CheckpointError(
+                f"{where}: PEFT refuses LoRA on {refused[0]} of {family.model_type}; merge with `convert`"
+            )
         if delta.sources()[0].shape[0] != lora.dim:  # PEFT's v4 conversion fuses gate/up experts at rank 2·r
             raise CheckpointError(
                 f"{where}: rank {delta.sources()[0].shape[0]} differs from r={lora.dim}, which PEFT's per-expert "
@@ -176,7 +192,7 @@ def adapter_config(plan: Plan, lora: Lora, base_model: str | None) -> dict[str, 
     """PEFT's adapter_config.json for the written keys (ParamWrapper parameters under target_parameters)."""
     modules, parameters, dora, ranks = set(), set(), False, {}
     for step in plan.steps:
-        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__):
+        if step.rule.name in (ExpertMajorA.__name__, RankMajorB.__name__, InterleavedRankMajorB.__name__):
             parameters.add(step.rule.param("targets")[0])
             if step.rule.name == ExpertMajorA.__name__:  # normalize_moe_lora: expert rank dim // topk, scale alpha / it
                 rank = step.targets[0].shape[0] // plan.dims.num_experts

@@ -38,7 +38,8 @@ class Planner:
         self.steps: list[Step] = []
         self._missing: list[str] = []
         self._adapters = any(ADAPTER in key for key in reader.tensors)  # none: no tensor needs looking for one
-        self._refs: dict[int, RuleRef] = {}  # by id of a table's rule: every layer / expert shares it
+        # a rule's data by its id (rules need not be hashable); the rule is kept too, so its id is never reused
+        self._refs: dict[int, tuple[Rule, RuleRef]] = {}
 
     def rules(self) -> list[tuple[Rule, dict[str, int]]]:
         """Every (rule, placeholder values) of the family's tables for this model, in HF state-dict order."""
@@ -87,8 +88,9 @@ class Planner:
         """A step: ``source`` (plus ``delta``) through ``rule`` into HF tensors ``names`` of ``dtype``."""
         shapes = rule.target_shapes(source.shape, self.dims, source.key)
         targets = tuple(Target(name, tuple(shape), dtype) for name, shape in zip(names, shapes, strict=True))
-        ref = self._refs.get(id(rule)) or self._refs.setdefault(id(rule), rule_ref(rule))
-        step = Step(ref, source, targets, delta)
+        if id(rule) not in self._refs:
+            self._refs[id(rule)] = (rule, rule_ref(rule))
+        step = Step(self._refs[id(rule)][1], source, targets, delta)
         self.steps.append(step)
         return step
 

@@ -1,5 +1,6 @@
-"""The one place tensor-parallel row orders are undone: a `RowOrder` as the permutation from a source's rows
-in true order to the rows they are stored at. Reading a source (`transform.compute.read_source`) and
+"""The one place tensor-parallel row orders are undone: a `RowOrder` (reported by a reader, e.g. a legacy fc1's
+rank-major rows, or implied by a rule's layout) as the permutation from a source's rows in true order to the
+rows they are stored at. Reading a source (`transform.compute.read_source`) and
 copying its rows file to file (`transfer`) both go through it, so merges, quantizer state and adapter export
 never see a TP order."""
 
@@ -8,13 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError
-from .schema import RowOrder, Source
+from ..readers.base import RowOrder
+from .schema import Source
 
 __all__ = ["stored_rows"]
 
 
 def _permutation(order: RowOrder, rows: np.ndarray) -> np.ndarray:
     tp = order.tp
+    if order.parts and order.kind != "tp_blocks":  # consecutive blocks, each in the order on its own
+        blocks = np.split(rows, np.cumsum(order.parts)[:-1])
+        return np.concatenate([_permutation(RowOrder(order.kind, tp), block) for block in blocks])
     if order.kind == "swiglu":  # rank t's halves at blocks t and tp + t
         blocks = np.split(rows, 2 * tp)
         return np.concatenate([blocks[i] for r in range(tp) for i in (r, tp + r)])

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType
+from ..readers.base import RowOrder  # defined with the readers, which report it (`TensorInfo.row_order`)
 
 if TYPE_CHECKING:
     from ..readers.base import Box
     from .rules.dims import Dims
 
-__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RowOrder", "RuleRef", "Source", "Step", "Target"]
+__all__ = ["Delta", "FilePlan", "Lora", "Plan", "RuleRef", "Source", "Step", "Target"]
 
 
 @dataclass(frozen=True)
@@ -28,24 +29,6 @@ class RuleRef:
 
     def param(self, key: str) -> Any:
         return dict(self.params)[key]
-
-
-@dataclass(frozen=True)
-class RowOrder:
-    """How a tensor's rows lie on disk when Megatron saved them in tensor-parallel order, not in their true
-    one; `offline_bridge.plan.row_order` turns it into the row permutation every reader of the source applies.
-
-    - ``swiglu``: the swiglu sharded-state-dict factory's order at TP ``tp`` (rank t's gate and up halves at
-      blocks t and tp + t of 2·tp), e.g. CanonicalLoRA gate/up B;
-    - ``rank_major_gated``: per TP rank its `[gate_t; up_t]` rows in turn (DoRA fc1 magnitudes, ModelOpt fc1
-      per-channel amax);
-    - ``tp_blocks``: per TP rank its slice of every piece in turn, the pieces' global rows in ``parts``
-      (fused Gated DeltaNet in_proj / conv1d, and their LoRA B).
-    """
-
-    kind: str
-    tp: int
-    parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import Any
 
 from ..dtypes import DTYPES, DType
 from ..errors import CheckpointError
+from ..readers.base import RowOrder
 from .rules.dims import Dims
-from .schema import Delta, FilePlan, Lora, Plan, RowOrder, RuleRef, Source, Step, Target
+from .schema import Delta, FilePlan, Lora, Plan, RuleRef, Source, Step, Target
 
 __all__ = ["plan_from_json", "plan_to_json"]
 

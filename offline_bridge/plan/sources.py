@@ -10,7 +10,7 @@ from functools import partial
 
 from ..errors import CheckpointError
 from ..families import Family
-from ..readers.base import CheckpointReader
+from ..readers.base import CheckpointReader, RowOrder, TensorInfo
 from .rules import Dims, Rule
 from .schema import Source
 
@@ -93,8 +93,29 @@ def _find(
                 parts.append((info.key, (*lead, *((0, n) for n in info.shape[len(axes) :]))))
             rest = infos[0].shape[len(axes) :]
             shape = (sum(info.shape[len(axes)] for info in infos), *rest[1:]) if rest else rest
-            return Source(tuple(parts), shape, infos[0].dtype, pattern)
+            return Source(tuple(parts), shape, infos[0].dtype, pattern, _row_order(infos, axes))
     return None
+
+
+def _row_order(infos: list[TensorInfo], axes: tuple[str, ...]) -> RowOrder | None:
+    """The TP row order the reader found the tensor stored in (`TensorInfo.row_order`), for a whole tensor."""
+    orders = {info.row_order for info in infos}
+    if orders == {None}:
+        return None
+    if len(infos) > 1 or axes:
+        raise CheckpointError(f"{infos[0].key}: rows stored in TP order in a stacked tensor or one saved in parts")
+    return infos[0].row_order
+
+
+def _joined_order(experts: list[Source]) -> RowOrder | None:
+    """The row order of every expert's rows stacked: each expert's block in its own order."""
+    orders = {s.row_order for s in experts}
+    if orders == {None}:
+        return None
+    order = orders.pop()
+    if orders or order is None or order.parts or order.kind == "tp_blocks":
+        raise CheckpointError(f"{experts[0].key}: experts stored in different TP row orders cannot be packed")
+    return RowOrder(order.kind, order.tp, tuple(s.shape[0] for s in experts))
 
 
 def packs_experts(rule: Rule, index: dict[str, int]) -> bool:
@@ -110,7 +131,8 @@ def resolve(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: D
             return None
         first = experts[0]
         rows = sum(s.shape[0] for s in experts)
-        return Source(tuple(p for s in experts for p in s.parts), (rows, *first.shape[1:]), first.dtype, first.pattern)
+        parts = tuple(p for s in experts for p in s.parts)
+        return Source(parts, (rows, *first.shape[1:]), first.dtype, first.pattern, _joined_order(experts))
     return _find(reader, rule.sources, index, dims, saved_apart=rule.saved_apart) or _find(
         reader, rule.sources, index, dims, diagnose=True, saved_apart=rule.saved_apart
     )
@@ -122,7 +144,7 @@ def missing(reader: CheckpointReader, rule: Rule, index: dict[str, int], dims: D
         e = next(e for e in range(dims.num_experts) if resolve(reader, rule, {**index, "e": e}, dims) is None)
         return missing(reader, rule, {**index, "e": e}, dims)
     names = {"i": "layer", "e": "expert", "k": "MTP depth"}
-    where = "".join(f" for {names[k]} {v}" for k, v in index.items())
+    where = "".join(f" for {names[k]} {v}" for k, v in index.items() if k in names)
     tried = [key for pattern in rule.sources for key, _ in _candidates(pattern, index)]
     return f"no tensor{where} matching {' or '.join(tried)}"
 
@@ -140,8 +162,10 @@ def expand(family: Family, dims: Dims) -> list[tuple[Rule, dict[str, int]]]:
     work = per_expert(family.head, {})
     for layer in range(dims.num_layers):
         work += per_expert(family.layer, {"i": layer})
-    for depth in range(dims.num_mtp_layers):  # MTP layer k is HF layer num_layers + k
-        work += per_expert(family.mtp, {"k": depth, "i": dims.num_layers + depth})
+    block = family.mtp_block(dims.config)
+    for layer in range(dims.num_mtp_layers):  # MTP layer m is HF layer num_layers + m: inner layer j of depth k
+        depth, inner = divmod(layer, block)
+        work += per_expert(family.mtp, {"k": depth, "j": inner, "m": layer, "i": dims.num_layers + layer})
     work += per_expert(family.tail, {})
     return [(rule, index) for rule, index in work if rule.when is None or rule.when(dims, index.get("i"))]
 

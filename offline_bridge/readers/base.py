@@ -24,7 +24,16 @@ import numpy as np
 
 from ..dtypes import DType
 
-__all__ = ["Box", "CheckpointReader", "Extent", "TensorInfo", "full_box", "is_model_key", "is_quantizer_key"]
+__all__ = [
+    "Box",
+    "CheckpointReader",
+    "Extent",
+    "RowOrder",
+    "TensorInfo",
+    "full_box",
+    "is_model_key",
+    "is_quantizer_key",
+]
 
 Box = tuple[tuple[int, int], ...]  # [start, stop) per axis
 
@@ -60,10 +69,34 @@ def full_box(shape: tuple[int, ...]) -> Box:
 
 
 @dataclass(frozen=True)
+class RowOrder:
+    """How a tensor's rows lie on disk when Megatron saved them in tensor-parallel order, not in their true
+    one; `offline_bridge.plan.row_order` turns it into the row permutation every reader of the source applies.
+    A reader reports it where it finds the layout (`TensorInfo.row_order`), the planner where a rule's layout
+    implies it (`Source.row_order`).
+
+    - ``swiglu``: the swiglu sharded-state-dict factory's order at TP ``tp`` (rank t's gate and up halves at
+      blocks t and tp + t of 2·tp), e.g. CanonicalLoRA gate/up B;
+    - ``rank_major_gated``: per TP rank its `[gate_t; up_t]` rows in turn (legacy rank files' fc1, DoRA fc1
+      magnitudes, ModelOpt fc1 per-channel amax);
+    - ``tp_blocks``: per TP rank its slice of every piece in turn, the pieces' global rows in ``parts``
+      (fused Gated DeltaNet in_proj / conv1d, and their LoRA B).
+
+    For ``swiglu`` and ``rank_major_gated``, ``parts`` (if given) are consecutive row blocks each in that order
+    on its own: every expert of a packed fc1.
+    """
+
+    kind: str
+    tp: int
+    parts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     key: str
     shape: tuple[int, ...]
     dtype: DType
+    row_order: RowOrder | None = None  # rows stored in a TP order: `read` and `extents` give them as stored
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,15 @@ import re
 
 from ..errors import CheckpointError
 
-__all__ = ["LAYER", "TP_RULES", "global_key", "models_of", "tp_join"]
+__all__ = ["LAYER", "TP_RULES", "chunk_layers", "global_key", "models_of", "tp_join"]
 
 LAYER = re.compile(r"^(decoder\.layers\.)(\d+)\.(.*)$")
 _LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.)local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^(mlp\.experts\.)(linear_fc[12]\.(?:weight|bias))(\d+)$")
 
 # How tensor-parallel shards join, by the end of the key: 0 = rows (column-parallel), 1 = columns
-# (row-parallel), "gated" = rows of per-rank [gate_r; up_r] halves. Anything else is replicated.
+# (row-parallel), "gated" = rows of per-rank [gate_r; up_r] halves, kept rank-major and reported as the
+# `rank_major_gated` row order (undone by the plan like every TP order). Anything else is replicated.
 TP_RULES: tuple[tuple[str, int | str], ...] = (
     ("linear_qkv.weight", 0),
     ("linear_qkv.bias", 0),
@@ -37,6 +38,10 @@ TP_RULES: tuple[tuple[str, int | str], ...] = (
     ("conv1d.weight", 0),
     ("A_log", 0),
     ("dt_bias", 0),
+    # Mamba-2 mixers (MambaModel): also the conv bias, D and the gated norm, sharded by heads / groups
+    ("conv1d.bias", 0),
+    ("mixer.D", 0),
+    ("mixer.norm.weight", 0),
     ("out_proj.weight", 1),
 )
 
@@ -66,3 +71,18 @@ def global_key(name: str, layer_offset: int, ep: int, per_ep: int) -> tuple[str,
         local_expert, rest = (int(a), b) if expert.re is _LOCAL_EXPERT else (int(b), a)
         sub = f"{head}{ep * per_ep + local_expert}.{rest}"
     return f"{prefix}{layer_offset + int(local)}.{sub}", bool(expert)
+
+
+def chunk_layers(files: list[tuple[str, int, dict]]) -> dict[tuple[int, int], int]:
+    """(vp, pp) → how many layers that chunk holds (local numbers 0..n-1), from (source, pp rank, state) per
+    rank file; every rank of a stage must hold as many."""
+    found: dict[tuple[int, int], int] = {}
+    for source, pp, state in files:
+        for model, chunk_state in models_of(state, source):
+            layers = {int(m.group(2)) for name in chunk_state if (m := LAYER.match(name))}
+            count, chunk = max(layers) + 1 if layers else 0, (int(model[5:] or 0), pp)
+            if found.setdefault(chunk, count) != count:
+                raise CheckpointError(
+                    f"{source}: {count} layers in {model}, other ranks of stage {pp} have {found[chunk]}"
+                )
+    return found

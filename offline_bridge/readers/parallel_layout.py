@@ -10,6 +10,10 @@ The parallel layout is read off the checkpoint itself, not its args (which may b
 - legacy `torch`: the `mp_rank_TT[_PPP][_EEE]` directory names and the `model0`, `model1`, ... entries.
 What the files cannot tell (zarr keeps no writer) comes from the args, and the report says so. The args'
 own values are reported beside (`layout_args`), so a disagreement shows.
+
+`pipeline_stages` says which layers each stage (and virtual stage) holds: legacy rank files by the split the
+reader placed their stage-local layers with (Megatron's, `pipeline_split`); torch_dist by which writer holds
+which layer (its keys are global already); otherwise by the args' split.
 """
 
 from __future__ import annotations
@@ -18,11 +22,17 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ..errors import CheckpointError
 from .base import CheckpointReader, is_model_key
+from .fsdp_dtensor import FsdpDtensorReader
 from .legacy import LegacyReader
+from .pipeline_split import Split, layer_split
 from .torch_dist import TorchDistReader
 
-__all__ = ["ARGS_LAYOUT", "parallel_layout"]
+__all__ = ["ARGS_LAYOUT", "Stages", "parallel_layout", "pipeline_stages"]
+
+# per pipeline stage, per virtual stage in order: its [first, last] global layer, None for a chunk with none
+Stages = list[list[tuple[int, int] | None]]
 
 _PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _STACKED_LAYERS = re.compile(r"^decoder\.layers\.(?!\d)")
@@ -81,8 +91,9 @@ def _runs(layers: Iterable[int]) -> int:
     return sum(1 for i, n in enumerate(ordered) if i == 0 or n != ordered[i - 1] + 1)
 
 
-def _writer_layout(reader: TorchDistReader, keys: list[str]) -> dict[str, int]:
-    """PP, VPP and EP from which writer rank's file holds which layer's and expert's chunks."""
+def _writer_groups(reader: TorchDistReader, keys: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """The layers of each stage and the experts of each expert-parallel rank, grouped by the writer ranks
+    whose files hold their chunks."""
     layers, experts = _Groups(), _Groups()
     for key in keys:
         layer_axis, expert_axis = _axes(key)
@@ -98,12 +109,48 @@ def _writer_layout(reader: TorchDistReader, keys: list[str]) -> dict[str, int]:
                 layers.join(("layer", layer), rank)
             if expert is not None:
                 experts.join(("expert", expert), rank)
-    stages = layers.groups("layer")
+    return layers.groups("layer"), experts.groups("expert")
+
+
+def _writer_layout(reader: TorchDistReader, keys: list[str]) -> dict[str, int]:
+    """PP, VPP and EP from which writer rank's file holds which layer's and expert's chunks."""
+    stages, expert_groups = _writer_groups(reader, keys)
     return {
         "pp": max(1, len(stages)),
         "vpp": max((_runs(stage) for stage in stages), default=1),
-        "ep": max(1, len(experts.groups("expert"))),
+        "ep": max(1, len(expert_groups)),
     }
+
+
+def _split_stages(split: Split) -> Stages:
+    pp, vpp = 1 + max(p for _, p in split), 1 + max(v for v, _ in split)
+    chunks = [[split[(v, p)] for v in range(vpp)] for p in range(pp)]
+    return [[(first, first + n - 1) if n else None for first, n in stage] for stage in chunks]
+
+
+def _spans(layers: list[int]) -> list[tuple[int, int] | None]:
+    """Runs of consecutive layers as [first, last]."""
+    starts = [n for i, n in enumerate(layers) if i == 0 or n != layers[i - 1] + 1]
+    stops = [n for i, n in enumerate(layers) if i == len(layers) - 1 or layers[i + 1] != n + 1]
+    return list(zip(starts, stops))
+
+
+def pipeline_stages(reader: CheckpointReader, layout: dict[str, int | None]) -> tuple[Stages | None, str]:
+    """Which layers each pipeline stage holds (per virtual stage), and where that was read from; None when
+    neither the files nor the args say (no decoder layers, or args that do not split them)."""
+    if isinstance(reader, LegacyReader):
+        return _split_stages(reader.split), "rank files"
+    if isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):  # fsdp: DP writers
+        stages, _ = _writer_groups(reader, [k for k in reader.tensors if is_model_key(k)])
+        return ([_spans(stage) for stage in stages] or None), "writer ranks"
+    layers = getattr(reader.args, "num_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        return None, "args"
+    try:
+        split = layer_split(reader.args, layers, layout["pp"] or 1, layout["vpp"] or 1, str(reader.path))
+    except CheckpointError:
+        return None, "args"
+    return _split_stages(split), "args"
 
 
 def parallel_layout(reader: CheckpointReader) -> tuple[dict[str, int | None], dict[str, str]]:
@@ -129,13 +176,17 @@ def parallel_layout(reader: CheckpointReader) -> tuple[dict[str, int | None], di
         args = reader.args
         layout["etp"] = (getattr(args, "expert_tensor_parallel_size", None) or layout["tp"]) if has_experts else None
         source["etp"] = "args"
-    elif isinstance(reader, TorchDistReader):
+    elif isinstance(reader, TorchDistReader) and not isinstance(reader, FsdpDtensorReader):
         layout.update(_writer_layout(reader, keys))
         source.update(dict.fromkeys(("pp", "vpp", "ep"), "writer ranks"))
-    else:
-        for name in ("pp", "vpp", "ep"):
+    else:  # zarr keeps no writer; fsdp_dtensor's chunks are data-parallel shards of global tensors
+        from_args = ("tp", "pp", "vpp", "ep") if isinstance(reader, FsdpDtensorReader) else ("pp", "vpp", "ep")
+        for name in from_args:
             layout[name] = int(getattr(reader.args, ARGS_LAYOUT[name], None) or 1)
             source[name] = "args"
+        if "tp" in from_args and has_experts:
+            layout["etp"] = int(getattr(reader.args, ARGS_LAYOUT["etp"], None) or layout["tp"] or 1)
+            source["etp"] = "args"
     if not has_experts:
         layout["ep"] = 1
     return {k: layout[k] for k in ARGS_LAYOUT}, source

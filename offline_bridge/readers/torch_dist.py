@@ -26,7 +26,7 @@ from ..files.handles import HandleCache
 from ..files.small_files import map_regular
 from .base import Box, CheckpointReader, Extent, TensorInfo, full_box, is_model_key, load_common_pt
 from .coverage import check_tiling
-from .dcp_metadata import read_catalog
+from .dcp_metadata import Catalog, read_catalog
 from .pickles.safe_pickle import TensorRef
 from .pickles.tensor_records import check_chunk_record
 from .pickles.torch_save import TorchArchive, is_contiguous, release_pages, view
@@ -40,25 +40,27 @@ class TorchDistReader(CheckpointReader):
     """Reader of a torch_dist iteration directory (`.metadata`, `__*_*.distcp`, `common.pt`); with
     ``check_crc``, each record's tensor bytes are compared with their zip CRC-32 when first located."""
 
-    def __init__(self, path: Path, *, check_crc: bool = False) -> None:
+    def __init__(self, path: Path, *, check_crc: bool = False, catalog: Catalog | None = None) -> None:
+        """``catalog``: `.metadata` as already read (by another reader of the same directory)."""
         self.path = Path(path)
         self._check_crc = check_crc
         self._metadata_file = self.path / ".metadata"
         if not self._metadata_file.exists():
             raise CheckpointError(f"{self.path}: no .metadata file; not a torch_dist checkpoint")
-        catalog = read_catalog(self._metadata_file)
+        catalog = catalog if catalog is not None else read_catalog(self._metadata_file)
         self._chunks, self._objects, self._storage = catalog.chunks, catalog.objects, catalog.storage
         self._maps: HandleCache[str, mmap.mmap | bytes] = HandleCache(self._map, _close_map, MAX_OPEN_FILES)
         self._located: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
         self._extents: dict[str, list[Extent] | None] = {}
         self._checked: set[str] = set()
         self._prefix = _model_prefix(catalog.tensors)
-        self._tensors = {
-            key[len(self._prefix) :]: replace(info, key=key[len(self._prefix) :])
-            for key, info in catalog.tensors.items()
-            if key.startswith(self._prefix)
-        }
+        self._stored = self._stored_keys(catalog.tensors)
+        self._tensors = {key: replace(catalog.tensors[stored], key=key) for key, stored in self._stored.items()}
         self.format = "torch_dcp" if self._prefix else "torch_dist"
+
+    def _stored_keys(self, tensors: Mapping[str, TensorInfo]) -> dict[str, str]:
+        """Each tensor's key as presented, with its key in `.metadata` (torch_dcp: `model.` dropped)."""
+        return {key[len(self._prefix) :]: key for key in tensors if key.startswith(self._prefix)}
 
     def _check_records(self, key: str, info: TensorInfo) -> None:
         """Before anything is allocated for ``key``: each chunk's record exists, lies inside its file and is
@@ -96,11 +98,11 @@ class TorchDistReader(CheckpointReader):
         return state
 
     def chunk_boxes(self, key: str) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return self._chunks[self._prefix + key]
+        return self._chunks[self._stored[key]]
 
     def chunk_file(self, key: str, offsets: tuple[int, ...]) -> str | None:
         """The `.distcp` file holding a chunk (named `__<writer rank>_<n>.distcp`)."""
-        storage = self._storage.get((self._prefix + key, offsets))
+        storage = self._storage.get((self._stored.get(key, key), offsets))
         return None if storage is None else str(storage.relative_path)
 
     def read(self, key: str, box: Box | None = None) -> np.ndarray:
@@ -141,7 +143,7 @@ class TorchDistReader(CheckpointReader):
         info = self._tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self._metadata_file}: no tensor {key!r} in the checkpoint")
-        key = self._prefix + key
+        key = self._stored[key]
         if key not in self._checked:
             check_tiling(key, info.shape, self._chunks[key], str(self._metadata_file))
             self._check_records(key, info)

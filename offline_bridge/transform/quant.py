@@ -31,8 +31,8 @@ from ..families import Family
 from ..plan.planner import Planner
 from ..plan.rules import Dims, GatedMLP, Rule
 from ..plan.rules.registry import rule_of
-from ..plan.schema import RowOrder, Source, Step
-from ..readers.base import CheckpointReader, is_quantizer_key, load_common_pt
+from ..plan.schema import Source, Step
+from ..readers.base import CheckpointReader, RowOrder, is_quantizer_key, load_common_pt
 from .casting import cast
 from .compute import read_source
 from .quant_rules import Fanout

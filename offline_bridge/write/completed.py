@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..plan.schema import FilePlan, Plan
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
 
-__all__ = ["META", "completed_files", "record_done", "record_path", "recorded_digests"]
+__all__ = ["META", "completed_files", "keep_only", "record_done", "record_path", "recorded_digests"]
 
 META = ".meta"  # bookkeeping inside a staging area; never part of an output
 _DONE = "done"
@@ -102,3 +103,12 @@ def _load(directory: Path, name: str) -> dict[str, Any] | None:
         and all(isinstance(v, str) for v in record["tensors"].values())
     )
     return record if shaped else None
+
+
+def keep_only(directory: Path, kept: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Remove everything in a taken-over staging ``directory`` but the ``kept`` files and the bookkeeping (a
+    killed run of other options leaves files this plan does not write); ``kept`` back."""
+    for path in directory.iterdir():
+        if path.name not in kept and path.name != META:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return kept

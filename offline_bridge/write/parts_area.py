@@ -24,7 +24,7 @@ from .json_file import write_json
 from .out_paths import hidden_prefix, output_path, refuse_overlap, replaced, resolved
 from .output_lock import OutputLock
 
-__all__ = ["PartsArea", "area_of", "part_locks", "read_part_manifests"]
+__all__ = ["PartsArea", "area_of", "check_out_dir", "part_locks", "read_part_manifests"]
 
 _MANIFEST = re.compile(r"part-([0-9]{1,6})-of-([0-9]{1,6})\.json", re.ASCII)
 _LOCK = re.compile(r"part-[0-9]{1,6}\.lock", re.ASCII)
@@ -34,6 +34,16 @@ def area_of(out_dir: str | Path) -> tuple[Path, Path]:
     """(OUT_DIR as it will be replaced, its parts area)."""
     out = output_path(out_dir)
     return out, out.parent / f"{hidden_prefix(out)}parts"
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool, inputs: Iterable[str | Path | None]) -> None:
+    """What a part (or the process that starts the parts) checks before reading: OUT_DIR and its parts area
+    overlap no input, and a non-empty OUT_DIR is refused now unless ``overwrite``, not after every part ran."""
+    out, area = area_of(out_dir)
+    sources = resolved(inputs)
+    refuse_overlap(out, sources)
+    refuse_overlap(area, sources)
+    replaced(out, overwrite)
 
 
 class PartsArea:
@@ -46,12 +56,11 @@ class PartsArea:
         self.out, self.path = area_of(out_dir)
         self.index, self.count = index, count
         self._overwrite = overwrite
-        self._sources = resolved(inputs)
+        self._inputs = list(inputs)
         self._lock = OutputLock(self.path / META / f"part-{index}.lock", self.out)
 
     def __enter__(self) -> PartsArea:
-        self.check_inputs(())
-        replaced(self.out, self._overwrite)  # a non-empty OUT_DIR is refused now, not after every part ran
+        check_out_dir(self.out, self._overwrite, self._inputs)
         try:
             (self.path / META).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -64,9 +73,7 @@ class PartsArea:
 
     def check_inputs(self, inputs: Iterable[str | Path | None]) -> None:
         """OUT_DIR and the area may not overlap any input (those found while reading too)."""
-        sources = self._sources + resolved(inputs)
-        refuse_overlap(self.out, sources)
-        refuse_overlap(self.path, sources)
+        check_out_dir(self.out, self._overwrite, [*self._inputs, *inputs])
 
     def clear(self, names: Iterable[str]) -> None:
         """Forget this part's earlier files (a run without `--resume` writes them all again)."""

@@ -104,8 +104,9 @@ def write_weights(
     return {**kept, **outputs.digests}
 
 
-def write_index(plan: Plan, out_dir: Path) -> None:
-    """`model.safetensors.index.json`, as transformers writes it for a sharded model (none for one file)."""
+def write_index(plan: Plan, out_dir: Path) -> bool:
+    """`model.safetensors.index.json`, as transformers writes it for a sharded model (none for one file);
+    whether it was written."""
     if len(plan.files) > 1:
         targets = list(plan.targets())
         write_json(
@@ -115,6 +116,7 @@ def write_index(plan: Plan, out_dir: Path) -> None:
                 "weight_map": {t.name: t.file for t in targets},
             },
         )
+    return len(plan.files) > 1
 
 
 def _position(step: Step, runs: list[list[Run]] | None, reader: CheckpointReader) -> tuple[str, int]:

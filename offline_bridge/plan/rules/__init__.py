@@ -7,12 +7,13 @@ the +1 of a zero-centred norm. Patterns may hold ``{i}``, the global layer index
 expert index; a rule whose source holds ``{e}`` and whose targets do not stacks all experts (packed).
 
 One module per job: `dims` (model dimensions, layer conditions), `core`, `lora` (adapter layouts) and
-`gdn` (Gated DeltaNet hybrids); every rule is importable from here.
+`gdn` (Gated DeltaNet hybrids), `transposed` (GPT-OSS's packed experts); every rule is importable from here.
 """
 
 from .core import QKV, Copy, GatedMLP, Packed, PlusOne, Repeat, Rule, VocabRows, only
 from .dims import Condition, Dims, Shape, dense_layer, full_attention_layer, linear_attention_layer, moe_layer, untied
 from .lora import ExpertMajorA, RankMajorB, fused_part_rows
+from .transposed import InterleavedPacked, InterleavedRankMajorB, TransposedPacked
 
 __all__ = [
     "QKV",
@@ -21,12 +22,15 @@ __all__ = [
     "Dims",
     "ExpertMajorA",
     "GatedMLP",
+    "InterleavedPacked",
+    "InterleavedRankMajorB",
     "Packed",
     "PlusOne",
     "RankMajorB",
     "Repeat",
     "Rule",
     "Shape",
+    "TransposedPacked",
     "VocabRows",
     "dense_layer",
     "full_attention_layer",
