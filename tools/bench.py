@@ -6,6 +6,7 @@ Usage (from the repository root; the first run writes the checkpoint, ~1 min, 2.
     python tools/bench.py --lora                                      # merge cost: convert vs convert --adapter
     python tools/bench.py --export-adapter                            # export-adapter vs cp of the adapter
     python tools/bench.py --lora --layers 44                          # the same on a 4.2 GB checkpoint
+    python tools/bench.py --layers 61 --experts 256                   # many small tensors (tools/bench_many.py)
 
 The benchmark checkpoint is a llama-family model written by megatron-core itself (bf16, TP2 PP2, 2.2 GB),
 cached under ``--cache``; ``--lora`` adds a Megatron-Bridge LoRA adapter (all four targets). Every tool runs
@@ -292,6 +293,7 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=SPEC.num_layers, help=f"transformer layers (default {SPEC.num_layers}: 2.25 GB)"
     )
+    parser.add_argument("--experts", type=int, help="many small tensors: a DeepSeek-V3 shape with this many experts")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="merge cost: convert with and without --adapter")
     mode.add_argument("--export-adapter", action="store_true", help="export-adapter against cp of the adapter")
@@ -302,6 +304,11 @@ def main() -> None:
         ANCHORS[name](Path(iter_dir), Path(out))
         return
     args.cache = args.cache.resolve()
+    if args.experts:
+        from tools.bench_many import bench_many_tensors
+
+        bench_many_tensors(args)
+        return
     args.spec = spec = dataclasses.replace(SPEC, num_layers=args.layers)
     tools, copied, what = tools_for(args)
     scratch = (args.scratch or args.cache / "scratch").resolve()

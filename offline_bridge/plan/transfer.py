@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InternalError
-from ..readers.base import CheckpointReader, Extent
+from ..readers.base import Extent
+from .extent_index import ExtentIndex
 from .row_order import stored_rows
 from .rules import Dims
 from .rules.registry import rule_of
@@ -56,7 +57,7 @@ class _Piece:
     length: int  # bytes of one row in this chunk
 
 
-def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run]] | None:
+def plan_runs(step: Step, extents: ExtentIndex, dims: Dims) -> list[list[Run]] | None:
     """Per target of ``step``, the runs making up its bytes in order; None when the step must be computed."""
     source = step.source
     if step.delta is not None or any(target.dtype != source.dtype for target in step.targets):
@@ -66,7 +67,7 @@ def plan_runs(step: Step, reader: CheckpointReader, dims: Dims) -> list[list[Run
         return None
     parts = []
     for key, box in source.parts:
-        part = _pieces(reader, key, box, source)
+        part = _pieces(extents, key, box, source)
         if part is None:
             return None
         parts.append(part)
@@ -111,14 +112,14 @@ def selected_rows(step: Step, dims: Dims, *, stored: bool = False) -> list[list[
 
 
 def _pieces(
-    reader: CheckpointReader, key: str, box: tuple[tuple[int, int], ...], source: Source
+    index: ExtentIndex, key: str, box: tuple[tuple[int, int], ...], source: Source
 ) -> tuple[int, list[_Piece]] | None:
     """A source part's row count and the chunks holding its rows, or None if a chunk is not a row block ×
     column range (then the step is computed)."""
-    extents = reader.extents(key)
+    lead = len(box) - len(source.shape)  # stacked axes (layer, expert), one index each
+    extents = index.overlapping(key, box, lead)
     if extents is None:
         return None
-    lead = len(box) - len(source.shape)  # stacked axes (layer, expert), one index each
     itemsize = source.dtype.itemsize
     inner = int(np.prod([b - a for a, b in box[lead + 2 :]], dtype=np.int64))
     pieces = []

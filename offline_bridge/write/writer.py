@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import InternalError
 from ..files.handles import HandleCache
 from ..files.posix_io import open_readonly, pread_all
+from ..plan.extent_index import ExtentIndex
 from ..plan.rules import Dims
 from ..plan.schema import Plan, Step, Target
 from ..plan.transfer import Run, plan_runs
@@ -62,7 +63,8 @@ def write_weights(
     todo = chosen - set(kept)
     steps = [i for i, step in enumerate(plan.steps) if any(t.file in todo for t in step.targets)]
     merges = TorchThreads() if any(plan.steps[i].delta is not None for i in steps) else None
-    runs = {i: plan_runs(plan.steps[i], reader, plan.dims) for i in steps}
+    extents = ExtentIndex(reader)
+    runs = {i: plan_runs(plan.steps[i], extents, plan.dims) for i in steps}
     # in checkpoint order, merges last: torch loads meanwhile
     order = sorted(steps, key=lambda i: (plan.steps[i].delta is not None, _position(plan.steps[i], runs[i], reader)))
     sources: HandleCache[str, int] = HandleCache(open_readonly, os.close, MAX_OPEN_FILES)

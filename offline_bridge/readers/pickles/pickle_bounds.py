@@ -42,6 +42,13 @@ def _kind(opcode: pickletools.OpcodeInfo) -> tuple[int, int, bool, int]:
 
 
 _KINDS = {opcode.name: _kind(opcode) for opcode in pickletools.opcodes}
+# What nothing can add to (the unpickler fails first): one shared immutable cell per size, not a cell each
+_IMMUTABLE = {"int", "int_or_bool", "bool", "float", "None", "str", "bytes", "bytes_or_str", "tuple"}
+_ATOMS = frozenset(
+    op.name
+    for op in pickletools.opcodes
+    if not op.stack_before and [t.name for t in op.stack_after] in [[name] for name in _IMMUTABLE]
+)
 
 
 def check_opcodes(data: bytes | memoryview) -> None:
@@ -61,6 +68,7 @@ def _walk(data: bytes | memoryview) -> None:
     """The opcodes of ``data``, simulated. Each stack item is a cell [depth, size, items]; the memo holds the
     same cells, so that a container filled after it was memoized is seen at its full size wherever it is used."""
     stack: list[list] = []
+    atoms: dict[int, tuple[int, int, tuple]] = {}  # size -> the shared cell of constants that size
     marks: list[int] = []  # where each MARK is in the stack, as the unpickler keeps them
     memo: dict[int, list] = {}
     budget = COPY_FACTOR * len(data) + (1 << 16)
@@ -71,7 +79,8 @@ def _walk(data: bytes | memoryview) -> None:
             push(memo[arg])  # KeyError for an index never set
         elif kind == _MAKE and not (below or marked):  # a constant, a global, an empty container
             if pushed:
-                push([0, max(1, len(arg)) if isinstance(arg, str | bytes) else 1, []])
+                size = max(1, len(arg)) if isinstance(arg, str | bytes) else 1
+                push(atoms.setdefault(size, (0, size, ())) if opcode.name in _ATOMS else [0, size, []])
         elif kind == _PUSH_MARK:
             marks.append(len(stack))
         elif len(stack) - (marks[-1] if marks and not marked else 0) < (below or kind in (_PUT, _MEMOIZE, _DUP)):
@@ -90,6 +99,8 @@ def _walk(data: bytes | memoryview) -> None:
                     raise ValueError("the pickle copies its objects over and over (more than its size allows)")
             if kind in (_MUTATE, _STATE):  # the object below the others now holds them
                 cell = taken[0]
+                if isinstance(cell, tuple):
+                    raise ValueError(f"{opcode.name} adds to a constant")
                 cell[0] = max(cell[0], 1 + max([c[0] for c in taken[1:]], default=-1))
                 cell[1] += sum(c[1] for c in taken[1:]) if kind == _STATE else len(taken) - 1
                 cell[2].extend(taken[1:])

@@ -196,12 +196,25 @@ class _Unpickler(pickle.Unpickler):
         return StorageRef(storage_type, str(key), operator.index(numel))
 
 
+_SMALL = 4096  # bytes: a chunk record's pickle is a few hundred, the same for every chunk of one shape
+_PASSED_MAX = 1024  # small pickles remembered as having passed the bounds checks
+_passed: dict[bytes, None] = {}
+
+
 def safe_loads(data: bytes | memoryview, source: str) -> Any:
-    """Unpickle ``data`` through the allow-list; ``source`` names the file in errors."""
+    """Unpickle ``data`` through the allow-list; ``source`` names the file in errors. The bounds checks depend
+    on the bytes only, so a small pickle seen before skips them (the 46k chunk records of the DeepSeek-V3-shaped
+    bench are 17 distinct pickles)."""
+    key = bytes(data) if len(data) <= _SMALL else None
     try:
-        check_opcodes(data)
+        known = key is not None and key in _passed
+        if not known:
+            check_opcodes(data)
         value = _Unpickler(io.BytesIO(data), source).load()
-        check_nesting(value)
+        if not known:
+            check_nesting(value)
+            if key is not None and len(_passed) < _PASSED_MAX:
+                _passed[key] = None
         return value
     except UnsafePickleError as exc:
         raise UnsafePickleError(str(exc) if source in str(exc) else f"{source}: {exc}") from exc
