@@ -129,6 +129,19 @@ def _patch_window_mask() -> None:
     fused_softmax.get_sliding_window_causal_mask = mask
 
 
+def _shared_fields(spec: GptOssSpec) -> dict[str, Any]:
+    """GPT-OSS's settings under the same name in TransformerConfig and Megatron-LM's args."""
+    return {
+        "glu_linear_offset": 1.0,
+        "activation_func_clamp_value": spec.clamp,
+        "add_bias_linear": True,
+        "softmax_type": "learnable",
+        "window_size": (spec.sliding_window - 1, 0),
+        "window_attn_skip_freq": 2,
+        "moe_router_load_balancing_type": "none",
+    }
+
+
 def _config(spec: GptOssSpec, base: FixtureSpec, tp: int, pp: int, ep: int):
     """The TransformerConfig of Bridge's GPTOSSProvider at the tiny sizes (local spec, CPU-friendly)."""
     from megatron.core.fusions.fused_bias_geglu import quick_gelu
@@ -136,16 +149,7 @@ def _config(spec: GptOssSpec, base: FixtureSpec, tp: int, pp: int, ep: int):
 
     config = mf._transformer_config(base, tp, pp, 1, ep, 1)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    fields.update(
-        activation_func=quick_gelu,
-        glu_linear_offset=1.0,
-        activation_func_clamp_value=spec.clamp,
-        add_bias_linear=True,
-        softmax_type="learnable",
-        window_size=(spec.sliding_window - 1, 0),
-        window_attn_skip_freq=2,
-        moe_router_load_balancing_type="none",
-    )
+    fields.update(activation_func=quick_gelu, **_shared_fields(spec))
     config = TransformerConfig(**fields)
     # GPTModel's YaRN reads these as attributes (Bridge's provider declares them as fields)
     for name, value in _yarn(spec).items():
@@ -214,13 +218,7 @@ def _make_args(
     vars(args).update(
         swiglu=False,
         quick_geglu=True,
-        glu_linear_offset=1.0,
-        activation_func_clamp_value=spec.clamp,
-        add_bias_linear=True,
-        softmax_type="learnable",
-        window_size=(spec.sliding_window - 1, 0),
-        window_attn_skip_freq=2,
-        moe_router_load_balancing_type="none",
+        **_shared_fields(spec),
         position_embedding_type="yarn",
         rotary_base=ROTARY_BASE,
         tokenizer_model="openai/gpt-oss-20b",
