@@ -164,3 +164,16 @@ def test_files_of_an_earlier_split_are_not_taken_for_side_files(tmp_path: Path) 
         convert(EXAMPLE, out, max_shard_size="100KB", progress=False, part=f"{index}/2")
     with pytest.raises(CheckpointError, match=r"model-00001-of-00009\.safetensors.*which no part wrote"):
         finalize(out)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "..", ".meta", "a\\b", "x\0y"])
+def test_a_part_manifest_naming_a_file_elsewhere_is_refused(name: str, tmp_path: Path) -> None:
+    """finalize opens only files of the parts area, whatever a (damaged or forged) part manifest lists."""
+    area = _parts(tmp_path / "out", 2)
+    (tmp_path / "outside.safetensors").write_bytes(b"secret")
+    manifest = area / ".meta" / "part-1-of-2.json"
+    body = json.loads(manifest.read_text())
+    body["files"].append(name)
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"part-1-of-2\.json: not a part manifest"):
+        finalize(tmp_path / "out")

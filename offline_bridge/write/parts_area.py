@@ -114,11 +114,17 @@ def read_part_manifests(area: Path) -> list[dict[str, Any]]:
             and all(isinstance(name, str) for name in body["files"])
             and isinstance(body.get("extras"), dict)
             and isinstance(body.get("extra_digests"), dict)
+            and all(_plain(name) for name in [*body["files"], *body["extras"], *body["extra_digests"]])
         )
         if not shaped:
             raise CheckpointError(f"{path}: not a part manifest offline-bridge wrote")
         found.append(body)
     return found
+
+
+def _plain(name: object) -> bool:
+    """A file name of the area itself: what `finalize` opens must not lie anywhere else."""
+    return isinstance(name, str) and name not in ("", ".", "..", META) and not any(c in name for c in "/\\\0")
 
 
 @contextlib.contextmanager
