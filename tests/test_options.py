@@ -133,7 +133,10 @@ def test_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_json_report_holds_anything(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Args are the checkpoint's: bytes, sets, tuple keys, NaN or objects still give a JSON report."""
-    odd = {"args": {"blob": b"\xff\x00ab", "groups": {3, 1}, (1, 2): "tuple key", "eps": math.nan, "obj": object()}}
+    odd = {
+        "args": {"blob": b"\xff\x00ab", "groups": {3, 1}, (1, 2): "tuple key", "eps": math.nan, "obj": object()},
+        "errors": [],
+    }
     monkeypatch.setattr(offline_bridge.commands.inspection, "inspect_checkpoint", lambda *_: odd)
     code = run(["inspect", str(EXAMPLE), "--json"])
     out = capsys.readouterr().out

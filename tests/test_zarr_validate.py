@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from offline_bridge.commands.cli import run
 from offline_bridge.commands.convert import convert
 from offline_bridge.commands.inspection import inspect_checkpoint
 from offline_bridge.errors import CheckpointError
@@ -50,3 +51,13 @@ def test_every_broken_array_is_listed(tmp_path: Path) -> None:
 
 def test_an_intact_checkpoint_has_no_errors() -> None:
     assert inspect_checkpoint(ZARR)["errors"] == []
+
+
+def test_the_cli_exits_1_when_the_report_lists_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspect` prints the whole report and exits 1 when it holds `error` lines, 0 when not."""
+    ckpt = Path(shutil.copytree(ZARR, tmp_path / "ckpt"))
+    assert run(["inspect", str(ckpt)]) == 0
+    _break(ckpt / "iter_0000020" / OUTPUT, "missing")
+    assert run(["inspect", str(ckpt)]) == 1
+    out = capsys.readouterr().out
+    assert any(line.startswith("error ") and OUTPUT in line for line in out.splitlines())

@@ -19,15 +19,18 @@ __all__ = ["diff_command", "inspect_command", "verify_command"]
 @click.option("--json", "json_output", is_flag=True, help="Print the report as JSON.")
 def inspect_command(ckpt_dir: str, iteration: str | None, json_output: bool) -> None:
     """Describe the Megatron checkpoint CKPT_DIR from its metadata alone: format, iterations, parallel
-    layout, args, model family, adapter, and every tensor's shape, dtype, bytes and chunks."""
+    layout, args, model family, adapter, and every tensor's shape, dtype, bytes and chunks. Exit 0; 1 when the
+    report lists problems `convert` would refuse (`error` lines); 2 when the checkpoint cannot be read."""
     from .inspection import format_report, inspect_checkpoint
 
-    def text() -> str:
+    def described() -> tuple[str, bool]:
         check_options(iteration=iteration)
         found = inspect_checkpoint(ckpt_dir, iteration)
-        return as_json(found) if json_output else format_report(found)
+        return (as_json(found) if json_output else format_report(found)), bool(found["errors"])
 
-    click.echo(report(text))
+    text, refused = report(described)
+    click.echo(text)
+    sys.exit(1 if refused else 0)
 
 
 @click.command("diff")
