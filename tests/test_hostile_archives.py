@@ -64,9 +64,9 @@ def refuses_convert(iteration: Path, *named: str) -> str:
 
 
 def inspect_reports(iteration: Path, text: str) -> None:
-    """`inspect` names the problem `convert` refuses: as an error line of its report."""
+    """`inspect` names the problem `convert` refuses: as an error line of its report, and exits 1."""
     result: Outcome = run_cli("inspect", iteration, cwd=iteration.parent.parent)
-    assert result.code == 0 and any(text in line for line in result.stdout.splitlines() if line.startswith("error"))
+    assert result.code == 1 and any(text in line for line in result.stdout.splitlines() if line.startswith("error"))
 
 
 # --- we read what torch reads ------------------------------------------------------------------------------
