@@ -124,3 +124,13 @@ def base_tp2pp2(checkpoints: dict[FixtureSpec, Path], megatron_cache: Path) -> P
         if todo:
             reshard(checkpoints[BASE_SPEC], BASE_SPEC, megatron_cache / resharded.name / "ckpt", tp=2, pp=2)
     return megatron_cache / resharded.name / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The bundled example converted once, plainly, at `split_runs.SHARD`: what every split run must equal."""
+    from split_runs import EXAMPLE, SHARD, tree
+
+    from offline_bridge import convert
+
+    return tree(convert(EXAMPLE, tmp_path_factory.mktemp("plain") / "out", max_shard_size=SHARD, progress=False))

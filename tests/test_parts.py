@@ -4,11 +4,10 @@ missing, damaged, foreign or still-running part makes `finalize` fail naming it,
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from split_runs import EXAMPLE, SHARD, tree
 
 from offline_bridge import convert
 from offline_bridge.commands.cli import run
@@ -16,19 +15,6 @@ from offline_bridge.commands.parts import finalize
 from offline_bridge.errors import CheckpointError, OptionError
 from offline_bridge.plan.parts import parse_part
 from offline_bridge.write.output_lock import OutputLock
-
-EXAMPLE = ROOT / "examples" / "tiny-llama"
-SHARD = "40KB"  # the example's 296 KB in 9 files
-
-
-def _tree(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    out = convert(EXAMPLE, tmp_path_factory.mktemp("plain") / "out", max_shard_size=SHARD, progress=False)
-    return _tree(out)
 
 
 def _parts(out: Path, count: int, skip: tuple[int, ...] = (), **options: object) -> Path:
@@ -44,7 +30,7 @@ def test_any_split_gives_the_plain_output(count: int, plain: dict[str, bytes], t
     area = _parts(out, count)
     assert not out.exists()  # nothing looks complete before finalize
     finalize(out)
-    assert _tree(out) == plain  # weights, index, config and manifest, byte for byte
+    assert tree(out) == plain  # weights, index, config and manifest, byte for byte
     assert not area.exists()
 
 
@@ -53,7 +39,7 @@ def test_parts_in_any_order_and_again(plain: dict[str, bytes], tmp_path: Path) -
     for index in (2, 0, 1, 2):
         convert(EXAMPLE, out, max_shard_size=SHARD, progress=False, part=f"{index}/3")
     finalize(out)
-    assert _tree(out) == plain
+    assert tree(out) == plain
 
 
 def test_a_missing_part_is_named(tmp_path: Path) -> None:
@@ -139,21 +125,20 @@ def test_cli(plain: dict[str, bytes], tmp_path: Path, capsys: pytest.CaptureFixt
     for index in range(2):
         assert run(["convert", str(EXAMPLE), str(out), "--max-shard-size", SHARD, "--part", f"{index}/2", "-q"]) == 0
     assert run(["finalize", str(out), "-q"]) == 0
-    assert _tree(out) == plain
+    assert tree(out) == plain
     assert run(["finalize", str(tmp_path / "other")]) == 2
     assert "no parts to finalize" in capsys.readouterr().err
 
 
 def test_finalize_overwrites_only_with_overwrite(plain: dict[str, bytes], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    shutil.copytree(ROOT / "examples" / "tiny-llama", tmp_path / "ckpt")
     _parts(out, 2)
     out.mkdir()
     (out / "config.json").write_text("{}")  # an HF model directory, replaceable with --overwrite
     with pytest.raises(OptionError, match="not empty"):
         finalize(out)
     finalize(out, overwrite=True)
-    assert _tree(out) == plain
+    assert tree(out) == plain
 
 
 def test_files_of_an_earlier_split_are_not_taken_for_side_files(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from split_runs import EXAMPLE, SHARD, tree
 
 from offline_bridge import convert
 from offline_bridge.commands.cli import run
@@ -20,12 +21,6 @@ ray = pytest.importorskip("ray")  # declared in the test extra; absent only outs
 from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Ray cluster takes 10-20 s to start on 2 cores
-EXAMPLE = ROOT / "examples" / "tiny-llama"
-SHARD = "40KB"  # 9 files: 9 tasks
-
-
-def _tree(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +43,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         nodes.shutdown()
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return _tree(convert(EXAMPLE, tmp_path_factory.mktemp("plain") / "out", max_shard_size=SHARD, progress=False))
-
-
 def test_parts_on_ray_with_a_worker_killed(cluster: Path, plain: dict[str, bytes], tmp_path: Path) -> None:
     out = convert(EXAMPLE, tmp_path / "out", max_shard_size=SHARD, workers=1, progress=False, ray="")
-    assert _tree(out) == plain
+    assert tree(out) == plain
     pid, file = cluster.read_text().split()
     assert int(pid) != os.getpid() and file.endswith(".safetensors")  # a worker died after writing `file` ...
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # ... its task was retried, and the parts finalized
@@ -65,10 +55,10 @@ def test_moe_checkpoint_on_ray(cluster: Path, checkpoints: dict, tmp_path: Path)
     from conftest import MOE_SPECS
 
     ckpt = checkpoints[MOE_SPECS[0]]
-    expected = _tree(convert(ckpt, tmp_path / "plain", max_shard_size="200KB", progress=False))
+    expected = tree(convert(ckpt, tmp_path / "plain", max_shard_size="200KB", progress=False))
     assert run(["convert", str(ckpt), str(tmp_path / "out"), "--max-shard-size", "200KB", "--workers", "1",
                 "--ray", "-q"]) == 0  # fmt: skip
-    assert _tree(tmp_path / "out") == expected
+    assert tree(tmp_path / "out") == expected
 
 
 def test_a_bad_input_fails_once_with_its_own_error(cluster: Path, tmp_path: Path) -> None:

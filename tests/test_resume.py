@@ -14,22 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from slow_convert import SLOW_CONVERT
+from split_runs import EXAMPLE, SHARD, tree
 
 from offline_bridge import convert
 from offline_bridge.commands.parts import finalize
 
-EXAMPLE = ROOT / "examples" / "tiny-llama"
 pytestmark = pytest.mark.slow  # real processes killed mid-write: seconds each
-SHARD = "40KB"  # 9 files
-
-
-def _tree(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    return _tree(convert(EXAMPLE, tmp_path_factory.mktemp("plain") / "out", max_shard_size=SHARD, progress=False))
 
 
 def _killed(out: Path, staging: Callable[[int], Path], done: int, *extra: str) -> Path:
@@ -64,7 +54,7 @@ def test_killed_run_resumes(done: int, plain: dict[str, bytes], tmp_path: Path) 
     before = _stamps(staging) if done else {}
     assert len(before) >= done
     convert(EXAMPLE, out, max_shard_size=SHARD, progress=False, resume=True)
-    assert _tree(out) == plain
+    assert tree(out) == plain
     assert before == {name: ((s := os.stat(out / name)).st_ino, s.st_mtime_ns) for name in before}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -74,7 +64,7 @@ def test_without_resume_the_killed_run_is_discarded(plain: dict[str, bytes], tmp
     staging = _killed(out, lambda pid: tmp_path / f".out.partial-{pid}", 2)
     before = _stamps(staging)
     convert(EXAMPLE, out, max_shard_size=SHARD, progress=False)
-    assert _tree(out) == plain
+    assert tree(out) == plain
     assert all(os.stat(out / name).st_mtime_ns != stamp[1] for name, stamp in before.items())
 
 
@@ -86,7 +76,7 @@ def test_a_damaged_complete_file_is_written_again(plain: dict[str, bytes], tmp_p
     data[-1] ^= 1
     (staging / victim).write_bytes(bytes(data))
     convert(EXAMPLE, out, max_shard_size=SHARD, progress=False, resume=True)
-    assert _tree(out) == plain
+    assert tree(out) == plain
 
 
 def test_killed_part_resumes(plain: dict[str, bytes], tmp_path: Path) -> None:
@@ -99,7 +89,7 @@ def test_killed_part_resumes(plain: dict[str, bytes], tmp_path: Path) -> None:
     kept = {name: ((s := os.stat(area / name)).st_ino, s.st_mtime_ns) for name in before}
     assert kept == before
     finalize(out)
-    assert _tree(out) == plain
+    assert tree(out) == plain
 
 
 def test_resumed_with_other_options_keeps_nothing_foreign(tmp_path: Path) -> None:
@@ -108,4 +98,4 @@ def test_resumed_with_other_options_keeps_nothing_foreign(tmp_path: Path) -> Non
     _killed(out, lambda pid: tmp_path / f".out.partial-{pid}", 2)
     convert(EXAMPLE, out, max_shard_size="100KB", progress=False, resume=True)
     expected = convert(EXAMPLE, tmp_path / "plain", max_shard_size="100KB", progress=False)
-    assert _tree(out) == _tree(expected)
+    assert tree(out) == tree(expected)

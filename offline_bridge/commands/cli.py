@@ -169,9 +169,14 @@ def convert_command(ckpt_dir: str, out_dir: str, quiet: bool, **options: object)
     _write(convert, ckpt_dir, out_dir, quiet, options)
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """Log lines on stderr: INFO and up, or only warnings with --quiet."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+
+
 def _write(command: Callable[..., object], source: str, out_dir: str, quiet: bool, options: dict[str, object]) -> None:
     """Run a command that writes OUT_DIR; errors become one line on stderr and the exit code."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    _log_to_stderr(quiet)
     report(lambda: command(source, out_dir, progress=not quiet, **options))
 
 
@@ -218,7 +223,7 @@ def export_adapter_command(adapter_ckpt: str, out_dir: str, quiet: bool, **optio
 def finalize_command(out_dir: str, overwrite: bool, quiet: bool) -> None:
     """Put OUT_DIR in place from the parts `convert --part I/N` wrote beside it, once every part is present
     and intact: the manifest is written and the output renamed into place, as one `convert` would have."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+    _log_to_stderr(quiet)
     report(lambda: finalize(out_dir, overwrite=overwrite))
 
 

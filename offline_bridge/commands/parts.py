@@ -16,7 +16,7 @@ from ..plan.parts import plan_digest, split_files
 from ..readers import CheckpointReader
 from ..transform.quant import AMAX_FILE
 from ..transform.quant import CONFIG_FILE as QUANT_CONFIG_FILE
-from ..write.completed import META, completed_files, recorded_digests
+from ..write.completed import META, completed_files, recorded_files
 from ..write.json_file import write_json
 from ..write.manifest import write_manifest
 from ..write.parts_area import PartsArea, area_of, part_locks, read_part_manifests
@@ -103,15 +103,15 @@ def _checked(area: Path, parts: list[dict[str, Any]]) -> dict[str, dict[str, str
         if any(part.get(key) != parts[0].get(key) for part in parts):
             raise CheckpointError(f"{area}: the parts disagree on {key}: they were not run with the same inputs")
     digests: dict[str, dict[str, str]] = {}
+    found = recorded_files(area, [name for part in parts for name in part["files"]])
     for part in parts:
         for name in part["files"]:
-            found = recorded_digests(area, name)
-            if found is None:
+            if found[name] is None:
                 index = part["part"]
                 raise CheckpointError(
                     f"{area / name}: missing or damaged; run `convert ... --part {index}/{count} --resume` again"
                 )
-            digests[name] = found
+            digests[name] = found[name]
     first = next(part for part in parts if part["part"] == 0)
     for name, expected in first["extras"].items():
         if not (area / name).is_file() or sha256_file(area / name, None, "output file") != expected:

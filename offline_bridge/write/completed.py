@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ..plan.schema import FilePlan, Plan
 from ..readers.safetensors_file import SafetensorsFile
 from .json_file import write_json
 
-__all__ = ["META", "completed_files", "keep_only", "record_done", "record_path", "recorded_digests"]
+__all__ = ["META", "completed_files", "keep_only", "record_done", "record_path", "recorded_digests", "recorded_files"]
 
 META = ".meta"  # bookkeeping inside a staging area; never part of an output
 _DONE = "done"
@@ -71,12 +71,21 @@ def completed_files(directory: Path, plan: Plan, names: Iterable[str]) -> dict[s
     planned, bytes as recorded), with their tensors' sha256."""
     files = {file.name: file for file in plan.files}
     wanted = [name for name in names if record_path(directory, name).exists()]
-    with ThreadPoolExecutor(_THREADS) as pool:
-        found = dict(zip(wanted, pool.map(lambda name: _as_planned(directory, files[name]), wanted)))
+    found = _on_threads(lambda name: _as_planned(directory, files[name]), wanted)
     kept = {name: digests for name, digests in found.items() if digests is not None}
     if wanted:
         log.info("resuming: %d of %d files already complete", len(kept), len(files))
     return kept
+
+
+def recorded_files(directory: Path, names: list[str]) -> dict[str, dict[str, str] | None]:
+    """`recorded_digests` of every file in ``names``, hashed on several threads."""
+    return _on_threads(lambda name: recorded_digests(directory, name), names)
+
+
+def _on_threads(check: Callable[[str], dict[str, str] | None], names: list[str]) -> dict[str, dict[str, str] | None]:
+    with ThreadPoolExecutor(_THREADS) as pool:  # hashlib releases the GIL: files hash in parallel
+        return dict(zip(names, pool.map(check, names)))
 
 
 def _as_planned(directory: Path, file: FilePlan) -> dict[str, str] | None:
