@@ -8,13 +8,10 @@ every chunk per HF tensor is quadratic, so each key's chunks are bucketed once b
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
-from ..readers.base import CheckpointReader, Extent
+from ..readers.base import Box, CheckpointReader, Extent
 
 __all__ = ["ExtentIndex"]
-
-Box = Sequence[tuple[int, int]]
 
 
 class ExtentIndex:
